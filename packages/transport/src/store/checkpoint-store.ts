@@ -1,0 +1,247 @@
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import type { Readable } from 'node:stream';
+import { CheckpointStoreError } from './errors.js';
+import { invalidMetadataField, type CheckpointMetadata } from './metadata.js';
+
+/**
+ * Checks a checkpoint's bytes as they arrive (e.g. parses the migration stream to its end), so a
+ * stream cut short or garbled is refused before it is committed.
+ */
+export interface StreamVerifier {
+  update(chunk: Buffer): void;
+  /** Throws if the stream is incomplete or invalid. */
+  end(): void;
+}
+
+export interface CommitInput {
+  vm: string;
+  epoch: number;
+  data: Readable;
+  stopNs: bigint;
+  resumeNs: bigint;
+  qemuVersion: string;
+  domainXml?: string;
+  verifier?: StreamVerifier;
+  /** Metadata the caller learns only after the data (the RESUME stamp comes after the stream). */
+  trailer?: () => Promise<Pick<CommitInput, 'stopNs' | 'resumeNs'>>;
+}
+
+const DATA_SUFFIX = '.ckpt';
+const META_SUFFIX = '.json';
+const TMP_SUFFIX = '.tmp';
+
+/**
+ * A directory of committed checkpoints, on the backup.
+ *
+ * Commit protocol: the data is written to a temporary file, fsync'd and verified; it is renamed to
+ * `<epoch>.ckpt`; then the metadata (with the data's checksum) is written the same way and renamed
+ * to `<epoch>.json`, and the directory is fsync'd. The metadata rename is the commit point: a data
+ * file without metadata was never committed and is removed on open, so a crash at any instant
+ * leaves either the old set or the old set plus one complete checkpoint.
+ */
+export class CheckpointStore {
+  constructor(
+    readonly dir: string,
+    private readonly keep = 3,
+  ) {
+    if (!Number.isInteger(keep) || keep < 1) throw new RangeError(`keep must be an integer ≥ 1, got ${keep}`);
+  }
+
+  /** Creates the directory and removes what a crash left behind (temporaries, uncommitted data). */
+  async open(): Promise<this> {
+    try {
+      await fs.mkdir(this.dir, { recursive: true });
+      const names = await fs.readdir(this.dir);
+      const committed = new Set(names.filter((n) => n.endsWith(META_SUFFIX)).map((n) => n.slice(0, -META_SUFFIX.length)));
+      for (const name of names) {
+        const uncommittedData = name.endsWith(DATA_SUFFIX) && !committed.has(name.slice(0, -DATA_SUFFIX.length));
+        if (name.endsWith(TMP_SUFFIX) || uncommittedData) await fs.rm(path.join(this.dir, name), { force: true });
+      }
+    } catch (error) {
+      throw CheckpointStoreError.fromFs(error, `open checkpoint store ${this.dir}`);
+    }
+    return this;
+  }
+
+  /** Streams, verifies and commits one checkpoint; resolves only once it is durable. */
+  async commit(input: CommitInput): Promise<CheckpointMetadata> {
+    const { epoch } = input;
+    if (!Number.isSafeInteger(epoch) || epoch < 0) {
+      throw new CheckpointStoreError(`epoch must be a non-negative integer, got ${epoch}`, 'conflict', epoch);
+    }
+    const latest = await this.latestEpoch();
+    if (latest !== undefined && epoch <= latest) {
+      throw new CheckpointStoreError(`epoch ${epoch} is not newer than the latest committed (${latest})`, 'conflict', epoch);
+    }
+    const dataPath = this.dataPath(epoch);
+    const tmpData = `${dataPath}.${process.pid}${TMP_SUFFIX}`;
+    let bytes = 0;
+    const hash = createHash('sha256');
+    try {
+      const file = await fs.open(tmpData, 'wx');
+      try {
+        for await (const chunk of input.data as AsyncIterable<Buffer>) {
+          hash.update(chunk);
+          input.verifier?.update(chunk);
+          bytes += chunk.length;
+          await file.write(chunk);
+        }
+        await file.sync();
+      } finally {
+        await file.close();
+      }
+      try {
+        input.verifier?.end();
+      } catch (error) {
+        throw new CheckpointStoreError(`checkpoint ${epoch} failed verification: ${(error as Error).message}`, 'verify', epoch);
+      }
+      if (bytes === 0) throw new CheckpointStoreError(`checkpoint ${epoch} is empty`, 'verify', epoch);
+      const late = input.trailer ? await input.trailer() : input;
+      const metadata: CheckpointMetadata = {
+        vm: input.vm,
+        epoch,
+        stopNs: late.stopNs.toString(),
+        resumeNs: late.resumeNs.toString(),
+        bytes,
+        sha256: hash.digest('hex'),
+        qemuVersion: input.qemuVersion,
+        ...(input.domainXml === undefined ? {} : { domainXml: input.domainXml }),
+        committedAt: new Date().toISOString(),
+      };
+      await fs.rename(tmpData, dataPath);
+      await this.syncDir(); // the data's name must be durable before the metadata that commits it
+      await this.writeDurably(this.metaPath(epoch), `${JSON.stringify(metadata, null, 2)}\n`);
+      await this.syncDir();
+      await this.prune();
+      return metadata;
+    } catch (error) {
+      await fs.rm(tmpData, { force: true }).catch(() => undefined);
+      // A data file renamed but never given its metadata must not linger either.
+      if (!(await exists(this.metaPath(epoch)))) await fs.rm(dataPath, { force: true }).catch(() => undefined);
+      if (error instanceof CheckpointStoreError) throw error;
+      throw CheckpointStoreError.fromFs(error, `commit checkpoint ${epoch} in ${this.dir}`, epoch);
+    }
+  }
+
+  /** Committed epochs, oldest first. */
+  async epochs(): Promise<number[]> {
+    let names: string[];
+    try {
+      names = await fs.readdir(this.dir);
+    } catch (error) {
+      throw CheckpointStoreError.fromFs(error, `list checkpoint store ${this.dir}`);
+    }
+    return names
+      .filter((n) => /^\d+\.json$/.test(n))
+      .map((n) => Number(n.slice(0, -META_SUFFIX.length)))
+      .sort((a, b) => a - b);
+  }
+
+  async latestEpoch(): Promise<number | undefined> {
+    return (await this.epochs()).at(-1);
+  }
+
+  async metadata(epoch: number): Promise<CheckpointMetadata> {
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(await fs.readFile(this.metaPath(epoch), 'utf8'));
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === 'ENOENT') {
+        throw new CheckpointStoreError(`no committed checkpoint ${epoch} in ${this.dir}`, 'not-found', epoch);
+      }
+      throw new CheckpointStoreError(`metadata of checkpoint ${epoch} is unreadable: ${(error as Error).message}`, 'corrupt', epoch);
+    }
+    const bad = invalidMetadataField(parsed);
+    if (bad) throw new CheckpointStoreError(`metadata of checkpoint ${epoch} has an invalid ${bad}`, 'corrupt', epoch);
+    return parsed as CheckpointMetadata;
+  }
+
+  /** Re-reads the data and checks size and checksum against the metadata. */
+  async verify(epoch: number): Promise<CheckpointMetadata> {
+    const meta = await this.metadata(epoch);
+    const hash = createHash('sha256');
+    let bytes = 0;
+    try {
+      for await (const chunk of createReadStream(this.dataPath(epoch)) as AsyncIterable<Buffer>) {
+        hash.update(chunk);
+        bytes += chunk.length;
+      }
+    } catch (error) {
+      throw new CheckpointStoreError(`checkpoint ${epoch} data unreadable: ${(error as Error).message}`, 'corrupt', epoch);
+    }
+    const sha256 = hash.digest('hex');
+    if (bytes !== meta.bytes || sha256 !== meta.sha256) {
+      throw new CheckpointStoreError(
+        `checkpoint ${epoch} is corrupt: ${bytes} bytes sha256 ${sha256.slice(0, 12)}…, committed ${meta.bytes} bytes ${meta.sha256.slice(0, 12)}…`,
+        'corrupt',
+        epoch,
+        this.dataPath(epoch),
+      );
+    }
+    return meta;
+  }
+
+  /**
+   * The newest checkpoint whose data still matches its checksum. Corrupt ones are reported through
+   * `onCorrupt` and skipped (never deleted: they are evidence), so an older intact one is used.
+   */
+  async latestVerified(onCorrupt?: (error: CheckpointStoreError) => void): Promise<{ metadata: CheckpointMetadata; path: string } | undefined> {
+    for (const epoch of (await this.epochs()).reverse()) {
+      try {
+        return { metadata: await this.verify(epoch), path: this.dataPath(epoch) };
+      } catch (error) {
+        if (!(error instanceof CheckpointStoreError)) throw error;
+        onCorrupt?.(error);
+      }
+    }
+    return undefined;
+  }
+
+  dataPath(epoch: number): string {
+    return path.join(this.dir, `${epoch}${DATA_SUFFIX}`);
+  }
+
+  private metaPath(epoch: number): string {
+    return path.join(this.dir, `${epoch}${META_SUFFIX}`);
+  }
+
+  /** Keeps the newest `keep` checkpoints; metadata goes first so a half-pruned one is uncommitted. */
+  private async prune(): Promise<void> {
+    const epochs = await this.epochs();
+    for (const epoch of epochs.slice(0, Math.max(0, epochs.length - this.keep))) {
+      await fs.rm(this.metaPath(epoch), { force: true });
+      await fs.rm(this.dataPath(epoch), { force: true });
+    }
+  }
+
+  private async writeDurably(target: string, text: string): Promise<void> {
+    const tmp = `${target}.${process.pid}${TMP_SUFFIX}`;
+    const file = await fs.open(tmp, 'w');
+    try {
+      await file.writeFile(text);
+      await file.sync();
+    } finally {
+      await file.close();
+    }
+    await fs.rename(tmp, target);
+  }
+
+  private async syncDir(): Promise<void> {
+    const dir = await fs.open(this.dir, 'r');
+    try {
+      await dir.sync();
+    } finally {
+      await dir.close();
+    }
+  }
+}
+
+async function exists(file: string): Promise<boolean> {
+  return fs.access(file).then(
+    () => true,
+    () => false,
+  );
+}

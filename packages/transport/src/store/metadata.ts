@@ -1,0 +1,40 @@
+/** What the store keeps about each committed checkpoint, next to its data file. */
+export interface CheckpointMetadata {
+  vm: string;
+  epoch: number;
+  /** The primary's QMP STOP and RESUME stamps around this checkpoint (ns since the epoch, decimal). */
+  stopNs: string;
+  resumeNs: string;
+  bytes: number;
+  sha256: string;
+  qemuVersion: string;
+  domainXml?: string;
+  /** Wall-clock time the backup committed it (ISO 8601). */
+  committedAt: string;
+}
+
+const REQUIRED: Record<keyof CheckpointMetadata, 'string' | 'number' | 'optional-string'> = {
+  vm: 'string',
+  epoch: 'number',
+  stopNs: 'string',
+  resumeNs: 'string',
+  bytes: 'number',
+  sha256: 'string',
+  qemuVersion: 'string',
+  domainXml: 'optional-string',
+  committedAt: 'string',
+};
+
+/** Validates parsed JSON as metadata; returns the name of the first bad field, or undefined. */
+export function invalidMetadataField(value: unknown): string | undefined {
+  if (typeof value !== 'object' || value === null) return '(root)';
+  const record = value as Record<string, unknown>;
+  for (const [field, kind] of Object.entries(REQUIRED)) {
+    const v = record[field];
+    if (kind === 'optional-string' ? v !== undefined && typeof v !== 'string' : typeof v !== kind) return field;
+  }
+  if (!Number.isSafeInteger(record['epoch']) || (record['epoch'] as number) < 0) return 'epoch';
+  if (!/^[0-9a-f]{64}$/.test(String(record['sha256']))) return 'sha256';
+  if (!/^-?\d+$/.test(String(record['stopNs'])) || !/^-?\d+$/.test(String(record['resumeNs']))) return 'stopNs/resumeNs';
+  return undefined;
+}

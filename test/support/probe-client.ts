@@ -1,0 +1,353 @@
+/**
+ * Host side of the clock probe (test/guest/probe.c): measures guest CLOCK_REALTIME against host
+ * CLOCK_REALTIME over UDP, NTP-style, and drives the probe's STEP/SET/WORKLOAD commands.
+ * Wire format: test/guest/README.md.
+ */
+import dgram from 'node:dgram';
+import { randomBytes } from 'node:crypto';
+
+export interface ProbeTarget {
+  host: string;
+  port: number;
+}
+
+export const Command = { time: 1, step: 2, set: 3, workload: 4 } as const;
+export type CommandCode = (typeof Command)[keyof typeof Command];
+
+const MAGIC = Buffer.from('FTVP');
+const VERSION = 1;
+const REQUEST_SIZE = 24;
+const REPLY_SIZE = 64;
+const REPLY_FLAG = 0x80;
+
+export interface ProbeReply {
+  command: CommandCode;
+  /** 0 ok, 1 bad argument, 2 the guest kernel refused the clock change. */
+  status: number;
+  id: bigint;
+  /** Guest CLOCK_REALTIME when the request arrived (kernel receive stamp), before the command ran. */
+  rxRealtimeNs: bigint;
+  /** Guest CLOCK_REALTIME and CLOCK_MONOTONIC right before the reply was sent. */
+  realtimeNs: bigint;
+  monotonicNs: bigint;
+  workloadCounter: bigint;
+  workloadMiBps: number;
+  badPackets: number;
+  /** Random per guest boot: a workload counter is only comparable within one boot id. */
+  bootId: bigint;
+}
+
+export function encodeRequest(command: CommandCode, id: bigint, arg = 0n): Buffer {
+  const buf = Buffer.alloc(REQUEST_SIZE);
+  MAGIC.copy(buf, 0);
+  buf.writeUInt8(VERSION, 4);
+  buf.writeUInt8(command, 5);
+  buf.writeBigUInt64LE(id, 8);
+  buf.writeBigInt64LE(arg, 16);
+  return buf;
+}
+
+/** Returns undefined for anything that is not a well-formed reply (stray or garbled datagrams). */
+export function decodeReply(buf: Buffer): ProbeReply | undefined {
+  if (buf.length !== REPLY_SIZE || !buf.subarray(0, 4).equals(MAGIC) || buf.readUInt8(4) !== VERSION) return undefined;
+  const raw = buf.readUInt8(5);
+  const command = raw & ~REPLY_FLAG;
+  if (!(raw & REPLY_FLAG) || !Object.values<number>(Command).includes(command)) return undefined;
+  return {
+    command: command as CommandCode,
+    status: buf.readUInt16LE(6),
+    id: buf.readBigUInt64LE(8),
+    rxRealtimeNs: buf.readBigInt64LE(16),
+    realtimeNs: buf.readBigInt64LE(24),
+    monotonicNs: buf.readBigInt64LE(32),
+    workloadCounter: buf.readBigUInt64LE(40),
+    workloadMiBps: buf.readUInt32LE(48),
+    badPackets: buf.readUInt32LE(52),
+    bootId: buf.readBigUInt64LE(56),
+  };
+}
+
+export class ProbeError extends Error {
+  override name = 'ProbeError';
+}
+
+// ---- host clock --------------------------------------------------------------------------------
+
+/**
+ * Node has no CLOCK_REALTIME in nanoseconds: Date.now() is whole milliseconds and hrtime is
+ * CLOCK_MONOTONIC. Date.now() is gettimeofday() truncated, so the instant it ticks from N to N+1
+ * is exactly realtime (N+1) ms; spinning until it ticks and reading hrtime on both sides of that
+ * call pins the realtime−monotonic difference to within one loop iteration (well under 10 µs).
+ * The anchor is re-taken for every measurement, so a host clock step or slew is picked up.
+ */
+export function realtimeAnchorNs(): bigint {
+  let best: { anchor: bigint; window: bigint } | undefined;
+  for (let attempt = 0; attempt < 5; attempt++) {
+    const start = Date.now();
+    const giveUp = process.hrtime.bigint() + 3_000_000n;
+    let lower = process.hrtime.bigint(); // hrtime before the previous Date.now() call
+    let before = lower;
+    let ms = start;
+    while (ms === start && before < giveUp) {
+      lower = before;
+      before = process.hrtime.bigint();
+      ms = Date.now();
+    }
+    const upper = process.hrtime.bigint();
+    if (ms !== start + 1) continue; // preempted across a whole tick, or the clock stepped: retry
+    // The tick fell between the last two Date.now() calls, i.e. within [lower, upper].
+    const candidate = { anchor: BigInt(ms) * 1_000_000n - (lower + upper) / 2n, window: upper - lower };
+    if (!best || candidate.window < best.window) best = candidate;
+    if (best.window < 20_000n) break;
+  }
+  if (!best) throw new ProbeError('could not anchor host realtime: Date.now() did not tick cleanly');
+  return best.anchor;
+}
+
+/** Host CLOCK_REALTIME in ns from monotonic time and an anchor from realtimeAnchorNs(). */
+export function hostRealtimeNs(anchor = realtimeAnchorNs()): bigint {
+  return process.hrtime.bigint() + anchor;
+}
+
+// ---- client ------------------------------------------------------------------------------------
+
+export interface RequestOptions {
+  /** Per-attempt wait for the reply. */
+  requestTimeoutMs?: number;
+  /** Deadline for the whole call, retries included. */
+  timeoutMs?: number;
+}
+
+interface Exchange {
+  reply: ProbeReply;
+  /** Host monotonic ns at send and at receive. */
+  sentMonoNs: bigint;
+  receivedMonoNs: bigint;
+}
+
+type Pending = { resolve: (exchange: { reply: ProbeReply; receivedMonoNs: bigint }) => void };
+
+const DEFAULT_REQUEST_TIMEOUT_MS = 300;
+const DEFAULT_TIMEOUT_MS = 5_000;
+
+/** One connected UDP socket to one probe. Replies are matched to requests by id; others dropped. */
+export class ProbeClient {
+  private readonly pending = new Map<bigint, Pending>();
+  private nextId = randomBytes(8).readBigUInt64LE(0) & ((1n << 63n) - 1n);
+
+  private constructor(
+    private readonly socket: dgram.Socket,
+    readonly target: ProbeTarget,
+  ) {
+    socket.on('message', (msg) => {
+      const receivedMonoNs = process.hrtime.bigint(); // first thing: this is t4
+      const reply = decodeReply(msg);
+      if (!reply) return;
+      this.pending.get(reply.id)?.resolve({ reply, receivedMonoNs });
+    });
+    // A connected UDP socket reports ICMP errors (e.g. nobody listening yet); those are just loss.
+    socket.on('error', () => {});
+  }
+
+  static async open(target: ProbeTarget): Promise<ProbeClient> {
+    const socket = dgram.createSocket('udp4');
+    // Connecting makes send() go straight to the kernel (no per-send address lookup), so the
+    // send stamp taken just before it is tight.
+    await new Promise<void>((resolve, reject) => {
+      socket.once('error', reject);
+      socket.connect(target.port, target.host, () => {
+        socket.off('error', reject);
+        resolve();
+      });
+    });
+    return new ProbeClient(socket, target);
+  }
+
+  close(): void {
+    this.socket.close();
+  }
+
+  private describe(): string {
+    return `probe at ${this.target.host}:${this.target.port}`;
+  }
+
+  /** One attempt: resolves undefined if no reply within timeoutMs. */
+  private attempt(command: CommandCode, id: bigint, arg: bigint, timeoutMs: number): Promise<Exchange | undefined> {
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        resolve(undefined);
+      }, timeoutMs);
+      const buf = encodeRequest(command, id, arg);
+      const sentMonoNs = process.hrtime.bigint();
+      this.pending.set(id, {
+        resolve: ({ reply, receivedMonoNs }) => {
+          clearTimeout(timer);
+          this.pending.delete(id);
+          resolve({ reply, sentMonoNs, receivedMonoNs });
+        },
+      });
+      this.socket.send(buf);
+    });
+  }
+
+  /**
+   * Sends a command until it is answered or the deadline passes. TIME gets a fresh id per attempt
+   * so a late reply can never be paired with the wrong send stamp; mutating commands keep their id,
+   * which the probe uses to run them at most once.
+   */
+  async request(command: CommandCode, arg = 0n, options: RequestOptions = {}): Promise<Exchange> {
+    const deadline = performance.now() + (options.timeoutMs ?? DEFAULT_TIMEOUT_MS);
+    const perAttempt = options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
+    let id = this.nextId++;
+    let attempts = 0;
+    while (performance.now() < deadline) {
+      attempts++;
+      const wait = Math.max(1, Math.min(perAttempt, deadline - performance.now()));
+      const exchange = await this.attempt(command, id, arg, wait);
+      if (exchange) {
+        if (exchange.reply.status !== 0) {
+          throw new ProbeError(`${this.describe()}: command ${command} failed with status ${exchange.reply.status}`);
+        }
+        return exchange;
+      }
+      if (command === Command.time) id = this.nextId++;
+    }
+    throw new ProbeError(
+      `${this.describe()}: no answer to command ${command} within ${options.timeoutMs ?? DEFAULT_TIMEOUT_MS} ms (${attempts} attempts)`,
+    );
+  }
+
+  async clockOffset(options: ClockOffsetOptions = {}): Promise<ClockOffset> {
+    const wanted = options.samples ?? 16;
+    const deadline = performance.now() + (options.timeoutMs ?? DEFAULT_TIMEOUT_MS);
+    const anchor = realtimeAnchorNs();
+    let best: ClockOffset | undefined;
+    let last: ProbeReply | undefined;
+    let samples = 0;
+    while (samples < wanted) {
+      const left = deadline - performance.now();
+      if (left <= 0) break;
+      let exchange: Exchange;
+      try {
+        exchange = await this.request(Command.time, 0n, { ...options, timeoutMs: left });
+      } catch (error) {
+        if (samples > 0) break; // deadline with some samples: report what we have
+        throw error;
+      }
+      samples++;
+      last = exchange.reply;
+      const sample = offsetFromExchange(exchange, anchor);
+      if (!best || sample.errorNs < best.errorNs) best = sample;
+    }
+    if (!best || !last) {
+      throw new ProbeError(`${this.describe()}: no sample within ${options.timeoutMs ?? DEFAULT_TIMEOUT_MS} ms`);
+    }
+    return { ...best, workloadCounter: last.workloadCounter, workloadMiBps: last.workloadMiBps, samples };
+  }
+}
+
+// ---- measurement -------------------------------------------------------------------------------
+
+export interface ClockOffsetOptions extends RequestOptions {
+  /** Exchanges to make; the one with the smallest network delay wins. Default 16. */
+  samples?: number;
+}
+
+export interface ClockOffset {
+  /** Guest CLOCK_REALTIME minus host CLOCK_REALTIME (positive: guest ahead). */
+  offsetNs: bigint;
+  /** The true offset is within offsetNs ± errorNs (half the network delay of the kept sample). */
+  errorNs: bigint;
+  /** Host-observed round trip of the kept sample, guest turnaround included. */
+  rttNs: bigint;
+  /** Guest time in the kept sample's reply. */
+  guestRealtimeNs: bigint;
+  guestMonotonicNs: bigint;
+  /** Host CLOCK_REALTIME when the kept sample's reply arrived. */
+  hostRealtimeNs: bigint;
+  /** From the last reply. */
+  workloadCounter: bigint;
+  workloadMiBps: number;
+  bootId: bigint;
+  samples: number;
+}
+
+/**
+ * t1 host send, t2 guest receive, t3 guest send, t4 host receive. The guest stamps bound the
+ * offset: t2 − t1 ≥ offset ≥ t3 − t4, so the midpoint is off by at most half of
+ * (t4 − t1) − (t3 − t2): the round trip minus the guest's own turnaround. If the receive stamp is
+ * unusable (turnaround outside [0, rtt]) this falls back to the three-stamp form t3 − (t1+t4)/2,
+ * error rtt/2.
+ */
+export function offsetFromExchange(exchange: Exchange, anchorNs: bigint): Omit<ClockOffset, 'samples' | 'workloadCounter' | 'workloadMiBps'> {
+  const { reply } = exchange;
+  const t1 = exchange.sentMonoNs + anchorNs;
+  const t4 = exchange.receivedMonoNs + anchorNs;
+  const rttNs = t4 - t1;
+  let t2 = reply.rxRealtimeNs;
+  const t3 = reply.realtimeNs;
+  if (t3 - t2 < 0n || t3 - t2 > rttNs) t2 = t3;
+  const delay = rttNs - (t3 - t2);
+  return {
+    offsetNs: (t2 - t1 + (t3 - t4)) / 2n,
+    errorNs: (delay + 1n) / 2n,
+    rttNs,
+    guestRealtimeNs: t3,
+    guestMonotonicNs: reply.monotonicNs,
+    hostRealtimeNs: t4,
+    bootId: reply.bootId,
+  };
+}
+
+// ---- one-shot helpers (open, run, close) -------------------------------------------------------
+
+async function withProbe<T>(target: ProbeTarget, run: (client: ProbeClient) => Promise<T>): Promise<T> {
+  const client = await ProbeClient.open(target);
+  try {
+    return await run(client);
+  } finally {
+    client.close();
+  }
+}
+
+export function clockOffset(target: ProbeTarget, options?: ClockOffsetOptions): Promise<ClockOffset> {
+  return withProbe(target, (client) => client.clockOffset(options));
+}
+
+/** Steps guest CLOCK_REALTIME by deltaNs, atomically inside the guest (ADJ_SETOFFSET). */
+export function stepGuestClock(target: ProbeTarget, deltaNs: bigint, options?: RequestOptions): Promise<ProbeReply> {
+  return withProbe(target, async (client) => (await client.request(Command.step, deltaNs, options)).reply);
+}
+
+/** Sets guest CLOCK_REALTIME to ns (as the guest receives the request). */
+export function setGuestClock(target: ProbeTarget, ns: bigint, options?: RequestOptions): Promise<ProbeReply> {
+  return withProbe(target, async (client) => (await client.request(Command.set, ns, options)).reply);
+}
+
+/**
+ * Brings the guest clock onto host time: a coarse SET (host now plus half a measured round trip,
+ * which fixes any error from seconds to years), then a STEP by the measured residual (exact inside
+ * the guest, so the result is as good as the measurement). Returns the verifying measurement.
+ */
+export function syncGuestClock(target: ProbeTarget, options?: ClockOffsetOptions): Promise<ClockOffset> {
+  return withProbe(target, async (client) => {
+    const probe = await client.clockOffset({ ...options, samples: 4 });
+    await client.request(Command.set, hostRealtimeNs() + probe.rttNs / 2n, options);
+    const residual = await client.clockOffset(options);
+    if (residual.offsetNs > residual.errorNs || -residual.offsetNs > residual.errorNs) {
+      await client.request(Command.step, -residual.offsetNs, options);
+    }
+    return client.clockOffset(options);
+  });
+}
+
+/** Starts (mibPerSec > 0) or stops (0) the guest's memory-dirtying workload. */
+export function startWorkload(target: ProbeTarget, mibPerSec: number, options?: RequestOptions): Promise<ProbeReply> {
+  return withProbe(target, async (client) => (await client.request(Command.workload, BigInt(mibPerSec), options)).reply);
+}
+
+/** Polls with TIME until the probe answers; throws after timeoutMs. */
+export function waitForProbe(target: ProbeTarget, timeoutMs: number): Promise<ProbeReply> {
+  return withProbe(target, async (client) => (await client.request(Command.time, 0n, { timeoutMs, requestTimeoutMs: 250 })).reply);
+}

@@ -1,0 +1,67 @@
+/**
+ * libvirt domain XML for the clock-probe test guest: direct kernel boot, domain type `qemu` (TCG),
+ * plus an ftvm QMP socket, the guest agent and user-mode networking with the probe's UDP port
+ * forwarded to the host's lab address — all through <qemu:commandline>, so libvirt's own monitor
+ * and agent handling stay untouched.
+ */
+export interface ProbeDomainSpec {
+  name: string;
+  kernel: string;
+  initrd: string;
+  memoryMiB: number;
+  /** Where the host side listens for the probe (the lab host's address). */
+  probeListen: { address: string; port: number };
+  /** Paths inside the host's mount namespace. */
+  qmpSocket: string;
+  agentSocket: string;
+  serialLog: string;
+  workloadMiBps?: number;
+  emulator?: string;
+}
+
+export const PROBE_GUEST_PORT = 5555;
+
+export function probeDomainXml(spec: ProbeDomainSpec): string {
+  const cmdline = ['console=ttyS0', 'quiet', spec.workloadMiBps ? `ftvm.workload=${spec.workloadMiBps}` : '']
+    .filter(Boolean)
+    .join(' ');
+  const qemuArgs = [
+    '-qmp', `unix:${spec.qmpSocket},server=on,wait=off`,
+    '-netdev', `user,id=ftvmprobe,hostfwd=udp:${spec.probeListen.address}:${spec.probeListen.port}-:${PROBE_GUEST_PORT}`,
+    '-device', 'virtio-net-pci,netdev=ftvmprobe,romfile=',
+    '-chardev', `socket,id=ftvmqga,path=${spec.agentSocket},server=on,wait=off`,
+    '-device', 'virtio-serial-pci,id=ftvmserial',
+    '-device', 'virtserialport,bus=ftvmserial.0,chardev=ftvmqga,name=org.qemu.guest_agent.0',
+  ];
+  return `<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>${escapeXml(spec.name)}</name>
+  <memory unit='MiB'>${spec.memoryMiB}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>${escapeXml(spec.kernel)}</kernel>
+    <initrd>${escapeXml(spec.initrd)}</initrd>
+    <cmdline>${escapeXml(cmdline)}</cmdline>
+  </os>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    ${spec.emulator ? `<emulator>${escapeXml(spec.emulator)}</emulator>` : ''}
+    <serial type='file'>
+      <source path='${escapeXml(spec.serialLog)}'/>
+      <target port='0'/>
+    </serial>
+    <memballoon model='none'/>
+  </devices>
+  <qemu:commandline>
+${qemuArgs.map((arg) => `    <qemu:arg value='${escapeXml(arg)}'/>`).join('\n')}
+  </qemu:commandline>
+</domain>
+`;
+}
+
+function escapeXml(text: string): string {
+  return text.replace(/[<>&'"]/g, (c) => `&#${c.charCodeAt(0)};`);
+}
