@@ -1,0 +1,10 @@
+export { runReceiver, type ReceiverOptions } from './receiver.js';
+export { ReplicationSender, ReplicationError, type SendOptions } from './sender.js';
+export {
+  FrameDecoder,
+  FrameError,
+  FrameType,
+  type CheckpointHeader,
+  type CheckpointTrailer,
+  type ReceiverReply,
+} from './frames.js';

@@ -1,0 +1,97 @@
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { Duplex, PassThrough, Readable } from 'node:stream';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { CheckpointStore } from '../src/store/index.js';
+import { ReplicationError, ReplicationSender, runReceiver } from '../src/replication/index.js';
+import type { StreamVerifier } from '../src/store/index.js';
+
+/** Two pipes joined into the duplex a sender sees, the receiver reading the other ends. */
+function link() {
+  const toReceiver = new PassThrough();
+  const toSender = new PassThrough();
+  const channel = Duplex.from({ readable: toSender, writable: toReceiver });
+  return { channel, toReceiver, toSender };
+}
+
+let dir: string;
+beforeEach(async () => {
+  dir = await fs.mkdtemp(path.join(os.tmpdir(), 'ftvm-repl-'));
+});
+afterEach(async () => fs.rm(dir, { recursive: true, force: true }));
+
+const header = (epoch: number) => ({ vm: 'probe', epoch, qemuVersion: '7.2.22' });
+const trailer = (epoch: number) => async () => ({ stopNs: `${epoch}000`, resumeNs: `${epoch}005` });
+
+describe('replication sender ↔ receiver', () => {
+  it('commits a sequence of checkpoints, each acknowledged only once durable', async () => {
+    const store = await new CheckpointStore(dir, 2).open();
+    const { channel, toReceiver, toSender } = link();
+    const receiving = runReceiver(toReceiver, toSender, { store });
+    const sender = new ReplicationSender(channel);
+    for (const epoch of [1, 2, 3]) {
+      const payload = Buffer.alloc(3 * 1024 * 1024 + epoch, epoch);
+      const ack = await sender.send({ header: header(epoch), data: Readable.from([payload.subarray(0, 1000), payload.subarray(1000)]), trailer: trailer(epoch) });
+      expect(ack).toMatchObject({ type: 'ack', epoch, bytes: payload.length });
+      expect((await store.verify(epoch)).stopNs).toBe(`${epoch}000`);
+    }
+    expect(await store.epochs()).toEqual([2, 3]);
+    sender.close();
+    await receiving;
+  });
+
+  it('turns a refused checkpoint into a nack and keeps going', async () => {
+    const store = await new CheckpointStore(dir).open();
+    const { channel, toReceiver, toSender } = link();
+    let calls = 0;
+    const verifier = (): StreamVerifier => ({
+      update: () => {},
+      end: () => {
+        if (++calls === 2) throw new Error('footer mismatch at offset 42');
+      },
+    });
+    const receiving = runReceiver(toReceiver, toSender, { store, createVerifier: verifier });
+    const sender = new ReplicationSender(channel);
+    await sender.send({ header: header(1), data: Readable.from([Buffer.from('one')]), trailer: trailer(1) });
+    const error = await sender.send({ header: header(2), data: Readable.from([Buffer.from('two')]), trailer: trailer(2) }).catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(ReplicationError);
+    expect(error).toMatchObject({ code: 'verify', epoch: 2 });
+    expect((error as Error).message).toContain('footer mismatch at offset 42');
+    await sender.send({ header: header(3), data: Readable.from([Buffer.from('three')]), trailer: trailer(3) });
+    expect(await store.epochs()).toEqual([1, 3]);
+    sender.close();
+    await receiving;
+  });
+
+  it('drains and nacks a checkpoint whose commit fails before reading (epoch conflict), without hanging', async () => {
+    const store = await new CheckpointStore(dir).open();
+    const { channel, toReceiver, toSender } = link();
+    const receiving = runReceiver(toReceiver, toSender, { store });
+    const sender = new ReplicationSender(channel);
+    await sender.send({ header: header(5), data: Readable.from([Buffer.from('five')]), trailer: trailer(5) });
+    const big = Buffer.alloc(40 * 1024 * 1024, 1); // far past the receiver's buffer
+    await expect(sender.send({ header: header(4), data: Readable.from([big]), trailer: trailer(4) })).rejects.toMatchObject({ code: 'conflict' });
+    sender.close();
+    await receiving;
+    expect(await store.epochs()).toEqual([5]);
+  });
+
+  it('never commits a checkpoint whose link dies midway, and the sender learns at once', async () => {
+    const store = await new CheckpointStore(dir).open();
+    await store.commit({ vm: 'probe', epoch: 1, data: Readable.from([Buffer.from('old')]), stopNs: 1n, resumeNs: 2n, qemuVersion: '7.2.22' });
+    const { channel, toReceiver, toSender } = link();
+    const receiving = runReceiver(toReceiver, toSender, { store }).catch((e: unknown) => e);
+    const sender = new ReplicationSender(channel);
+    const source = new PassThrough();
+    const sending = sender.send({ header: header(2), data: source, trailer: trailer(2) }).catch((e: unknown) => e);
+    source.write(Buffer.alloc(100_000));
+    await new Promise((r) => setTimeout(r, 20));
+    toReceiver.end(); // the link goes away mid-checkpoint
+    channel.destroy();
+    expect(await receiving).toBeInstanceOf(Error);
+    expect(await sending).toBeInstanceOf(ReplicationError);
+    expect(await store.epochs()).toEqual([1]);
+    expect((await fs.readdir(dir)).sort()).toEqual(['1.ckpt', '1.json']);
+  });
+});
