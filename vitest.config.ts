@@ -4,14 +4,17 @@ import { defineConfig } from 'vitest/config';
 // QEMU, libvirtd, sshd and network namespaces, so it runs one file at a time with long timeouts.
 // Workspace packages resolve to their TypeScript sources in tests (the `@ftvm/source` export
 // condition), so tests never run against a stale dist/.
-const resolve = { conditions: ['@ftvm/source'] };
+const resolve = { conditions: ['@ftvm/source', 'import', 'node', 'default'] };
+const ssr = { resolve: { conditions: ['@ftvm/source', 'import', 'node', 'default'], externalConditions: ['@ftvm/source'] } };
 
 export default defineConfig({
   resolve,
+  ssr,
   test: {
     projects: [
       {
         resolve,
+        ssr,
         test: {
           name: 'unit',
           include: ['packages/*/test/**/*.unit.test.ts', 'test/**/*.unit.test.ts'],
@@ -20,6 +23,7 @@ export default defineConfig({
       },
       {
         resolve,
+        ssr,
         test: {
           name: 'integration',
           include: ['packages/*/test/**/*.int.test.ts', 'test/**/*.int.test.ts'],

@@ -13,6 +13,7 @@ export interface ProbeTarget {
 
 export const Command = { time: 1, step: 2, set: 3, workload: 4 } as const;
 export type CommandCode = (typeof Command)[keyof typeof Command];
+const commandName = (code: CommandCode): string => ['', 'TIME', 'STEP', 'SET', 'WORKLOAD'][code] ?? String(code);
 
 const MAGIC = Buffer.from('FTVP');
 const VERSION = 1;
@@ -118,7 +119,7 @@ export interface RequestOptions {
   timeoutMs?: number;
 }
 
-interface Exchange {
+export interface Exchange {
   reply: ProbeReply;
   /** Host monotonic ns at send and at receive. */
   sentMonoNs: bigint;
@@ -207,22 +208,24 @@ export class ProbeClient {
       const exchange = await this.attempt(command, id, arg, wait);
       if (exchange) {
         if (exchange.reply.status !== 0) {
-          throw new ProbeError(`${this.describe()}: command ${command} failed with status ${exchange.reply.status}`);
+          const why = exchange.reply.status === 1 ? 'bad argument' : 'the guest refused the clock change';
+          throw new ProbeError(`${this.describe()}: ${commandName(command)} ${arg} failed: ${why}`);
         }
         return exchange;
       }
       if (command === Command.time) id = this.nextId++;
     }
     throw new ProbeError(
-      `${this.describe()}: no answer to command ${command} within ${options.timeoutMs ?? DEFAULT_TIMEOUT_MS} ms (${attempts} attempts)`,
+      `${this.describe()}: no answer to ${commandName(command)} within ${Math.round(options.timeoutMs ?? DEFAULT_TIMEOUT_MS)} ms (${attempts} attempts)`,
     );
   }
 
   async clockOffset(options: ClockOffsetOptions = {}): Promise<ClockOffset> {
     const wanted = options.samples ?? 16;
-    const deadline = performance.now() + (options.timeoutMs ?? DEFAULT_TIMEOUT_MS);
     const anchor = realtimeAnchorNs();
-    let best: ClockOffset | undefined;
+    const total = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+    const deadline = performance.now() + total;
+    let best: OffsetSample | undefined;
     let last: ProbeReply | undefined;
     let samples = 0;
     while (samples < wanted) {
@@ -232,17 +235,15 @@ export class ProbeClient {
       try {
         exchange = await this.request(Command.time, 0n, { ...options, timeoutMs: left });
       } catch (error) {
-        if (samples > 0) break; // deadline with some samples: report what we have
-        throw error;
+        if (samples > 0) break; // the deadline passed with some samples: report what we have
+        throw new ProbeError(`${this.describe()}: no answer to TIME within ${total} ms`, { cause: error });
       }
       samples++;
       last = exchange.reply;
       const sample = offsetFromExchange(exchange, anchor);
       if (!best || sample.errorNs < best.errorNs) best = sample;
     }
-    if (!best || !last) {
-      throw new ProbeError(`${this.describe()}: no sample within ${options.timeoutMs ?? DEFAULT_TIMEOUT_MS} ms`);
-    }
+    if (!best || !last) throw new ProbeError(`${this.describe()}: no sample within ${total} ms`);
     return { ...best, workloadCounter: last.workloadCounter, workloadMiBps: last.workloadMiBps, samples };
   }
 }
@@ -273,6 +274,9 @@ export interface ClockOffset {
   samples: number;
 }
 
+/** One exchange's estimate; clockOffset() keeps the best of several. */
+export type OffsetSample = Omit<ClockOffset, 'samples' | 'workloadCounter' | 'workloadMiBps'>;
+
 /**
  * t1 host send, t2 guest receive, t3 guest send, t4 host receive. The guest stamps bound the
  * offset: t2 − t1 ≥ offset ≥ t3 − t4, so the midpoint is off by at most half of
@@ -280,7 +284,7 @@ export interface ClockOffset {
  * unusable (turnaround outside [0, rtt]) this falls back to the three-stamp form t3 − (t1+t4)/2,
  * error rtt/2.
  */
-export function offsetFromExchange(exchange: Exchange, anchorNs: bigint): Omit<ClockOffset, 'samples' | 'workloadCounter' | 'workloadMiBps'> {
+export function offsetFromExchange(exchange: Exchange, anchorNs: bigint): OffsetSample {
   const { reply } = exchange;
   const t1 = exchange.sentMonoNs + anchorNs;
   const t4 = exchange.receivedMonoNs + anchorNs;

@@ -8,6 +8,8 @@ export interface ProbeDomainSpec {
   name: string;
   kernel: string;
   initrd: string;
+  /** The guest image's kernel command line (the probe guest's measured settings). */
+  cmdline: string;
   memoryMiB: number;
   /** Where the host side listens for the probe (the lab host's address). */
   probeListen: { address: string; port: number };
@@ -22,7 +24,7 @@ export interface ProbeDomainSpec {
 export const PROBE_GUEST_PORT = 5555;
 
 export function probeDomainXml(spec: ProbeDomainSpec): string {
-  const cmdline = ['console=ttyS0', 'quiet', spec.workloadMiBps ? `ftvm.workload=${spec.workloadMiBps}` : '']
+  const cmdline = [spec.cmdline, spec.workloadMiBps ? `ftvm.workload=${spec.workloadMiBps}` : '']
     .filter(Boolean)
     .join(' ');
   const qemuArgs = [

@@ -1,4 +1,5 @@
 export { runReceiver, type ReceiverOptions } from './receiver.js';
+export { openRemoteReceiver, type RemoteReceiverOptions } from './remote-receiver.js';
 export { ReplicationSender, ReplicationError, type SendOptions } from './sender.js';
 export {
   FrameDecoder,

@@ -77,7 +77,12 @@ export class SshConnection {
         else if (error.level === 'client-authentication') reject(new SshError(`authentication refused: ${error.message}`, 'auth', endpoint.host));
         else reject(new SshError(error.message, 'connect', endpoint.host));
       });
-      client.connect(config);
+      try {
+        client.connect(config);
+      } catch (error) {
+        // ssh2 throws synchronously for a key it cannot parse.
+        reject(new SshError(`bad private key: ${(error as Error).message}`, 'auth', endpoint.host));
+      }
     });
   }
 

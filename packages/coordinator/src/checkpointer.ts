@@ -1,0 +1,149 @@
+import type { QmpClient, QmpEvent } from '@ftvm/qmp';
+import { ReplicationError, type ReplicationSender } from '@ftvm/transport';
+import { MigrationSocket } from './migration-socket.js';
+
+export interface CheckpointerOptions {
+  vm: string;
+  qmp: QmpClient;
+  /** Path where ftvm listens for the migration stream, and the same socket as QEMU sees it. */
+  socketPath: string;
+  qemuSocketPath?: string;
+  qemuVersion: string;
+  domainXml?: string;
+  /** Deadline for one whole checkpoint (migration + transfer + ack). */
+  timeoutMs?: number;
+  /**
+   * Called while the VM is stopped at the end of a checkpoint, just before `cont`: the clock hook
+   * arms its in-place correction here. Must be quick — it is guest-visible pause.
+   */
+  beforeResume?: () => Promise<void>;
+}
+
+export interface CheckpointResult {
+  epoch: number;
+  /** QEMU's STOP and RESUME stamps: the guest-visible pause. */
+  stopNs: bigint;
+  resumeNs: bigint;
+  bytes: number;
+  /** From `migrate` to the backup's ack. */
+  durationMs: number;
+  /** From `migrate` to the MIGRATION completed event (the stream left QEMU). */
+  migrateMs: number;
+}
+
+type MigrationStatus = 'setup' | 'active' | 'device' | 'completed' | 'failed' | 'cancelled' | string;
+
+/**
+ * Takes checkpoints of a running VM: a full precopy `migrate` into a local unix socket whose bytes
+ * go straight into the replication channel. The VM runs during the copy; QEMU stops it only for
+ * the last dirty pages and device state, and the moment the MIGRATION event says `completed`,
+ * `cont` is sent. Whatever goes wrong, the VM is left running.
+ */
+export class Checkpointer {
+  private constructor(
+    private readonly options: CheckpointerOptions,
+    private readonly socket: MigrationSocket,
+  ) {}
+
+  static async create(options: CheckpointerOptions): Promise<Checkpointer> {
+    const { qmp } = options;
+    await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
+    // QEMU caps migration at 32 MiB/s by default and allows a 300 ms stop; a checkpoint wants the
+    // copy as fast as the link takes it and the stop as short as possible.
+    await qmp.execute('migrate-set-parameters', { 'max-bandwidth': 8 * 1024 * 1024 * 1024, 'downtime-limit': 1 });
+    return new Checkpointer(options, await MigrationSocket.listen(options.socketPath));
+  }
+
+  async checkpoint(epoch: number, sender: ReplicationSender): Promise<CheckpointResult> {
+    const { qmp, vm } = this.options;
+    const timeoutMs = this.options.timeoutMs ?? 60_000;
+    const started = performance.now();
+    let stopNs: bigint | undefined;
+    let resumeNs: bigint | undefined;
+    let migrateMs = 0;
+    let settle!: (outcome: { ok: true } | { ok: false; reason: string }) => void;
+    const migration = new Promise<{ ok: true } | { ok: false; reason: string }>((resolve) => (settle = resolve));
+    let resumed!: () => void;
+    const resumedPromise = new Promise<void>((resolve) => (resumed = resolve));
+
+    const unsubscribe = qmp.onEvent((event: QmpEvent) => {
+      if (event.event === 'STOP') stopNs = event.timestampNs;
+      else if (event.event === 'RESUME' && stopNs !== undefined) {
+        resumeNs = event.timestampNs;
+        resumed();
+      } else if (event.event === 'MIGRATION') {
+        const status = (event.data as { status?: MigrationStatus }).status;
+        if (status === 'completed') {
+          migrateMs = performance.now() - started;
+          void this.resume().then(() => settle({ ok: true }), (error: Error) => settle({ ok: false, reason: error.message }));
+        } else if (status === 'failed' || status === 'cancelled') {
+          settle({ ok: false, reason: `migration ${status}` });
+        }
+      }
+    });
+
+    const connection = this.socket.nextConnection(10_000);
+    connection.catch(() => undefined);
+    const deadline = setTimeout(() => {
+      settle({ ok: false, reason: `checkpoint took longer than ${timeoutMs} ms` });
+      void qmp.execute('migrate_cancel').catch(() => undefined);
+    }, timeoutMs);
+    try {
+      await qmp.execute('migrate', { uri: `unix:${this.options.qemuSocketPath ?? this.socket.path}` });
+      const stream = await connection;
+      const sending = sender.send({
+        header: { vm, epoch, qemuVersion: this.options.qemuVersion, ...(this.options.domainXml ? { domainXml: this.options.domainXml } : {}) },
+        data: stream,
+        trailer: async () => {
+          const outcome = await migration;
+          if (!outcome.ok) throw new Error(outcome.reason);
+          await resumedPromise;
+          return { stopNs: String(stopNs), resumeNs: String(resumeNs) };
+        },
+        ackTimeoutMs: timeoutMs,
+      });
+      const outcome = await migration;
+      if (!outcome.ok) {
+        stream.destroy();
+        await sending.catch(() => undefined);
+        throw new ReplicationError(outcome.reason, epoch, 'migration');
+      }
+      const ack = await sending;
+      return { epoch, stopNs: stopNs!, resumeNs: resumeNs!, bytes: ack.bytes, durationMs: performance.now() - started, migrateMs };
+    } catch (error) {
+      // The primary VM must keep running whatever happened to the backup or the link.
+      await qmp.execute('migrate_cancel').catch(() => undefined);
+      await this.ensureRunning();
+      throw error;
+    } finally {
+      clearTimeout(deadline);
+      unsubscribe();
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.socket.close();
+  }
+
+  private async resume(): Promise<void> {
+    await this.options.beforeResume?.();
+    await this.options.qmp.execute('cont');
+    await this.ensureRunning();
+  }
+
+  /**
+   * `cont` can land between QEMU's completed event and its switch to `postmigrate`, which then
+   * overwrites `running`; a second `cont` repairs that. Also the safety net after a failure.
+   */
+  private async ensureRunning(): Promise<void> {
+    for (let attempt = 0; attempt < 5; attempt++) {
+      const { status } = await this.options.qmp.execute<{ status: string }>('query-status');
+      if (status === 'running') return;
+      if (status === 'postmigrate' || status === 'paused' || status === 'finish-migrate') {
+        if (status !== 'finish-migrate') await this.options.qmp.execute('cont').catch(() => undefined);
+      }
+      await new Promise((r) => setTimeout(r, 5 * (attempt + 1)));
+    }
+    throw new Error(`VM ${this.options.vm} is not running after the checkpoint`);
+  }
+}

@@ -1,0 +1,43 @@
+import { fileURLToPath } from 'node:url';
+import type { SshConnection } from '../ssh/index.js';
+import { ReplicationSender } from './sender.js';
+
+export interface RemoteReceiverOptions {
+  /** The checkpoint store directory on the backup. */
+  storeDir: string;
+  keep?: number;
+  /** The receiver script on the backup; ftvm is installed at the same path on both hosts. */
+  receiverPath?: string;
+  nodePath?: string;
+}
+
+const DEFAULT_RECEIVER = fileURLToPath(new URL('../bin/ftvm-receive.js', import.meta.url));
+
+/** Quotes one word for the remote shell. */
+const shellWord = (word: string) => `'${word.replace(/'/g, `'\\''`)}'`;
+
+/**
+ * Starts `ftvm-receive` on the backup over an SSH exec channel and returns the sender that feeds
+ * it. The receiver's stderr is kept (last 4 KiB) so a failure on the backup can be explained.
+ */
+export async function openRemoteReceiver(
+  ssh: SshConnection,
+  options: RemoteReceiverOptions,
+): Promise<{ sender: ReplicationSender; stderr: () => string }> {
+  const command = [
+    options.nodePath ?? 'node',
+    options.receiverPath ?? DEFAULT_RECEIVER,
+    '--store',
+    options.storeDir,
+    '--keep',
+    String(options.keep ?? 3),
+  ]
+    .map(shellWord)
+    .join(' ');
+  const channel = await ssh.exec(command);
+  let stderr = '';
+  channel.stderr.on('data', (chunk: Buffer) => {
+    stderr = (stderr + chunk.toString('utf8')).slice(-4096);
+  });
+  return { sender: new ReplicationSender(channel), stderr: () => stderr };
+}
