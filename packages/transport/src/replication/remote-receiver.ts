@@ -11,7 +11,8 @@ export interface RemoteReceiverOptions {
   nodePath?: string;
 }
 
-const DEFAULT_RECEIVER = fileURLToPath(new URL('../bin/ftvm-receive.js', import.meta.url));
+// The compiled receiver, whether this module runs from src/ (tests) or dist/ (both are two deep).
+const DEFAULT_RECEIVER = fileURLToPath(new URL('../../dist/bin/ftvm-receive.js', import.meta.url));
 
 /** Quotes one word for the remote shell. */
 const shellWord = (word: string) => `'${word.replace(/'/g, `'\\''`)}'`;

@@ -1,0 +1,33 @@
+// Public surface of the migration-stream codec.
+export { MigrationStreamParser, parseMigrationStream, iterateMigrationStream } from './parser.js';
+export type { MigrationStreamParserOptions, RecordCallback } from './parser.js';
+export { encodeRecord, encodeRecords, encodeRecordStream, encodedSize } from './writer.js';
+export { DeviceStateSet, type ReplaceSectionOptions } from './device-state.js';
+export {
+  decodeTimerSection,
+  encodeTimerSection,
+  TIMER_SECTION_NAME,
+  TIMER_SECTION_VERSION,
+  type TimerSectionState,
+} from './timer-section.js';
+export {
+  decodeKvmclockSection,
+  encodeKvmclockSection,
+  KVMCLOCK_SECTION_NAME,
+  KVMCLOCK_SECTION_VERSION,
+  type KvmclockSectionState,
+} from './kvmclock-section.js';
+export { configurationCapabilities, configurationPageSize } from './configuration.js';
+export { describedVmsdSize, describedSections, parseVmDescription } from './description.js';
+export type { VmDescription, VmDescriptionDevice, VmDescriptionField, VmDescriptionVmsd, DescribedSection } from './description.js';
+export { MigrationStreamError, DeviceStateError, type MigrationStreamErrorCode } from './errors.js';
+export {
+  QEMU_VM_FILE_MAGIC,
+  QEMU_VM_FILE_VERSION,
+  SectionType,
+  RamFlag,
+  MigCommand,
+  DEFAULT_TARGET_PAGE_SIZE,
+} from './constants.js';
+export type * from './records.js';
+export { createStreamVerifier, MigrationStreamVerifier, type StreamSummary } from './verifier.js';

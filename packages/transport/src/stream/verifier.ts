@@ -1,0 +1,52 @@
+// A checkpoint verifier for the store: parses the stream as it is written, discarding records, so
+// a stream cut short or garbled is refused before it is committed. Fits the store's StreamVerifier
+// shape: update() never throws (the first error is kept and parsing stops), end() throws it.
+
+import { MigrationStreamParser, type MigrationStreamParserOptions } from './parser.js';
+import type { MigrationRecord } from './records.js';
+
+export interface StreamSummary {
+  bytes: number;
+  records: number;
+  ramPages: number;
+  deviceSections: number;
+  hasDescription: boolean;
+}
+
+export class MigrationStreamVerifier {
+  private readonly parser: MigrationStreamParser;
+  private error: Error | undefined;
+  private readonly stats: StreamSummary = { bytes: 0, records: 0, ramPages: 0, deviceSections: 0, hasDescription: false };
+  private readonly count = (r: MigrationRecord): void => {
+    this.stats.records++;
+    if (r.type === 'ram-page' || r.type === 'ram-zero' || r.type === 'ram-compressed' || r.type === 'ram-xbzrle') this.stats.ramPages++;
+    else if (r.type === 'device-section') this.stats.deviceSections++;
+    else if (r.type === 'vm-description') this.stats.hasDescription = true;
+  };
+
+  constructor(options?: MigrationStreamParserOptions) {
+    this.parser = new MigrationStreamParser(options);
+  }
+
+  update(chunk: Buffer): void {
+    if (this.error) return;
+    this.stats.bytes += chunk.length;
+    try {
+      this.parser.push(chunk, this.count);
+    } catch (e) {
+      this.error = e as Error;
+    }
+  }
+
+  /** Throws the first parse error, or a truncation error; returns what was seen otherwise. */
+  end(): StreamSummary {
+    if (this.error) throw this.error;
+    this.parser.end(this.count);
+    return { ...this.stats };
+  }
+}
+
+/** A fresh verifier (one per checkpoint). */
+export function createStreamVerifier(options?: MigrationStreamParserOptions): MigrationStreamVerifier {
+  return new MigrationStreamVerifier(options);
+}
