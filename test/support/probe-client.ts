@@ -180,7 +180,7 @@ export class ProbeClient {
         resolve(undefined);
       }, timeoutMs);
       const buf = encodeRequest(command, id, arg);
-      const sentMonoNs = process.hrtime.bigint();
+      let sentMonoNs = 0n;
       this.pending.set(id, {
         resolve: ({ reply, receivedMonoNs }) => {
           clearTimeout(timer);
@@ -188,6 +188,7 @@ export class ProbeClient {
           resolve({ reply, sentMonoNs, receivedMonoNs });
         },
       });
+      sentMonoNs = process.hrtime.bigint(); // t1: the last thing before the send syscall
       this.socket.send(buf);
     });
   }

@@ -19,6 +19,8 @@ export interface ProbeDomainSpec {
   serialLog: string;
   workloadMiBps?: number;
   emulator?: string;
+  /** Appended to QEMU's command line, e.g. ['-incoming', 'defer'] to restore a checkpoint. */
+  extraQemuArgs?: string[];
 }
 
 export const PROBE_GUEST_PORT = 5555;
@@ -34,6 +36,7 @@ export function probeDomainXml(spec: ProbeDomainSpec): string {
     '-chardev', `socket,id=ftvmqga,path=${spec.agentSocket},server=on,wait=off`,
     '-device', 'virtio-serial-pci,id=ftvmserial',
     '-device', 'virtserialport,bus=ftvmserial.0,chardev=ftvmqga,name=org.qemu.guest_agent.0',
+    ...(spec.extraQemuArgs ?? []),
   ];
   return `<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>${escapeXml(spec.name)}</name>

@@ -2,6 +2,8 @@ import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import net from 'node:net';
+import { pipeline } from 'node:stream/promises';
 import { promisify } from 'node:util';
 import { QmpClient } from '@ftvm/qmp';
 import { buildGuest, type GuestImage } from '../guest/boot-qemu.js';
@@ -21,6 +23,8 @@ export interface ProbeVm {
   qmpPath: string;
   agentPath: string;
   serialLogPath: string;
+  /** The same sockets as QEMU inside the host sees them. */
+  paths: { run: string; migration: string; migrationOutside: string };
   xml: string;
   virsh(...args: string[]): Promise<string>;
   destroy(): Promise<void>;
@@ -33,22 +37,23 @@ export interface ProbeVmOptions {
   probePort?: number;
   workloadMiBps?: number;
   bootTimeoutMs?: number;
+  /** Start paused waiting for a migration stream instead of booting (`-incoming defer`). */
+  incoming?: boolean;
 }
 
 /**
- * Defines and starts the clock-probe guest as a libvirt domain on a lab host's own libvirtd,
- * connects QMP, waits for the probe to answer and syncs the guest clock to the host's.
+ * Defines and starts the clock-probe guest as a libvirt domain on a lab host's own libvirtd and
+ * connects QMP. Booting (the default) also waits for the probe and syncs the guest clock to the
+ * host's; with `incoming` the domain waits, paused, for `restoreCheckpoint`.
  */
 export async function startProbeVm(options: ProbeVmOptions): Promise<ProbeVm> {
   const host = hostInfo(options.host);
   const name = options.name ?? 'ftvm-probe';
   const image = await buildGuest();
   const probePort = options.probePort ?? 5555;
-  const inHost = (rel: string) => ({ inside: `/run/ftvm/${rel}`, outside: path.join(host.runDir, 'ftvm', rel) });
+  const inside = (file: string) => `/run/ftvm/${file}`;
+  const outside = (file: string) => path.join(host.runDir, 'ftvm', file);
   fs.mkdirSync(path.join(host.runDir, 'ftvm'), { recursive: true });
-  const qmpSock = inHost(`${name}.qmp`);
-  const agentSock = inHost(`${name}.qga`);
-  const serialLog = inHost(`${name}.serial.log`);
   const xml = probeDomainXml({
     name,
     kernel: image.kernel,
@@ -56,10 +61,11 @@ export async function startProbeVm(options: ProbeVmOptions): Promise<ProbeVm> {
     cmdline: image.cmdline,
     memoryMiB: options.memoryMiB ?? 256,
     probeListen: { address: host.ip, port: probePort },
-    qmpSocket: qmpSock.inside,
-    agentSocket: agentSock.inside,
-    serialLog: serialLog.inside,
+    qmpSocket: inside(`${name}.qmp`),
+    agentSocket: inside(`${name}.qga`),
+    serialLog: inside(`${name}.serial.log`),
     ...(options.workloadMiBps ? { workloadMiBps: options.workloadMiBps } : {}),
+    ...(options.incoming ? { extraQemuArgs: ['-incoming', 'defer'] } : {}),
   });
   const virsh = async (...args: string[]) =>
     (await run('virsh', ['-c', host.libvirtUri, ...args], { timeout: 60_000 })).stdout;
@@ -69,26 +75,20 @@ export async function startProbeVm(options: ProbeVmOptions): Promise<ProbeVm> {
   const xmlFile = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'ftvm-domain-')), `${name}.xml`);
   fs.writeFileSync(xmlFile, xml);
   await virsh('define', xmlFile);
-  await virsh('start', name);
+  await virsh('start', name, ...(options.incoming ? ['--paused'] : []));
 
-  const qmp = await connectWhenReady(qmpSock.outside, 30_000);
+  const qmp = await connectWhenReady(outside(`${name}.qmp`), 30_000);
   const probe = { host: host.ip, port: probePort };
-  try {
-    await waitForProbe(probe, options.bootTimeoutMs ?? 60_000);
-    await syncGuestClock(probe);
-  } catch (error) {
-    const console = fs.existsSync(serialLog.outside) ? fs.readFileSync(serialLog.outside, 'utf8').slice(-2000) : '(no console log)';
-    throw new Error(`probe guest ${name} on ${options.host} did not come up: ${(error as Error).message}\nconsole:\n${console}`);
-  }
-  return {
+  const vm: ProbeVm = {
     name,
     host: options.host,
     image,
     qmp,
     probe,
-    qmpPath: qmpSock.outside,
-    agentPath: agentSock.outside,
-    serialLogPath: serialLog.outside,
+    qmpPath: outside(`${name}.qmp`),
+    agentPath: outside(`${name}.qga`),
+    serialLogPath: outside(`${name}.serial.log`),
+    paths: { run: '/run/ftvm', migration: inside(`${name}.mig`), migrationOutside: outside(`${name}.mig`) },
     xml,
     virsh,
     destroy: async () => {
@@ -97,6 +97,44 @@ export async function startProbeVm(options: ProbeVmOptions): Promise<ProbeVm> {
       await virsh('undefine', name).catch(() => undefined);
     },
   };
+  if (!options.incoming) await waitForGuest(vm, options.bootTimeoutMs ?? 60_000, true);
+  return vm;
+}
+
+/**
+ * Feeds a stored checkpoint (a migration stream file, root-namespace path) into a domain started
+ * with `incoming`, then resumes it through libvirt. QEMU listens on a unix socket and we stream
+ * the file in (libvirt's seccomp sandbox forbids QEMU to spawn `exec:` helpers). Returns when the
+ * probe answers.
+ */
+export async function restoreCheckpoint(vm: ProbeVm, checkpointPath: string, timeoutMs = 60_000): Promise<{ loadMs: number }> {
+  const started = performance.now();
+  const completed = vm.qmp.waitForEvent<{ status: string }>('MIGRATION', {
+    timeoutMs,
+    predicate: (e) => e.data.status === 'completed' || e.data.status === 'failed',
+  });
+  completed.catch(() => undefined);
+  const incoming = `${vm.name}.incoming`;
+  await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
+  await vm.qmp.execute('migrate-incoming', { uri: `unix:${vm.paths.run}/${incoming}` });
+  const socket = net.connect(path.join(path.dirname(vm.qmpPath), incoming));
+  await pipeline(fs.createReadStream(checkpointPath), socket);
+  const outcome = await completed;
+  if (outcome.data.status !== 'completed') throw new Error(`loading ${checkpointPath} into ${vm.name} on ${vm.host} failed`);
+  const loadMs = performance.now() - started;
+  await vm.virsh('resume', vm.name);
+  await waitForGuest(vm, timeoutMs, false);
+  return { loadMs };
+}
+
+async function waitForGuest(vm: ProbeVm, timeoutMs: number, sync: boolean): Promise<void> {
+  try {
+    await waitForProbe(vm.probe, timeoutMs);
+    if (sync) await syncGuestClock(vm.probe);
+  } catch (error) {
+    const console = fs.existsSync(vm.serialLogPath) ? fs.readFileSync(vm.serialLogPath, 'utf8').slice(-2000) : '(no console log)';
+    throw new Error(`probe guest ${vm.name} on ${vm.host} does not answer: ${(error as Error).message}\nconsole:\n${console}`);
+  }
 }
 
 async function connectWhenReady(socketPath: string, timeoutMs: number): Promise<QmpClient> {

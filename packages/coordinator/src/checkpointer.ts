@@ -77,7 +77,10 @@ export class Checkpointer {
           migrateMs = performance.now() - started;
           void this.resume().then(() => settle({ ok: true }), (error: Error) => settle({ ok: false, reason: error.message }));
         } else if (status === 'failed' || status === 'cancelled') {
-          settle({ ok: false, reason: `migration ${status}` });
+          void qmp
+            .execute<{ 'error-desc'?: string }>('query-migrate')
+            .catch(() => ({}) as { 'error-desc'?: string })
+            .then((info) => settle({ ok: false, reason: `migration ${status}${info['error-desc'] ? `: ${info['error-desc']}` : ''}` }));
         }
       }
     });
@@ -102,6 +105,7 @@ export class Checkpointer {
         },
         ackTimeoutMs: timeoutMs,
       });
+      sending.catch(() => undefined); // observed below; may settle before we get there
       const outcome = await migration;
       if (!outcome.ok) {
         stream.destroy();
