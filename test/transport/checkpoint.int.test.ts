@@ -1,0 +1,126 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Checkpointer } from '@ftvm/coordinator';
+import { CheckpointStore, openRemoteReceiver, ReplicationError, type ReplicationSender, type SshConnection } from '@ftvm/transport';
+import { execIn, hostInfo, labUp } from '../lab/lab.js';
+import { connectLabSsh } from '../support/lab-ssh.js';
+import { waitForProbe } from '../support/probe-client.js';
+import { restoreCheckpoint, startProbeVm, type ProbeVm } from '../support/probe-vm.js';
+
+// Continuous checkpoints of a libvirt domain on `primary`, over SSH into the store on `backup`.
+const VM = 'ckpt-probe';
+const STORE_INSIDE = `/var/lib/libvirt/ftvm/${VM}`;
+const storeOutside = () => path.join(hostInfo('backup').libvirtLibDir, 'ftvm', VM);
+
+let vm: ProbeVm;
+let ssh: SshConnection;
+let checkpointer: Checkpointer;
+let receiver: { sender: ReplicationSender; stderr: () => string };
+
+beforeAll(async () => {
+  await labUp();
+  fs.rmSync(storeOutside(), { recursive: true, force: true });
+  vm = await startProbeVm({ host: 'primary', name: VM, workloadMiBps: 4 });
+  ssh = await connectLabSsh('backup');
+  receiver = await openRemoteReceiver(ssh, { storeDir: STORE_INSIDE, keep: 3 });
+  checkpointer = await Checkpointer.create({
+    vm: VM,
+    qmp: vm.qmp,
+    socketPath: vm.paths.migrationOutside,
+    qemuSocketPath: vm.paths.migration,
+    qemuVersion: '7.2',
+    domainXml: vm.xml,
+  });
+});
+
+afterAll(async () => {
+  await checkpointer?.close();
+  receiver?.sender.close();
+  ssh?.close();
+  await vm?.destroy();
+});
+
+async function expectPrimaryRunning(): Promise<void> {
+  expect(await vm.qmp.execute('query-status')).toMatchObject({ status: 'running' });
+  await waitForProbe(vm.probe, 5_000);
+}
+
+describe('continuous checkpoints, primary → backup over SSH', () => {
+  it('commits successive checkpoints on the backup, the VM running between them', async () => {
+    for (const epoch of [1, 2, 3]) {
+      const result = await checkpointer.checkpoint(epoch, receiver.sender).catch((e: Error) => {
+        throw new Error(`${e.message}; receiver stderr: ${receiver.stderr()}`);
+      });
+      const pauseMs = Number(result.resumeNs - result.stopNs) / 1e6;
+      console.log(`epoch ${epoch}: ${(result.bytes / 1e6).toFixed(1)} MB in ${result.durationMs.toFixed(0)} ms, pause ${pauseMs.toFixed(2)} ms`);
+      expect(result.bytes).toBeGreaterThan(1_000_000);
+      expect(pauseMs).toBeGreaterThan(0);
+      await expectPrimaryRunning();
+    }
+    const store = await new CheckpointStore(storeOutside(), 3).open();
+    expect(await store.epochs()).toEqual([1, 2, 3]);
+    const meta = await store.verify(3);
+    expect(BigInt(meta.resumeNs) > BigInt(meta.stopNs)).toBe(true);
+    expect(meta.domainXml).toContain(VM);
+  });
+
+  it('keeps the primary running and the previous checkpoint intact when the receiver dies mid-checkpoint', async () => {
+    const store = await new CheckpointStore(storeOutside(), 3).open();
+    const before = await store.verify(3);
+    const attempt = checkpointer.checkpoint(4, receiver.sender).catch((e: unknown) => e);
+    await new Promise((r) => setTimeout(r, 150)); // the stream is flowing by now
+    await execIn('backup', ['pkill', '-KILL', '-f', 'ftvm-receive']);
+    const error = await attempt;
+    expect(error).toBeInstanceOf(ReplicationError);
+    await expectPrimaryRunning();
+    expect(await store.epochs()).toEqual([1, 2, 3]);
+    expect(await store.verify(3)).toEqual(before);
+    expect(await store.latestEpoch()).toBe(3); // the killed receiver's partial file is never "latest"
+    // A new receiver cleans up what the killed one left and picks up from there.
+    receiver = await openRemoteReceiver(ssh, { storeDir: STORE_INSIDE, keep: 3 });
+    await expect(checkpointer.checkpoint(5, receiver.sender)).resolves.toMatchObject({ epoch: 5 });
+    expect(await store.epochs()).toEqual([2, 3, 5]);
+    expect(fs.readdirSync(storeOutside()).filter((f) => f.endsWith('.tmp'))).toEqual([]);
+  });
+
+  it('detects a stored checkpoint with a flipped byte and falls back to the previous one', async () => {
+    const store = await new CheckpointStore(storeOutside(), 3).open();
+    const file = store.dataPath(5);
+    const copy = `${file}.orig`;
+    fs.copyFileSync(file, copy);
+    try {
+      const fd = fs.openSync(file, 'r+');
+      const offset = Math.floor(fs.fstatSync(fd).size / 2);
+      const byte = Buffer.alloc(1);
+      fs.readSync(fd, byte, 0, 1, offset);
+      byte[0] = byte[0]! ^ 0xff;
+      fs.writeSync(fd, byte, 0, 1, offset);
+      fs.closeSync(fd);
+      const corrupt: string[] = [];
+      const latest = await store.latestVerified((e) => corrupt.push(e.message));
+      expect(latest?.metadata.epoch).toBe(3);
+      expect(corrupt[0]).toContain('checkpoint 5 is corrupt');
+    } finally {
+      fs.renameSync(copy, file);
+    }
+  });
+
+  it('loads the newest committed checkpoint into a fresh domain on the backup, and the probe answers there', async () => {
+    const store = await new CheckpointStore(storeOutside(), 3).open();
+    const latest = await store.latestVerified();
+    expect(latest?.metadata.epoch).toBe(5);
+    const primaryBoot = (await waitForProbe(vm.probe, 5_000)).bootId;
+    const restored = await startProbeVm({ host: 'backup', name: VM, incoming: true });
+    try {
+      const { loadMs } = await restoreCheckpoint(restored, latest!.path);
+      console.log(`restored epoch 5 on backup in ${loadMs.toFixed(0)} ms`);
+      const reply = await waitForProbe(restored.probe, 10_000);
+      expect(restored.probe.host).toBe(hostInfo('backup').ip);
+      expect(reply.bootId).toBe(primaryBoot); // the same guest, continued — not a fresh boot
+      expect(reply.workloadCounter).toBeGreaterThan(0n); // its workload came along with the memory
+    } finally {
+      await restored.destroy();
+    }
+  });
+});
