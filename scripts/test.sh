@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
+pnpm -s typecheck   # tests, benches and scripts are strict TypeScript too
 
 results=$(mktemp /tmp/ftvm-vitest-XXXXXX.json)
 status=0

@@ -14,7 +14,7 @@ afterEach(async () => fs.rm(dir, { recursive: true, force: true }));
 const input = (epoch: number, data: Buffer | Readable, verifier?: StreamVerifier) => ({
   vm: 'probe',
   epoch,
-  data: data instanceof Buffer ? Readable.from([data]) : data,
+  data: Buffer.isBuffer(data) ? Readable.from([data]) : (data as Readable),
   stopNs: 1_000n + BigInt(epoch),
   resumeNs: 2_000n + BigInt(epoch),
   qemuVersion: '7.2.22',
