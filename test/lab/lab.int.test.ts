@@ -1,3 +1,6 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { $ } from 'zx';
 import {
@@ -6,6 +9,7 @@ import {
   freezeHost,
   hostInfo,
   killHost,
+  LAB_HOSTS,
   labDown,
   labKnownHosts,
   labLeftovers,
@@ -15,87 +19,183 @@ import {
   labUp,
   restartHost,
   restoreLink,
+  spawnDaemonIn,
   thawHost,
+  type LabHostName,
 } from './lab.js';
 
-$.quiet = true;
+// Real namespaces, daemons and links: the whole lab life cycle, in order.
+const run = $({ quiet: true, nothrow: true, timeout: 15_000 });
+const sshOptions = (ip: string) => [
+  '-F', '/dev/null', '-i', labSshKey(), '-o', `UserKnownHostsFile=${labKnownHosts()}`, '-o', 'StrictHostKeyChecking=yes',
+  '-o', 'BatchMode=yes', '-o', 'ConnectTimeout=2', `root@${ip}`,
+];
+/** ssh from the root namespace (the test runner) with the lab key and the pinned host keys. */
+const sshFromRoot = (to: LabHostName, timeoutMs = 8_000) => run({ timeout: timeoutMs })`ssh ${sshOptions(hostInfo(to).ip)} hostname`;
+/** ssh from inside one lab host to another. */
+const sshBetween = (from: LabHostName, to: LabHostName, timeoutMs = 8_000) =>
+  execIn(from, ['ssh', ...sshOptions(hostInfo(to).ip), 'hostname'], { timeoutMs }).nothrow();
+const virsh = (name: LabHostName, args: string[], timeoutMs = 5_000) =>
+  run({ timeout: timeoutMs })`virsh -c ${hostInfo(name).libvirtUri} ${args}`;
+const PING = fs.existsSync('/usr/bin/ping') || fs.existsSync('/bin/ping') ? ['ping'] : ['busybox', 'ping'];
+const ping = (from: LabHostName, to: LabHostName) =>
+  execIn(from, [...PING, '-c', '1', '-W', '1', hostInfo(to).ip], { timeoutMs: 5_000 }).nothrow();
+const alive = (pid: number) => {
+  try {
+    return !/^\d+ \(.*\) Z/.test(fs.readFileSync(`/proc/${pid}/stat`, 'utf8'));
+  } catch {
+    return false;
+  }
+};
+const daemonPidsOf = async (name: LabHostName) => {
+  const { hosts } = await labStatus();
+  const host = hosts.find((h) => h.name === name)!;
+  return [host.holderPid, host.daemons.virtlogd, host.daemons.libvirtd, host.daemons.sshd, ...host.spawned];
+};
 
-/** ssh from inside one lab host to another, with the pinned host keys and a short deadline. */
-const sshFrom = (from: 'primary' | 'backup', toIp: string) =>
-  execIn(from, [
-    'ssh', '-i', labSshKey(), '-o', `UserKnownHostsFile=${labKnownHosts()}`, '-o', 'StrictHostKeyChecking=yes',
-    '-o', 'BatchMode=yes', '-o', 'ConnectTimeout=2', `root@${toIp}`, 'hostname',
-  ], { timeoutMs: 10_000 }).nothrow();
-
+let tmp: string;
 beforeAll(async () => {
-  await labUp();
+  tmp = fs.mkdtempSync('/tmp/ftvm-lab-test-');
+  await labDown(); // measure a real start; also proves down copes with whatever was there
 });
 afterAll(async () => {
-  await thawHost('primary').catch(() => undefined);
-  await labUp(); // leave a healthy lab for the next file (scripts/test.sh tears it down at the end)
+  await labDown();
+  fs.rmSync(tmp, { recursive: true, force: true });
 });
 
-describe('lab hosts', () => {
-  it('brings up three hosts, each with its own libvirtd and sshd', async () => {
-    const status = await labStatus();
-    expect(status.map((h) => [h.name, h.libvirt, h.ssh])).toEqual([
-      ['primary', true, true],
-      ['backup', true, true],
-      ['witness', true, true],
-    ]);
-    for (const name of ['primary', 'backup', 'witness'] as const) {
-      const out = await $`virsh -c ${hostInfo(name).libvirtUri} hostname`;
-      expect(out.stdout.trim()).toBe(name); // each libvirtd lives in its host's own UTS namespace
+describe('lab', () => {
+  it('comes up from nothing with three healthy hosts', async () => {
+    const result = await labUp();
+    console.log(`lab up from nothing: ${result.durationMs} ms`);
+    expect(result.built).toBe(true);
+    const { bridge, hosts } = await labStatus();
+    expect(bridge).toBe(true);
+    for (const host of hosts) {
+      expect(host, host.name).toMatchObject({ network: true, linkUp: true, frozen: false, libvirt: true, ssh: true });
+      expect(Object.values(host.daemons).every((pid) => pid !== undefined), `${host.name} daemons`).toBe(true);
     }
-    const ssh = await sshFrom('primary', hostInfo('backup').ip);
-    expect(ssh.stdout.trim()).toBe('backup');
-    const remote = await execIn('primary', ['virsh', '-c', labRemoteLibvirtUri('backup'), 'hostname']);
-    expect(remote.stdout.trim()).toBe('backup');
   });
 
-  it('keeps each host in its own /run', async () => {
-    const primaryRun = (await execIn('primary', ['cat', '/run/libvirtd.pid'])).stdout.trim();
-    const backupRun = (await execIn('backup', ['cat', '/run/libvirtd.pid'])).stdout.trim();
-    expect(primaryRun).not.toBe(backupRun);
+  it("reaches each host's own libvirtd through its socket", async () => {
+    const libvirtdPids = new Set<number | undefined>();
+    for (const name of LAB_HOSTS) {
+      expect((await virsh(name, ['list', '--all'])).exitCode, name).toBe(0);
+      // Its own UTS namespace, its own daemon:
+      expect((await virsh(name, ['hostname'])).stdout.trim()).toBe(name);
+      libvirtdPids.add((await labStatus()).hosts.find((h) => h.name === name)?.daemons.libvirtd);
+    }
+    expect(libvirtdPids.size).toBe(3);
+  });
+
+  it("logs into each host's sshd with the lab key, checking the pinned host key", async () => {
+    for (const name of LAB_HOSTS) expect((await sshFromRoot(name)).stdout.trim(), name).toBe(name);
+    // Pinning is real: with an empty known_hosts and strict checking, ssh refuses.
+    const empty = path.join(tmp, 'known_hosts');
+    fs.writeFileSync(empty, '');
+    const unpinned = await run`ssh ${sshOptions(hostInfo('backup').ip).map((o) => o.replace(labKnownHosts(), empty))} true`;
+    expect(unpinned.exitCode).not.toBe(0);
+    expect(unpinned.stderr).toMatch(/Host key verification failed/);
+  });
+
+  it('connects the hosts to each other: ping, ssh, libvirt over ssh', async () => {
+    for (const from of LAB_HOSTS) for (const to of LAB_HOSTS) if (from !== to) expect((await ping(from, to)).exitCode, `${from}→${to}`).toBe(0);
+    expect((await sshBetween('primary', 'backup')).stdout.trim()).toBe('backup');
+    const ip = hostInfo('backup').ip;
+    const viaKeyfile = `qemu+ssh://root@${ip}/system?keyfile=${labSshKey()}&no_verify=1`;
+    expect((await execIn('primary', ['virsh', '-c', viaKeyfile, 'hostname'])).stdout.trim()).toBe('backup');
+    // Inside a host, /etc/ssh/ssh_config is the lab's: names, key and pinned host keys need no URI parameters.
+    expect((await execIn('primary', ['virsh', '-c', 'qemu+ssh://backup/system', 'list'])).exitCode).toBe(0);
+    expect((await execIn('witness', ['virsh', '-c', labRemoteLibvirtUri('primary'), 'hostname'])).stdout.trim()).toBe('primary');
   });
 
   it('is a no-op to bring up again', async () => {
-    const holder = hostInfo('primary').holderPid;
-    const started = Date.now();
-    await labUp();
-    expect(hostInfo('primary').holderPid).toBe(holder);
-    expect(Date.now() - started).toBeLessThan(10_000);
+    const holders = LAB_HOSTS.map((name) => hostInfo(name).holderPid);
+    const result = await labUp();
+    console.log(`lab up when up: ${result.durationMs} ms`);
+    expect(result.built).toBe(false);
+    expect(result.durationMs).toBeLessThan(5_000);
+    expect(LAB_HOSTS.map((name) => hostInfo(name).holderPid)).toEqual(holders);
   });
 
-  it('kills a host and brings it back', async () => {
+  it('kills a host, whose daemons then answer nothing, and restarts it', async () => {
+    const before = await daemonPidsOf('backup');
     await killHost('backup');
-    expect((await sshFrom('primary', hostInfo('backup').ip)).exitCode).not.toBe(0);
-    expect((await $`virsh -c ${hostInfo('backup').libvirtUri} version`.nothrow()).exitCode).not.toBe(0);
+    expect(before.filter((pid) => pid !== undefined && alive(pid))).toEqual([]);
+    expect(hostInfo('backup').holderPid).toBeUndefined();
+    expect((await virsh('backup', ['list'])).exitCode).not.toBe(0);
+    expect((await sshBetween('primary', 'backup')).exitCode).not.toBe(0);
+    // Only processes die: the netns and its kernel stay, so ping is still answered and TCP is
+    // refused at once. A host that answers nothing at all is killHost + cutLink.
+    expect((await ping('primary', 'backup')).exitCode).toBe(0);
+
+    const started = performance.now();
     await restartHost('backup');
-    expect((await sshFrom('primary', hostInfo('backup').ip)).stdout.trim()).toBe('backup');
+    console.log(`restartHost: ${Math.round(performance.now() - started)} ms`);
+    expect((await virsh('backup', ['list'])).exitCode).toBe(0);
+    expect((await sshBetween('primary', 'backup')).stdout.trim()).toBe('backup');
+    expect(hostInfo('backup').holderPid).not.toBe(before[0]);
   });
 
-  it('cuts a host off the network and restores it', async () => {
+  it('cuts a host off the lab network and restores it', async () => {
     await cutLink('primary');
-    expect((await sshFrom('backup', hostInfo('primary').ip)).exitCode).not.toBe(0);
+    expect((await ping('backup', 'primary')).exitCode).not.toBe(0);
+    expect((await sshBetween('backup', 'primary', 5_000)).exitCode).not.toBe(0);
+    expect((await virsh('primary', ['list'])).exitCode).toBe(0); // alive, just unreachable
     await restoreLink('primary');
-    expect((await sshFrom('backup', hostInfo('primary').ip)).stdout.trim()).toBe('primary');
+    expect((await ping('backup', 'primary')).exitCode).toBe(0);
+    expect((await sshBetween('backup', 'primary')).stdout.trim()).toBe('primary');
   });
 
-  it('freezes a host and thaws it', async () => {
+  it('freezes a host, whose daemons then answer nothing, and thaws it', async () => {
     await freezeHost('primary');
-    expect((await labStatus()).find((h) => h.name === 'primary')?.frozen).toBe(true);
-    expect((await $({ timeout: 3_000 })`virsh -c ${hostInfo('primary').libvirtUri} version`.nothrow()).exitCode).not.toBe(0);
+    expect((await labStatus()).hosts.find((h) => h.name === 'primary')?.frozen).toBe(true);
+    expect((await virsh('primary', ['list'], 2_000)).exitCode).not.toBe(0);
+    expect((await sshBetween('backup', 'primary', 3_000)).exitCode).not.toBe(0);
     await thawHost('primary');
-    expect((await sshFrom('backup', hostInfo('primary').ip)).stdout.trim()).toBe('primary');
+    expect((await virsh('primary', ['list'])).exitCode).toBe(0);
+    expect((await sshBetween('backup', 'primary')).stdout.trim()).toBe('primary');
   });
 
-  it('leaves nothing behind when brought down', async () => {
+  it('runs an extra daemon inside a host and reaps it with the host', async () => {
+    const log = path.join(tmp, 'daemon.log');
+    const pid = spawnDaemonIn('witness', ['sh', '-c', 'hostname; exec sleep 1000'], log);
+    await expect.poll(() => fs.existsSync(log) && fs.readFileSync(log, 'utf8').trim(), { timeout: 5_000 }).toBe('witness');
+    expect(fs.readlinkSync(`/proc/${pid}/ns/net`)).toBe(fs.readlinkSync(`/proc/${hostInfo('witness').holderPid}/ns/net`));
+    expect((await labStatus()).hosts.find((h) => h.name === 'witness')?.spawned).toEqual([pid]);
+    await killHost('witness');
+    expect(alive(pid)).toBe(false);
+  });
+
+  it('rebuilds after a crash: a dead host, a cut link', async () => {
+    // witness is dead (previous test) and its netns, veth and stale holder.pid are still there.
+    await cutLink('backup');
+    const result = await labUp();
+    console.log(`lab up after a crash: ${result.durationMs} ms`);
+    expect(result.built).toBe(true);
+    const { hosts } = await labStatus();
+    for (const host of hosts) expect(host, host.name).toMatchObject({ linkUp: true, frozen: false, libvirt: true, ssh: true });
+  });
+
+  it('runs the CLI', async () => {
+    const cli = fileURLToPath(new URL('./cli.ts', import.meta.url));
+    const out = await run({ timeout: 30_000 })`npx tsx ${cli} exec backup -- hostname`;
+    expect(out.stdout.trim()).toBe('backup');
+    expect((await run({ timeout: 30_000 })`npx tsx ${cli} status`).stdout).toMatch(/witness/);
+  });
+
+  it('leaves nothing behind when brought down, and down is idempotent', async () => {
+    const pids = (await Promise.all(LAB_HOSTS.map(daemonPidsOf))).flat().filter((pid): pid is number => pid !== undefined);
+    expect(pids.length).toBeGreaterThanOrEqual(12);
+    const started = performance.now();
     await labDown();
-    expect(labLeftovers()).toEqual([]);
-    const stray = (await $`pgrep -f ${'/var/lib/ftvm-lab/'}`.nothrow()).stdout.trim();
-    expect(stray).toBe('');
-    await labDown(); // idempotent
-    expect(labLeftovers()).toEqual([]);
+    console.log(`lab down: ${Math.round(performance.now() - started)} ms`);
+    expect(await labLeftovers()).toEqual([]);
+    expect(pids.filter(alive)).toEqual([]);
+    const netns = (await run`ip netns list`).stdout;
+    expect(netns).not.toMatch(new RegExp(`^${hostInfo('primary').netns.split('-')[0]}-`, 'm'));
+    expect(fs.readFileSync('/proc/self/mountinfo', 'utf8')).not.toContain('ftvm-lab');
+    expect(fs.existsSync(labSshKey()) && fs.existsSync(labKnownHosts())).toBe(true); // kept for the next up
+    await labDown();
+    expect(await labLeftovers()).toEqual([]);
   });
 });

@@ -1,37 +1,55 @@
 /**
- * The lab: hosts `primary`, `backup` and `witness` on this one machine. Each is a network
- * namespace on the bridge ftvmbr0 plus a mount and UTS namespace (its own /run, /etc/libvirt,
- * /var/lib/libvirt, /var/log) running its own virtlogd, libvirtd and sshd. Up and down are
- * idempotent; down leaves nothing behind. Failures to inject: kill, freeze, cut.
+ * The lab: hosts `primary`, `backup` and `witness` on this one machine, for the integration tests
+ * and the demo. Each is a network namespace on the bridge plus a mount and UTS namespace with its
+ * own /run, /etc/libvirt, /var/lib/libvirt, /var/log, running its own virtlogd, libvirtd and sshd.
+ * Up and down are idempotent; down leaves nothing behind but the SSH keys. Faults to inject:
+ * kill, freeze, cut the link. Needs root.
  */
-import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { $ } from 'zx';
+import { $, type ProcessPromise } from 'zx';
+import { PERSISTENT_DIRS, layoutCurrent, resetRunDir, saveQemuCapabilities, seedQemuCapabilities, writeHostConfig } from './host-config.js';
 import {
-  LAB_BRIDGE,
-  LAB_GATEWAY_IP,
+  daemonPids,
+  holderPid,
+  hostPids,
+  isFrozen,
+  killHostProcesses,
+  libvirtAnswers,
+  setFrozen,
+  spawnDaemon,
+  spawnedDaemons,
+  sshAnswers,
+  startHolder,
+} from './host.js';
+import { ensureKeys } from './keys.js';
+import {
+  bridgeHealthy,
+  createHostNetwork,
+  deleteBridge,
+  deleteHostNetwork,
+  ensureBridge,
+  hostNetworkPresent,
+  linkExists,
+  linkUp,
+  netnsExists,
+  setLink,
+} from './network.js';
+import { allPids, mountsOf } from './procs.js';
+import { sh } from './sh.js';
+import { LAB_BRIDGE, LAB_HOSTS, LAB_STATE_ROOT, labHost, type LabHost, type LabHostName } from './topology.js';
+
+export {
   LAB_HOSTS,
-  LAB_KEYS_ROOT,
-  LAB_STATE_ROOT,
-  LAB_SUBNET_PREFIX,
-  labHost,
   labKnownHosts,
   labRemoteLibvirtUri,
+  labSshConfig,
   labSshKey,
   type LabHost,
   type LabHostName,
 } from './topology.js';
 
-export { LAB_HOSTS, labKnownHosts, labRemoteLibvirtUri, labSshKey, type LabHost, type LabHostName };
-
-$.verbose = false;
-$.quiet = true;
-
-const HOST_INIT = fileURLToPath(new URL('./host-init.sh', import.meta.url));
-const READY_TIMEOUT_MS = 30_000;
+const DEFAULT_UP_TIMEOUT_MS = 60_000;
 
 export interface LabHostInfo extends LabHost {
   /** The namespace holder's pid (`nsenter -t` target), when the host is running. */
@@ -40,292 +58,265 @@ export interface LabHostInfo extends LabHost {
 
 export function hostInfo(name: LabHostName): LabHostInfo {
   const host = labHost(name);
-  return { ...host, holderPid: readHolderPid(host) };
+  return { ...host, holderPid: holderPid(host) };
 }
 
-/** Brings the lab up; a healthy lab is left as it is, a broken or half-built one is rebuilt. */
-export async function labUp(): Promise<void> {
-  if (await labHealthy()) return;
+export interface LabUpOptions {
+  /** For bringing up all three hosts (libvirtd start-up dominates). Default 60 s. */
+  timeoutMs?: number;
+  /** Progress lines (the CLI prints them). */
+  log?: (line: string) => void;
+}
+
+export interface LabUpResult {
+  /** False when the lab was already healthy and left as it was. */
+  built: boolean;
+  durationMs: number;
+}
+
+/**
+ * Brings the lab up. A healthy lab is left as it is (after a health check); one left frozen or
+ * unplugged by an interrupted test is thawed and replugged; anything else (a crash, a killed host,
+ * a half-built lab) is torn down and rebuilt.
+ */
+export async function labUp(options: LabUpOptions = {}): Promise<LabUpResult> {
+  const started = performance.now();
+  const log = options.log ?? (() => undefined);
+  const elapsed = () => Math.round(performance.now() - started);
+  assertRoot();
+  const newKeys = await ensureKeys();
+  if (!newKeys && (await labHealthy())) return { built: false, durationMs: elapsed() };
+  if (!newKeys && (await recoverInterrupted())) {
+    log('thawed/replugged hosts left by an interrupted run');
+    if (await labHealthy()) return { built: false, durationMs: elapsed() };
+  }
+
+  log('tearing down what is left of a previous lab');
   await labDown();
-  await ensureKeys();
-  await $`ip link add ${LAB_BRIDGE} type bridge`;
-  await $`ip addr add ${LAB_GATEWAY_IP}/${LAB_SUBNET_PREFIX} dev ${LAB_BRIDGE}`;
-  await $`ip link set ${LAB_BRIDGE} up`;
-  for (const name of LAB_HOSTS) await createHost(labHost(name));
-  await Promise.all(LAB_HOSTS.map((name) => waitHostReady(labHost(name))));
-}
-
-/** Tears everything down: processes, namespaces, links, state (keys are kept). */
-export async function labDown(): Promise<void> {
+  await ensureBridge();
   for (const name of LAB_HOSTS) {
     const host = labHost(name);
-    await killPids(await hostPids(host), 'SIGKILL');
-    await waitUntil(async () => (await hostPids(host)).length === 0, 10_000, `${name}'s processes to exit`);
-    if (await netnsExists(host.netns)) await $`ip netns del ${host.netns}`;
-    await $`ip link del ${host.vethOutside}`.nothrow();
+    writeHostConfig(host);
+    await createHostNetwork(host); // one at a time: the first `ip netns add` sets up /run/netns
   }
-  await $`ip link del ${LAB_BRIDGE}`.nothrow();
+  log(`bridge and namespaces ready after ${elapsed()} ms; starting virtlogd, libvirtd and sshd on each host`);
+  const timeoutMs = options.timeoutMs ?? DEFAULT_UP_TIMEOUT_MS;
+  const start = async (name: LabHostName) => {
+    await startHolder(labHost(name), timeoutMs);
+    log(`${name} up after ${elapsed()} ms`);
+  };
+  let pending: LabHostName[] = [...LAB_HOSTS];
+  if (!seedQemuCapabilities(labHost('primary'))) {
+    // No cached QEMU probe yet (~8 s): primary makes it once and hands it to the others, rather than
+    // three daemons each probing the same binaries at once.
+    log('no cached QEMU capabilities: primary probes QEMU first (once per machine)');
+    await start('primary');
+    saveQemuCapabilities(labHost('primary'));
+    pending = pending.filter((name) => name !== 'primary');
+  }
+  for (const name of pending) seedQemuCapabilities(labHost(name));
+  await Promise.all(pending.map(start));
+  saveQemuCapabilities(labHost('primary')); // what libvirt kept or refreshed, for next time
+  return { built: true, durationMs: elapsed() };
+}
+
+/** Tears everything down: processes, namespaces, links, state; the SSH keys are kept. */
+export async function labDown(): Promise<void> {
+  assertRoot();
+  await Promise.all(LAB_HOSTS.map((name) => killHostProcesses(labHost(name))));
+  for (const name of LAB_HOSTS) await deleteHostNetwork(labHost(name));
+  await deleteBridge();
+  // Nothing of the lab is mounted in the root namespace; this only mops up after a manual mistake.
+  for (const mount of labMountsInRootNamespace().reverse()) await sh`umount --lazy ${mount}`.nothrow();
   fs.rmSync(LAB_STATE_ROOT, { recursive: true, force: true });
 }
 
 export interface LabHostStatus {
   name: LabHostName;
   ip: string;
-  netns: boolean;
+  /** The network namespace exists and is wired to the bridge with the host's address. */
+  network: boolean;
+  holderPid: number | undefined;
   processes: number;
   frozen: boolean;
   linkUp: boolean;
+  /** libvirtd answers through its socket; sshd sends its banner over the lab link. */
   libvirt: boolean;
   ssh: boolean;
+  daemons: ReturnType<typeof daemonPids>;
+  /** Processes started with spawnDaemonIn that still run. */
+  spawned: number[];
 }
 
-export async function labStatus(): Promise<LabHostStatus[]> {
-  return Promise.all(
-    LAB_HOSTS.map(async (name) => {
-      const host = labHost(name);
-      const pids = await hostPids(host);
-      return {
-        name,
-        ip: host.ip,
-        netns: await netnsExists(host.netns),
-        processes: pids.length,
-        frozen: pids.length > 0 && pids.every((pid) => processState(pid) === 'T'),
-        linkUp: (await $`ip -o link show ${host.vethOutside}`.nothrow()).stdout.includes('state UP'),
-        libvirt: await libvirtAnswers(host),
-        ssh: await tcpOpen(host.ip, 22, 500),
-      };
-    }),
-  );
+export interface LabStatus {
+  bridge: boolean;
+  hosts: LabHostStatus[];
 }
 
-/** Runs a command inside a host (its network, mount and UTS namespaces). */
-export function execIn(name: LabHostName, argv: string[], options: { timeoutMs?: number } = {}) {
-  const pid = requireHolder(name);
-  return $({ timeout: options.timeoutMs ?? 60_000 })`nsenter -t ${pid} -m -n -u -- ${argv}`;
+export async function labStatus(): Promise<LabStatus> {
+  const hosts = await Promise.all(LAB_HOSTS.map((name) => hostStatus(labHost(name))));
+  return { bridge: await bridgeHealthy(), hosts };
 }
 
-/** Starts a long-running process inside a host, detached, output to `logFile`; returns its pid. */
-export function spawnDaemonIn(name: LabHostName, argv: string[], logFile: string): number {
-  const pid = requireHolder(name);
-  const log = fs.openSync(logFile, 'a');
-  const child = spawn('nsenter', ['-t', String(pid), '-m', '-n', '-u', '--', ...argv], {
-    detached: true,
-    stdio: ['ignore', log, log],
-  });
-  fs.closeSync(log);
-  child.unref();
-  if (child.pid === undefined) throw new Error(`could not start ${argv[0]} in ${name}`);
-  return child.pid;
-}
-
-/** SIGKILL every process of a host: its daemons, its VMs, its namespace holder. */
-export async function killHost(name: LabHostName): Promise<void> {
-  const host = labHost(name);
-  await killPids(await hostPids(host), 'SIGKILL');
-  await waitUntil(async () => (await hostPids(host)).length === 0, 10_000, `${name}'s processes to die`);
-}
-
-export async function freezeHost(name: LabHostName): Promise<void> {
-  await killPids(await hostPids(labHost(name)), 'SIGSTOP');
-}
-
-export async function thawHost(name: LabHostName): Promise<void> {
-  await killPids(await hostPids(labHost(name)), 'SIGCONT');
-}
-
-export async function cutLink(name: LabHostName): Promise<void> {
-  await $`ip link set ${labHost(name).vethOutside} down`;
-}
-
-export async function restoreLink(name: LabHostName): Promise<void> {
-  await $`ip link set ${labHost(name).vethOutside} up`;
-}
-
-/** Boots a killed host again: like a reboot, /run starts empty; /etc and /var/lib persist. */
-export async function restartHost(name: LabHostName): Promise<void> {
-  const host = labHost(name);
-  await killHost(name);
-  fs.rmSync(host.runDir, { recursive: true, force: true });
-  fs.mkdirSync(host.runDir, { recursive: true });
-  await startHolder(host);
-  await waitHostReady(host);
-}
-
-// ---------------------------------------------------------------------------------------------
-
-async function createHost(host: LabHost): Promise<void> {
-  for (const dir of ['run', 'lib-libvirt', 'cache-libvirt', 'log']) fs.mkdirSync(path.join(host.stateDir, dir), { recursive: true });
-  prepareLibvirtConfig(host);
-  fs.writeFileSync(path.join(host.stateDir, 'sshd_config'), sshdConfig(host));
-  await $`ip netns add ${host.netns}`;
-  await $`ip link add ${host.vethOutside} type veth peer name eth0 netns ${host.netns}`;
-  await $`ip link set ${host.vethOutside} master ${LAB_BRIDGE} up`;
-  await $`ip -n ${host.netns} addr add ${host.ip}/${LAB_SUBNET_PREFIX} dev eth0`;
-  await $`ip -n ${host.netns} link set eth0 up`;
-  await $`ip -n ${host.netns} link set lo up`;
-  await startHolder(host);
-}
-
-async function startHolder(host: LabHost): Promise<void> {
-  fs.rmSync(path.join(host.stateDir, 'holder.pid'), { force: true });
-  const log = fs.openSync(path.join(host.stateDir, 'holder.log'), 'a');
-  const child = spawn(
-    'ip',
-    ['netns', 'exec', host.netns, 'unshare', '--mount', '--uts', '--propagation', 'private', '--fork', '--',
-      'bash', HOST_INIT, host.name, host.stateDir, LAB_KEYS_ROOT],
-    { detached: true, stdio: ['ignore', log, log] },
-  );
-  fs.closeSync(log);
-  child.unref();
-  await waitUntil(async () => readHolderPid(host) !== undefined, READY_TIMEOUT_MS, `${host.name}'s namespace holder`, () =>
-    fs.readFileSync(path.join(host.stateDir, 'holder.log'), 'utf8').slice(-1500),
-  );
-}
-
-/** The machine's libvirt config, with what a lab host must not do: run as another user, autostart networks. */
-function prepareLibvirtConfig(host: LabHost): void {
-  fs.cpSync('/etc/libvirt', host.libvirtEtcDir, { recursive: true });
-  fs.rmSync(path.join(host.libvirtEtcDir, 'qemu', 'networks', 'autostart'), { recursive: true, force: true });
-  fs.appendFileSync(
-    path.join(host.libvirtEtcDir, 'qemu.conf'),
-    '\n# ftvm lab host\nsecurity_driver = "none"\nuser = "root"\ngroup = "root"\ndynamic_ownership = 0\nremember_owner = 0\n',
-  );
-}
-
-function sshdConfig(host: LabHost): string {
-  return [
-    `ListenAddress ${host.ip}`,
-    'Port 22',
-    `HostKey ${path.join(host.hostKeyDir, 'ssh_host_ed25519_key')}`,
-    `PidFile /run/sshd.pid`,
-    'PermitRootLogin prohibit-password',
-    'PubkeyAuthentication yes',
-    'PasswordAuthentication no',
-    'KbdInteractiveAuthentication no',
-    `AuthorizedKeysFile ${path.join(LAB_KEYS_ROOT, 'authorized_keys')}`,
-    'StrictModes no',
-    'UsePAM no',
-    'UseDNS no',
-    'MaxStartups 50:30:100',
-    'Subsystem sftp internal-sftp',
-    '',
-  ].join('\n');
-}
-
-/** Keys outlive the lab, so host keys pinned by clients stay valid across down/up. */
-async function ensureKeys(): Promise<void> {
-  fs.mkdirSync(LAB_KEYS_ROOT, { recursive: true, mode: 0o700 });
-  if (!fs.existsSync(labSshKey())) await $`ssh-keygen -q -t ed25519 -N ${''} -C ftvm-lab -f ${labSshKey()}`;
-  fs.copyFileSync(`${labSshKey()}.pub`, path.join(LAB_KEYS_ROOT, 'authorized_keys'));
-  const knownHosts: string[] = [];
-  for (const name of LAB_HOSTS) {
-    const host = labHost(name);
-    const key = path.join(host.hostKeyDir, 'ssh_host_ed25519_key');
-    fs.mkdirSync(host.hostKeyDir, { recursive: true, mode: 0o700 });
-    if (!fs.existsSync(key)) await $`ssh-keygen -q -t ed25519 -N ${''} -C ${`ftvm-lab-${name}`} -f ${key}`;
-    const pub = fs.readFileSync(`${key}.pub`, 'utf8').trim().split(/\s+/).slice(0, 2).join(' ');
-    knownHosts.push(`${host.ip} ${pub}`);
-  }
-  fs.writeFileSync(labKnownHosts(), `${knownHosts.join('\n')}\n`);
-}
-
-async function waitHostReady(host: LabHost): Promise<void> {
-  const diagnostics = () => {
-    const holder = path.join(host.stateDir, 'holder.log');
-    return fs.existsSync(holder) ? fs.readFileSync(holder, 'utf8').slice(-1500) : '(no holder log)';
+async function hostStatus(host: LabHost): Promise<LabHostStatus> {
+  const frozen = isFrozen(host);
+  const network = await hostNetworkPresent(host);
+  const up = network && (await linkUp(host));
+  return {
+    name: host.name,
+    ip: host.ip,
+    network,
+    holderPid: holderPid(host),
+    processes: hostPids(host).length,
+    frozen,
+    linkUp: up,
+    // A frozen daemon would only make the probe wait for its timeout.
+    libvirt: !frozen && (await libvirtAnswers(host, 3_000)),
+    ssh: !frozen && up && (await sshAnswers(host)),
+    daemons: daemonPids(host),
+    spawned: spawnedDaemons(host).map((d) => d.pid),
   };
-  await waitUntil(() => libvirtAnswers(host), READY_TIMEOUT_MS, `${host.name}'s libvirtd`, diagnostics);
-  await waitUntil(() => tcpOpen(host.ip, 22, 500), READY_TIMEOUT_MS, `${host.name}'s sshd`, diagnostics);
 }
 
 async function labHealthy(): Promise<boolean> {
-  if (!(await $`ip link show ${LAB_BRIDGE}`.nothrow()).ok) return false;
-  const status = await labStatus();
-  return status.every((h) => h.netns && h.processes > 0 && !h.frozen && h.linkUp && h.libvirt && h.ssh);
+  if (!(await bridgeHealthy())) return false;
+  const { hosts } = await labStatus();
+  // A lab laid out by an older version of this code is rebuilt rather than trusted.
+  const current = LAB_HOSTS.every((name) => layoutCurrent(labHost(name)));
+  return current && hosts.every((h) => h.network && h.holderPid !== undefined && !h.frozen && h.linkUp && h.libvirt && h.ssh);
 }
 
-async function libvirtAnswers(host: LabHost): Promise<boolean> {
-  if (!fs.existsSync(path.join(host.runDir, 'libvirt', 'libvirt-sock'))) return false;
-  return (await $({ timeout: 5_000 })`virsh -c ${host.libvirtUri} version`.nothrow()).ok;
-}
-
-async function netnsExists(netns: string): Promise<boolean> {
-  return (await $`ip netns list`).stdout.split('\n').some((line) => line.split(' ')[0] === netns);
-}
-
-/** Every process whose network namespace is the host's (daemons, VMs, the holder). */
-async function hostPids(host: LabHost): Promise<number[]> {
-  if (!(await netnsExists(host.netns))) return [];
-  const out = (await $`ip netns pids ${host.netns}`.nothrow()).stdout;
-  return out.split('\n').filter(Boolean).map(Number).filter((pid) => pid !== process.pid);
-}
-
-async function killPids(pids: number[], signal: NodeJS.Signals): Promise<void> {
-  for (const pid of pids) {
-    try {
-      process.kill(pid, signal);
-    } catch {
-      // already gone
+/** Thaws frozen hosts and replugs cut links; true if there was anything to do. */
+async function recoverInterrupted(): Promise<boolean> {
+  let changed = false;
+  for (const name of LAB_HOSTS) {
+    const host = labHost(name);
+    if (isFrozen(host)) {
+      await setFrozen(host, false);
+      changed = true;
+    }
+    if ((await linkExists(host.vethOutside)) && !(await linkUp(host))) {
+      await setLink(host, true);
+      changed = true;
     }
   }
+  return changed;
 }
 
-function processState(pid: number): string | undefined {
-  try {
-    return /^State:\s+(\S)/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1];
-  } catch {
-    return undefined;
-  }
+export interface ExecOptions {
+  /** Default 60 s. */
+  timeoutMs?: number;
+  input?: string;
 }
 
-function readHolderPid(host: LabHost): number | undefined {
-  try {
-    const pid = Number(fs.readFileSync(path.join(host.stateDir, 'holder.pid'), 'utf8').trim());
-    return Number.isInteger(pid) && pid > 0 && fs.existsSync(`/proc/${pid}`) ? pid : undefined;
-  } catch {
-    return undefined;
+/**
+ * Runs `argv` inside a host: its network, mount and UTS namespaces (`nsenter -t <holder> -m -n -u`).
+ * A zx ProcessPromise: `await` it for the output (throws on a non-zero exit), or `.nothrow()`.
+ */
+export function execIn(name: LabHostName, argv: string[], options: ExecOptions = {}): ProcessPromise {
+  const run = $({
+    quiet: true,
+    timeout: options.timeoutMs ?? 60_000,
+    ...(options.input !== undefined ? { input: options.input } : {}),
+  });
+  return run`${inHostArgv(name, argv)}`;
+}
+
+/** The command line that runs `argv` inside a host, for spawning it yourself (own stdio, streaming). */
+export function inHostArgv(name: LabHostName, argv: string[]): string[] {
+  return ['nsenter', '-t', String(requireHolder(name)), '-m', '-n', '-u', '--', ...argv];
+}
+
+/**
+ * Starts a long-running process inside a host, detached, stdout and stderr appended to `logFile`
+ * (a root-namespace path); returns its pid. It is recorded, shows in labStatus, and dies with the
+ * host (killHost, labDown); restartHost does not start it again.
+ */
+export function spawnDaemonIn(name: LabHostName, argv: string[], logFile: string): number {
+  requireHolder(name);
+  return spawnDaemon(labHost(name), argv, logFile).pid;
+}
+
+/** SIGKILL every process of the host — daemons, VMs, its namespace holder — as a power cut would. */
+export async function killHost(name: LabHostName): Promise<void> {
+  await killHostProcesses(labHost(name));
+}
+
+/** SIGSTOP every process of the host: it keeps its sockets and address but answers nothing. */
+export async function freezeHost(name: LabHostName): Promise<void> {
+  await setFrozen(labHost(name), true);
+}
+
+export async function thawHost(name: LabHostName): Promise<void> {
+  await setFrozen(labHost(name), false);
+}
+
+/** Unplugs the host: the bridge side of its veth goes down; its processes run on, unreachable. */
+export async function cutLink(name: LabHostName): Promise<void> {
+  await setLink(labHost(name), false);
+}
+
+export async function restoreLink(name: LabHostName): Promise<void> {
+  await setLink(labHost(name), true);
+}
+
+/**
+ * Boots a host again (killing what is left of it first), like a reboot: /run starts empty,
+ * /etc/libvirt, /var/lib/libvirt, /var/log persist; the link stays as it was (cut or not).
+ */
+export async function restartHost(name: LabHostName, options: { timeoutMs?: number } = {}): Promise<void> {
+  assertRoot();
+  const host = labHost(name);
+  await killHostProcesses(host);
+  if (!PERSISTENT_DIRS.every((dir) => fs.existsSync(path.join(host.stateDir, dir)))) writeHostConfig(host);
+  resetRunDir(host);
+  if (!(await hostNetworkPresent(host))) {
+    const wasUp = !(await linkExists(host.vethOutside)) || (await linkUp(host));
+    await deleteHostNetwork(host);
+    await ensureBridge();
+    await createHostNetwork(host);
+    if (!wasUp) await setLink(host, false);
   }
+  await startHolder(host, options.timeoutMs ?? DEFAULT_UP_TIMEOUT_MS);
+}
+
+/** What of the lab is visible in the root namespace; [] after labDown. For tests and `status`. */
+export async function labLeftovers(): Promise<string[]> {
+  const leftovers: string[] = [];
+  for (const name of LAB_HOSTS) {
+    const host = labHost(name);
+    if (await netnsExists(host)) leftovers.push(`netns ${host.netns}`);
+    if (await linkExists(host.vethOutside)) leftovers.push(`veth ${host.vethOutside}`);
+    const pids = hostPids(host);
+    if (pids.length > 0) leftovers.push(`${name} processes ${pids.join(' ')}`);
+  }
+  if (await linkExists(LAB_BRIDGE)) leftovers.push(`bridge ${LAB_BRIDGE}`);
+  for (const mount of labMountsInRootNamespace()) leftovers.push(`mount ${mount}`);
+  const strays = labProcesses();
+  if (strays.length > 0) leftovers.push(`processes with lab mounts ${strays.join(' ')}`);
+  if (fs.existsSync(LAB_STATE_ROOT)) leftovers.push(`dir ${LAB_STATE_ROOT}`);
+  return leftovers;
+}
+
+function labMountsInRootNamespace(): string[] {
+  const netnsPrefix = `/run/netns/${labHost('primary').netns.split('-')[0]}-`;
+  return mountsOf('self')
+    .map((m) => m.mountPoint)
+    .filter((p) => p === LAB_STATE_ROOT || p.startsWith(`${LAB_STATE_ROOT}/`) || p.startsWith(netnsPrefix));
+}
+
+/** Any process, in any namespace, that has something of the lab's state dir mounted. */
+function labProcesses(): number[] {
+  const marker = `/${path.basename(LAB_STATE_ROOT)}/`;
+  return allPids().filter((pid) => pid !== process.pid && mountsOf(pid).some((m) => m.root.includes(marker)));
 }
 
 function requireHolder(name: LabHostName): number {
-  const pid = readHolderPid(labHost(name));
-  if (pid === undefined) throw new Error(`lab host ${name} is not running (no namespace holder); run the lab up or restart it`);
+  const pid = holderPid(labHost(name));
+  if (pid === undefined) throw new Error(`lab host ${name} is not running (no namespace holder): labUp() or restartHost('${name}')`);
   return pid;
 }
 
-function tcpOpen(host: string, port: number, timeoutMs: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const socket = net.connect({ host, port });
-    const done = (ok: boolean) => (socket.destroy(), resolve(ok));
-    socket.setTimeout(timeoutMs, () => done(false));
-    socket.once('connect', () => done(true));
-    socket.once('error', () => done(false));
-  });
-}
-
-async function waitUntil(
-  check: () => Promise<boolean> | boolean,
-  timeoutMs: number,
-  what: string,
-  diagnostics?: () => string,
-): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await check())) {
-    if (Date.now() > deadline) {
-      throw new Error(`lab: timed out after ${timeoutMs} ms waiting for ${what}${diagnostics ? `\n${diagnostics()}` : ''}`);
-    }
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
-
-/** For tests: is any lab leftover visible in the root namespace? */
-export function labLeftovers(): string[] {
-  const leftovers: string[] = [];
-  const netns = spawnSync('ip', ['netns', 'list'], { encoding: 'utf8' }).stdout;
-  for (const line of netns.split('\n')) if (line.startsWith('ftvm-')) leftovers.push(`netns ${line.split(' ')[0]}`);
-  if (spawnSync('ip', ['link', 'show', LAB_BRIDGE]).status === 0) leftovers.push(`bridge ${LAB_BRIDGE}`);
-  const links = spawnSync('ip', ['-o', 'link'], { encoding: 'utf8' }).stdout;
-  for (const name of LAB_HOSTS) if (links.includes(`${labHost(name).vethOutside}@`)) leftovers.push(`veth ${labHost(name).vethOutside}`);
-  if (fs.existsSync(LAB_STATE_ROOT)) leftovers.push(`dir ${LAB_STATE_ROOT}`);
-  return leftovers;
+function assertRoot(): void {
+  if (process.getuid?.() !== 0) throw new Error('the lab needs root (network namespaces, bind mounts, libvirtd)');
 }

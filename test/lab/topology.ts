@@ -1,63 +1,96 @@
+import { createHash } from 'node:crypto';
 import path from 'node:path';
 
 /** The lab's three hosts, their addresses on the lab bridge, and where their state lives. */
 export const LAB_HOSTS = ['primary', 'backup', 'witness'] as const;
 export type LabHostName = (typeof LAB_HOSTS)[number];
 
-export const LAB_BRIDGE = 'ftvmbr0';
+/**
+ * `FTVM_LAB_INSTANCE=2` builds a second, disjoint lab (ftvm2-*, 10.213.2.0/24, /var/lib/ftvm-lab2)
+ * so the lab itself can be developed and tested while another session uses the default one.
+ * Unset, every name is the documented default.
+ */
+const INSTANCE = parseInstance(process.env.FTVM_LAB_INSTANCE);
+const PREFIX = `ftvm${INSTANCE || ''}`;
+const SUBNET = `10.213.${INSTANCE}`;
+
+export const LAB_BRIDGE = `${PREFIX}br0`;
 export const LAB_SUBNET_PREFIX = 24;
 /** The root namespace's own address on the bridge (tests and the demo reach the hosts from it). */
-export const LAB_GATEWAY_IP = '10.213.0.1';
-const HOST_IPS: Record<LabHostName, string> = { primary: '10.213.0.11', backup: '10.213.0.12', witness: '10.213.0.13' };
+export const LAB_GATEWAY_IP = `${SUBNET}.1`;
+const HOST_OCTET: Record<LabHostName, number> = { primary: 11, backup: 12, witness: 13 };
 
 /** Wiped by `down`. */
-export const LAB_STATE_ROOT = '/var/lib/ftvm-lab';
+export const LAB_STATE_ROOT = `/var/lib/ftvm-lab${INSTANCE || ''}`;
 /** Kept across down/up, so pinned host keys and the client key stay valid. */
-export const LAB_KEYS_ROOT = '/var/lib/ftvm-lab-keys';
+export const LAB_KEYS_ROOT = `/var/lib/ftvm-lab${INSTANCE || ''}-keys`;
+/** Kept across down/up, safe to delete: libvirt's QEMU capabilities, probed once instead of per up. */
+export const LAB_CACHE_ROOT = `/var/cache/ftvm-lab${INSTANCE || ''}`;
 
 export interface LabHost {
   name: LabHostName;
   ip: string;
   netns: string;
-  /** The root-namespace end of the host's veth pair (on the lab bridge). */
+  /** The root-namespace end of the host's veth pair (on the lab bridge); the other end is `eth0`. */
   vethOutside: string;
   stateDir: string;
   /** The host's /run, as seen from the root namespace. */
   runDir: string;
-  /** The host's /var/lib/libvirt, /etc/libvirt and /var/log, as seen from the root namespace. */
+  /** The host's /var/lib/libvirt, /etc/libvirt, /var/cache/libvirt and /var/log, as seen from the root namespace. */
   libvirtLibDir: string;
   libvirtEtcDir: string;
+  libvirtCacheDir: string;
   logDir: string;
   /** Reaches this host's own libvirtd from the root namespace (through its bind-mounted /run). */
   libvirtUri: string;
   sshTarget: string;
   hostKeyDir: string;
+  /** libvirt's host UUID: distinct per host, or libvirt would take two lab hosts for one machine. */
+  hostUuid: string;
 }
 
 export function labHost(name: LabHostName): LabHost {
   const stateDir = path.join(LAB_STATE_ROOT, name);
   const runDir = path.join(stateDir, 'run');
+  const ip = hostIp(name);
   return {
     name,
-    ip: HOST_IPS[name],
-    netns: `ftvm-${name}`,
-    vethOutside: `ftvm-${name}0`,
+    ip,
+    netns: `${PREFIX}-${name}`,
+    vethOutside: `${PREFIX}-${name}0`, // ≤ 15 chars: "ftvm2-witness0" is 14
     stateDir,
     runDir,
     libvirtLibDir: path.join(stateDir, 'lib-libvirt'),
     libvirtEtcDir: path.join(stateDir, 'etc-libvirt'),
+    libvirtCacheDir: path.join(stateDir, 'cache-libvirt'),
     logDir: path.join(stateDir, 'log'),
     libvirtUri: `qemu:///system?socket=${path.join(runDir, 'libvirt', 'libvirt-sock')}`,
-    sshTarget: `root@${HOST_IPS[name]}`,
+    sshTarget: `root@${ip}`,
     hostKeyDir: path.join(LAB_KEYS_ROOT, name),
+    hostUuid: stableUuid(`ftvm-lab${INSTANCE}:${name}`),
   };
 }
 
+export const hostIp = (name: LabHostName) => `${SUBNET}.${HOST_OCTET[name]}`;
+
 export const labSshKey = () => path.join(LAB_KEYS_ROOT, 'id_ed25519');
 export const labKnownHosts = () => path.join(LAB_KEYS_ROOT, 'known_hosts');
+/** An ssh_config for the lab (`ssh -F <it> backup`); lab hosts use it as their /etc/ssh/ssh_config. */
+export const labSshConfig = () => path.join(LAB_KEYS_ROOT, 'ssh_config');
 
 /** A libvirt URI for `to`'s libvirtd over SSH (libssh transport: the lab key, the pinned host key). */
 export function labRemoteLibvirtUri(to: LabHostName): string {
-  const keys = LAB_KEYS_ROOT;
-  return `qemu+libssh://root@${HOST_IPS[to]}/system?keyfile=${keys}/id_ed25519&known_hosts=${keys}/known_hosts&sshauth=privkey`;
+  return `qemu+libssh://root@${hostIp(to)}/system?keyfile=${labSshKey()}&known_hosts=${labKnownHosts()}&sshauth=privkey`;
+}
+
+function parseInstance(value: string | undefined): number {
+  if (value === undefined || value === '' || value === '0') return 0;
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 1 || n > 9) throw new Error(`FTVM_LAB_INSTANCE must be 1..9, got ${JSON.stringify(value)}`);
+  return n;
+}
+
+function stableUuid(seed: string): string {
+  const h = createHash('sha256').update(seed).digest('hex');
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-4${h.slice(13, 16)}-8${h.slice(17, 20)}-${h.slice(20, 32)}`;
 }
