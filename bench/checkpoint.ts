@@ -44,6 +44,7 @@ try {
   const pausesMs: number[] = [];
   const durationsMs: number[] = [];
   const bytes: number[] = [];
+  const qemuDowntimesMs: number[] = [];
   let failures = 0;
   for (let epoch = 1; epoch <= CHECKPOINTS; epoch++) {
     const started = performance.now();
@@ -52,6 +53,7 @@ try {
       pausesMs.push(Number(result.resumeNs - result.stopNs) / 1e6);
       durationsMs.push(result.durationMs);
       bytes.push(result.bytes);
+      if (result.qemuDowntimeMs !== undefined) qemuDowntimesMs.push(result.qemuDowntimeMs);
     } catch (error) {
       failures++;
       console.error(`checkpoint ${epoch} failed: ${(error as Error).message}; ${receiver.stderr()}`);
@@ -77,6 +79,7 @@ try {
     guest: { memory_mib: 256, workload_mib_per_s: WORKLOAD_MIBPS, image: vm.image.dir, cmdline: vm.image.cmdline },
     checkpoints: { requested: CHECKPOINTS, committed: pausesMs.length, failed: failures, interval_ms: INTERVAL_MS },
     pause_ms: summarize(pausesMs),
+    qemu_reported_downtime_ms: summarize(qemuDowntimesMs),
     checkpoint_duration_ms: summarize(durationsMs),
     checkpoint_bytes: summarize(bytes),
     checkpoint_mb_per_s: round(checkpointMBps),

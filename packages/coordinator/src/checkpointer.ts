@@ -36,6 +36,8 @@ export interface CheckpointResult {
   durationMs: number;
   /** From `migrate` to the MIGRATION completed event (the stream left QEMU). */
   migrateMs: number;
+  /** QEMU's own account of the stopped phase (query-migrate `downtime`): the rest of the pause is notification and `cont`. */
+  qemuDowntimeMs: number | undefined;
 }
 
 type MigrationStatus = 'setup' | 'active' | 'device' | 'completed' | 'failed' | 'cancelled' | string;
@@ -122,8 +124,17 @@ export class Checkpointer {
         await sending.catch(() => undefined);
         throw new ReplicationError(outcome.reason, epoch, 'migration');
       }
+      const info = await qmp.execute<{ downtime?: number }>('query-migrate').catch(() => ({}) as { downtime?: number });
       const ack = await sending;
-      return { epoch, stopNs: stopNs!, resumeNs: resumeNs!, bytes: ack.bytes, durationMs: performance.now() - started, migrateMs };
+      return {
+        epoch,
+        stopNs: stopNs!,
+        resumeNs: resumeNs!,
+        bytes: ack.bytes,
+        durationMs: performance.now() - started,
+        migrateMs,
+        qemuDowntimeMs: info.downtime,
+      };
     } catch (error) {
       // The primary VM must keep running whatever happened to the backup or the link.
       await qmp.execute('migrate_cancel').catch(() => undefined);
