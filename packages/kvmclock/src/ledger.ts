@@ -1,0 +1,143 @@
+import type { QmpClient, QmpEvent } from '@ftvm/qmp';
+
+/** Why the VM was stopped. */
+export type PauseCause = 'checkpoint' | 'user' | 'migration' | 'failover';
+export type Actuator = 'inplace' | 'stream-rewrite' | 'agent';
+
+export interface Correction {
+  actuator: Actuator;
+  /** How far the guest clock was moved forward (negative: back). */
+  appliedNs: bigint;
+}
+
+/** One stop→resume of the VM, from QEMU's own event stamps. */
+export interface PauseEntry {
+  cause: PauseCause;
+  stopNs: bigint;
+  resumeNs: bigint;
+  pausedNs: bigint;
+  correction?: Correction;
+}
+
+export interface ResidualMeasurement {
+  /** Guest − host offset change since the ledger's reference, as measured (clock probe). */
+  measuredLagNs: bigint;
+  predictedLagNs: bigint;
+  atNs: bigint;
+}
+
+export interface LedgerSummary {
+  vm: string;
+  pauses: number;
+  pausedNs: bigint;
+  correctedNs: bigint;
+  /** What the guest clock should lag real time by: stopped time not given back. */
+  predictedLagNs: bigint;
+  byCause: Record<PauseCause, { pauses: number; pausedNs: bigint }>;
+  lastResidual?: ResidualMeasurement;
+}
+
+/**
+ * The drift ledger of one VM: every pause with its cause and length, every correction applied,
+ * and the residual measured. Its prediction — stopped time minus corrections — is what an
+ * uncorrected guest carries, and what a measurement is compared against.
+ */
+export class DriftLedger {
+  readonly entries: PauseEntry[] = [];
+  readonly residuals: ResidualMeasurement[] = [];
+
+  constructor(readonly vm: string) {}
+
+  recordPause(cause: PauseCause, stopNs: bigint, resumeNs: bigint): PauseEntry {
+    if (resumeNs < stopNs) throw new RangeError(`pause of ${this.vm} resumes (${resumeNs}) before it stops (${stopNs})`);
+    const entry: PauseEntry = { cause, stopNs, resumeNs, pausedNs: resumeNs - stopNs };
+    this.entries.push(entry);
+    return entry;
+  }
+
+  /** Attaches a correction to a pause (the last one by default). */
+  recordCorrection(correction: Correction, entry: PauseEntry | undefined = this.entries.at(-1)): void {
+    if (!entry) throw new Error(`no pause of ${this.vm} to attach a ${correction.actuator} correction to`);
+    entry.correction = correction;
+  }
+
+  recordResidual(measuredLagNs: bigint, atNs: bigint): ResidualMeasurement {
+    const residual = { measuredLagNs, predictedLagNs: this.predictedLagNs, atNs };
+    this.residuals.push(residual);
+    return residual;
+  }
+
+  get pausedNs(): bigint {
+    return this.entries.reduce((sum, e) => sum + e.pausedNs, 0n);
+  }
+
+  get correctedNs(): bigint {
+    return this.entries.reduce((sum, e) => sum + (e.correction?.appliedNs ?? 0n), 0n);
+  }
+
+  get predictedLagNs(): bigint {
+    return this.pausedNs - this.correctedNs;
+  }
+
+  summary(): LedgerSummary {
+    const byCause = Object.fromEntries(
+      (['checkpoint', 'user', 'migration', 'failover'] as const).map((cause) => {
+        const of = this.entries.filter((e) => e.cause === cause);
+        return [cause, { pauses: of.length, pausedNs: of.reduce((s, e) => s + e.pausedNs, 0n) }];
+      }),
+    ) as LedgerSummary['byCause'];
+    const lastResidual = this.residuals.at(-1);
+    return {
+      vm: this.vm,
+      pauses: this.entries.length,
+      pausedNs: this.pausedNs,
+      correctedNs: this.correctedNs,
+      predictedLagNs: this.predictedLagNs,
+      byCause,
+      ...(lastResidual ? { lastResidual } : {}),
+    };
+  }
+}
+
+/**
+ * Feeds a ledger from a VM's QMP events. Whoever stops the VM says why beforehand
+ * (`expect('checkpoint')`); a stop nobody announced is the user's.
+ */
+export class PauseTracker {
+  private stoppedAt: bigint | undefined;
+  private nextCause: PauseCause | undefined;
+  private readonly unsubscribe: () => void;
+  private readonly listeners = new Set<(entry: PauseEntry) => void>();
+
+  constructor(
+    qmp: QmpClient,
+    readonly ledger: DriftLedger,
+  ) {
+    this.unsubscribe = qmp.onEvent((event: QmpEvent) => this.onEvent(event));
+  }
+
+  /** The next stop is for this cause. */
+  expect(cause: PauseCause): void {
+    this.nextCause = cause;
+  }
+
+  onPause(listener: (entry: PauseEntry) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  close(): void {
+    this.unsubscribe();
+  }
+
+  private onEvent(event: QmpEvent): void {
+    if (event.event === 'STOP') {
+      this.stoppedAt = event.timestampNs;
+    } else if (event.event === 'RESUME' && this.stoppedAt !== undefined) {
+      const entry = this.ledger.recordPause(this.nextCause ?? 'user', this.stoppedAt, event.timestampNs);
+      this.stoppedAt = undefined;
+      this.nextCause = undefined;
+      for (const listener of [...this.listeners]) listener(entry);
+    }
+  }
+}

@@ -1,0 +1,85 @@
+import {
+  decodeKvmclockSection,
+  decodeTimerSection,
+  DeviceStateSet,
+  encodedSize,
+  encodeKvmclockSection,
+  encodeRecords,
+  encodeTimerSection,
+  KVMCLOCK_SECTION_NAME,
+  parseMigrationStream,
+  TIMER_SECTION_NAME,
+  type MigrationRecord,
+} from '@ftvm/transport';
+
+/** What a rewrite did to one clock section. */
+export interface ClockSectionAdvance {
+  section: 'timer' | 'kvmclock';
+  deltaNs: bigint;
+  /** TCG only: guest ticks added (Δ × the tick rate measured from the stream). */
+  deltaTicks?: bigint;
+  ticksPerNs?: number;
+}
+
+/**
+ * Moves the guest clock of a stopped VM's device state forward by `deltaNs`, before QEMU loads it.
+ *
+ * - TCG `timer`: while stopped, cpu_ticks_offset and cpu_clock_offset hold the guest's absolute
+ *   tick count and virtual-clock ns; both advance (the guest's TSC follows the ticks, its
+ *   QEMU_CLOCK_VIRTUAL timers follow the ns), ticks scaled by their ratio in this very stream.
+ * - KVM `kvmclock`: `clock` advances; `clock_is_reliable` must stay true, or QEMU recomputes the
+ *   clock from guest memory and ignores the value (hw/i386/kvm/clock.c).
+ */
+export function advanceClockSections(state: DeviceStateSet, deltaNs: bigint): ClockSectionAdvance[] {
+  const done: ClockSectionAdvance[] = [];
+  const timer = state.findSection(TIMER_SECTION_NAME);
+  if (timer) {
+    const before = decodeTimerSection(timer);
+    if (before.cpuClockOffsetNs <= 0n) throw new Error(`timer section holds a non-positive clock (${before.cpuClockOffsetNs} ns): not a stopped VM's state`);
+    const ticksPerNs = Number(before.cpuTicksOffset) / Number(before.cpuClockOffsetNs);
+    const deltaTicks = BigInt(Math.round(Number(deltaNs) * ticksPerNs));
+    state.replaceSectionBody(
+      TIMER_SECTION_NAME,
+      encodeTimerSection({ ...before, cpuTicksOffset: before.cpuTicksOffset + deltaTicks, cpuClockOffsetNs: before.cpuClockOffsetNs + deltaNs }),
+    );
+    done.push({ section: 'timer', deltaNs, deltaTicks, ticksPerNs });
+  }
+  const kvmclock = state.findSection(KVMCLOCK_SECTION_NAME);
+  if (kvmclock) {
+    const before = decodeKvmclockSection(kvmclock);
+    if (before.clockIsReliable === false) {
+      throw new Error('kvmclock section says clock_is_reliable=false: QEMU would ignore a rewritten clock');
+    }
+    state.replaceSectionBody(KVMCLOCK_SECTION_NAME, encodeKvmclockSection({ ...before, clockNs: before.clockNs + deltaNs }));
+    done.push({ section: 'kvmclock', deltaNs });
+  }
+  if (done.length === 0) throw new Error('the stream has neither a TCG timer nor a kvmclock section: nothing to rewrite');
+  return done;
+}
+
+/**
+ * A checkpoint split for a late rewrite: `head` is the stream's bytes up to the device state
+ * (RAM, sent to QEMU at once, as stored), `deviceState` the rest, held back until the clock
+ * delta can be computed as late as possible.
+ */
+export interface SplitCheckpoint {
+  head: Buffer;
+  deviceState: DeviceStateSet;
+  /** Encodes the (rewritten) device-state part: the stream's remaining bytes. */
+  encodeTail(): Buffer;
+}
+
+export function splitCheckpoint(stream: Buffer): SplitCheckpoint {
+  const records = parseMigrationStream(stream);
+  const first = records.findIndex((r) => r.type === 'device-section');
+  if (first < 0) throw new Error('checkpoint has no device state');
+  let headBytes = 0;
+  for (const record of records.slice(0, first)) headBytes += encodedSize(record);
+  const tail: MigrationRecord[] = records.slice(first);
+  const deviceState = new DeviceStateSet(tail);
+  return {
+    head: stream.subarray(0, headBytes),
+    deviceState,
+    encodeTail: () => encodeRecords(deviceState.records),
+  };
+}
