@@ -116,6 +116,11 @@ export class PauseTracker {
     this.unsubscribe = qmp.onEvent((event: QmpEvent) => this.onEvent(event));
   }
 
+  /** QEMU's stamp of the current stop, while the VM is stopped. */
+  get stoppedAtNs(): bigint | undefined {
+    return this.stoppedAt;
+  }
+
   /** The next stop is for this cause. */
   expect(cause: PauseCause): void {
     this.nextCause = cause;
