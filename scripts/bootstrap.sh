@@ -17,6 +17,8 @@ APT_PACKAGES=(
   iproute2 openssh-server openssh-client etcd-server etcd-client procps psmisc
   # the test guest: static busybox + our static clock probe, initramfs tools
   busybox-static qemu-guest-agent gcc libc6-dev cpio gzip zstd kmod
+  # benchmark plots (SVG → PNG)
+  librsvg2-bin fonts-dejavu-core
   # native node modules (@unraid/libvirt, ssh2)
   g++ make python3
 )

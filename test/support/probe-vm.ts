@@ -39,6 +39,8 @@ export interface ProbeVmOptions {
   bootTimeoutMs?: number;
   /** Start paused waiting for a migration stream instead of booting (`-incoming defer`). */
   incoming?: boolean;
+  /** QEMU binary (e.g. ftvm's patched build); libvirt's default otherwise. */
+  emulator?: string;
 }
 
 /**
@@ -66,6 +68,7 @@ export async function startProbeVm(options: ProbeVmOptions): Promise<ProbeVm> {
     serialLog: inside(`${name}.serial.log`),
     ...(options.workloadMiBps ? { workloadMiBps: options.workloadMiBps } : {}),
     ...(options.incoming ? { extraQemuArgs: ['-incoming', 'defer'] } : {}),
+    ...(options.emulator ? { emulator: options.emulator } : {}),
   });
   const virsh = async (...args: string[]) =>
     (await run('virsh', ['-c', host.libvirtUri, ...args], { timeout: 60_000 })).stdout;
