@@ -75,9 +75,14 @@ export async function startProbeVm(options: ProbeVmOptions): Promise<ProbeVm> {
 
   await virsh('destroy', name).catch(() => undefined);
   await virsh('undefine', name).catch(() => undefined);
-  const xmlFile = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'ftvm-domain-')), `${name}.xml`);
-  fs.writeFileSync(xmlFile, xml);
-  await virsh('define', xmlFile);
+  const xmlDir = fs.mkdtempSync(path.join(os.tmpdir(), 'ftvm-domain-'));
+  try {
+    const xmlFile = path.join(xmlDir, `${name}.xml`);
+    fs.writeFileSync(xmlFile, xml);
+    await virsh('define', xmlFile);
+  } finally {
+    fs.rmSync(xmlDir, { recursive: true, force: true });
+  }
   await virsh('start', name, ...(options.incoming ? ['--paused'] : []));
 
   const qmp = await connectWhenReady(outside(`${name}.qmp`), 30_000);
