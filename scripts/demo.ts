@@ -4,8 +4,7 @@
  * clock picked up — measured by the probe and predicted from QEMU's STOP/RESUME events.
  */
 import { labUp, hostInfo } from '../test/lab/lab.js';
-import { clockOffset } from '../test/support/probe-client.js';
-import { PauseRecorder, pauseRepeatedly } from '../test/support/pause-recorder.js';
+import { measurePauseLag } from '../test/support/pause-recorder.js';
 import { startProbeVm } from '../test/support/probe-vm.js';
 
 const ms = (ns: bigint) => (Number(ns) / 1e6).toFixed(2);
@@ -24,19 +23,14 @@ const vm = await startProbeVm({ host: 'primary', name: 'ftvm-demo' });
 console.log(`  probe answered after ${((performance.now() - started) / 1000).toFixed(1)} s; guest clock synced to the host`);
 
 try {
-  const before = await clockOffset(vm.probe, { samples: 32 });
-  console.log(`  guest − host offset: ${ms(before.offsetNs)} ms ± ${ms(before.errorNs)} ms`);
-
   step('stopping the VM 5 × 200 ms, as checkpoints do');
-  const recorder = new PauseRecorder(vm.qmp);
-  await pauseRepeatedly(vm.qmp, { count: 5, pauseMs: 200 });
-  recorder.stop();
-  const after = await clockOffset(vm.probe, { samples: 32 });
-
-  const measured = before.offsetNs - after.offsetNs;
-  const predicted = recorder.totalPausedNs;
+  const { before, after, pauses, measuredLagNs: measured, predictedLagNs: predicted } = await measurePauseLag(vm.qmp, vm.probe, {
+    count: 5,
+    pauseMs: 200,
+  });
+  console.log(`  guest − host offset before: ${ms(before.offsetNs)} ms ± ${ms(before.errorNs)} ms`);
   const error = (Number(measured - predicted) / Number(predicted)) * 100;
-  console.log(`  pauses (QMP STOP→RESUME): ${recorder.pauses.map((p) => ms(p.resumeNs - p.stopNs)).join(', ')} ms`);
+  console.log(`  pauses (QMP STOP→RESUME): ${pauses.map((p) => ms(p.resumeNs - p.stopNs)).join(', ')} ms`);
   console.log(`  guest lag measured by the probe:      ${ms(measured)} ms (± ${ms(before.errorNs + after.errorNs)} ms)`);
   console.log(`  guest lag predicted from QMP events:  ${ms(predicted)} ms (measured − predicted: ${error.toFixed(2)} %)`);
   console.log('\n  Uncorrected, every pause leaves the guest further behind real time. That is what ftvm fixes.');

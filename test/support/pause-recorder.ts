@@ -1,4 +1,5 @@
 import type { QmpClient, QmpEvent } from '@ftvm/qmp';
+import { clockOffset, type ClockOffset, type ProbeTarget } from './probe-client.js';
 
 /** One stretch of time the VM spent stopped, from QEMU's own STOP and RESUME event stamps. */
 export interface RecordedPause {
@@ -52,3 +53,36 @@ export async function pauseRepeatedly(
 }
 
 export const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
+
+export interface PauseLagMeasurement {
+  before: ClockOffset;
+  after: ClockOffset;
+  pauses: RecordedPause[];
+  /** How much further behind the guest is after the pauses, by the probe. */
+  measuredLagNs: bigint;
+  /** The same, predicted from QEMU's STOP/RESUME stamps. */
+  predictedLagNs: bigint;
+}
+
+/** Measures the guest offset, pauses the VM, measures again: the lag the pauses left. */
+export async function measurePauseLag(
+  qmp: QmpClient,
+  probe: ProbeTarget,
+  pauses: { count: number; pauseMs: number },
+): Promise<PauseLagMeasurement> {
+  const before = await clockOffset(probe, { samples: 32 });
+  const recorder = new PauseRecorder(qmp);
+  try {
+    await pauseRepeatedly(qmp, pauses);
+  } finally {
+    recorder.stop();
+  }
+  const after = await clockOffset(probe, { samples: 32 });
+  return {
+    before,
+    after,
+    pauses: recorder.pauses,
+    measuredLagNs: before.offsetNs - after.offsetNs,
+    predictedLagNs: recorder.totalPausedNs,
+  };
+}
