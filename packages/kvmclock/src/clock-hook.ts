@@ -12,9 +12,9 @@ export interface ClockHookOptions {
 }
 
 /**
- * The clock-correction hook of one VM. The checkpointer (or whoever stops the VM) announces the
- * cause and calls `beforeResume()` while the VM is stopped; the hook arms the in-place correction
- * when the policy says so, and after the RESUME records in the ledger what QEMU applied. A QEMU
+ * The clock-correction hook of one VM. Whoever stops the VM calls `arm(cause)` — while the VM is
+ * stopped, right before `cont`, or (with ftvm's QEMU, where a checkpoint resumes by itself) before
+ * the stop; the hook arms the in-place correction for that pause when the policy says so, and after the RESUME records in the ledger what QEMU applied. A QEMU
  * without ftvm's patch is detected once, said once, and the ledger keeps recording the drift.
  */
 export class ClockHook {
@@ -45,8 +45,9 @@ export class ClockHook {
     this.tracker.expect(cause);
   }
 
-  /** Call while the VM is stopped, right before `cont`. */
-  async beforeResume(cause: PauseCause): Promise<void> {
+  /** Announces the pause's cause and arms its correction (while stopped, or before the stop). */
+  async arm(cause: PauseCause): Promise<void> {
+    if (this.tracker.stoppedAtNs === undefined) this.tracker.expect(cause);
     if (!this.policy.compensate.includes(cause)) return;
     if (!this.actuator) {
       if (!this.warnedImpossible) {
