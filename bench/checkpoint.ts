@@ -22,10 +22,13 @@ const INTERVAL_MS = Number(process.env.FTVM_BENCH_INTERVAL_MS ?? 1000);
 const BASELINE_RUNS = Number(process.env.FTVM_BENCH_BASELINE_RUNS ?? 10);
 const WORKLOAD_MIBPS = Number(process.env.FTVM_BENCH_WORKLOAD_MIBPS ?? 4);
 const VM = 'bench-ckpt';
+// Stock QEMU by default; FTVM_BENCH_EMULATOR=<ftvm's patched qemu> measures the self-resuming checkpoint.
+const EMULATOR = process.env.FTVM_BENCH_EMULATOR;
+const RESULT_NAME = process.env.FTVM_BENCH_RESULT ?? 'checkpoint.json';
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 await labUp();
-const vm = await startProbeVm({ host: 'primary', name: VM, memoryMiB: 256, workloadMiBps: WORKLOAD_MIBPS });
+const vm = await startProbeVm({ host: 'primary', name: VM, memoryMiB: 256, workloadMiBps: WORKLOAD_MIBPS, ...(EMULATOR ? { emulator: EMULATOR } : {}) });
 const storeInside = `/var/lib/libvirt/ftvm/${VM}`;
 fs.rmSync(path.join(hostInfo('backup').libvirtLibDir, 'ftvm', VM), { recursive: true, force: true });
 
@@ -76,6 +79,8 @@ try {
 
   const result = {
     ...describeEnvironment(),
+    emulator: EMULATOR ?? 'stock (libvirt default)',
+    self_resuming: checkpointer.selfResuming,
     guest: { memory_mib: 256, workload_mib_per_s: WORKLOAD_MIBPS, image: vm.image.dir, cmdline: vm.image.cmdline },
     checkpoints: { requested: CHECKPOINTS, committed: pausesMs.length, failed: failures, interval_ms: INTERVAL_MS },
     pause_ms: summarize(pausesMs),
@@ -89,7 +94,7 @@ try {
     targets: { pause_ms_p50: 10, pause_ms_p99: 25, throughput_vs_raw_ssh: 0.8 },
   };
   fs.mkdirSync(new URL('./results/', import.meta.url), { recursive: true });
-  fs.writeFileSync(new URL('./results/checkpoint.json', import.meta.url), `${JSON.stringify(result, null, 2)}\n`);
+  fs.writeFileSync(new URL(`./results/${RESULT_NAME}`, import.meta.url), `${JSON.stringify(result, null, 2)}\n`);
   console.log(JSON.stringify(result, null, 2));
 } finally {
   await vm.destroy();

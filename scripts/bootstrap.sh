@@ -50,3 +50,6 @@ pnpm -s build
 
 log "building the test guest (cached by content hash)"
 bash test/guest/build.sh | tail -1
+
+log "building ftvm's patched QEMU (cached by patch hash; ~10 minutes on 2 cores when the patches change)"
+bash packages/kvmclock/qemu/build.sh | tail -1
