@@ -25,6 +25,7 @@ const VM = 'bench-ckpt';
 // Stock QEMU by default; FTVM_BENCH_EMULATOR=<ftvm's patched qemu> measures the self-resuming checkpoint.
 const EMULATOR = process.env.FTVM_BENCH_EMULATOR;
 const RESULT_NAME = process.env.FTVM_BENCH_RESULT ?? 'checkpoint.json';
+const DOWNTIME_LIMIT_MS = process.env.FTVM_BENCH_DOWNTIME_MS === undefined ? undefined : Number(process.env.FTVM_BENCH_DOWNTIME_MS);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 await labUp();
@@ -43,6 +44,7 @@ try {
     qemuSocketPath: vm.paths.migration,
     qemuVersion: (await vm.qmp.execute<{ qemu: { major: number; minor: number; micro: number } }>('query-version')).qemu.major.toString(),
     domainXml: vm.xml,
+    ...(DOWNTIME_LIMIT_MS === undefined ? {} : { downtimeLimitMs: DOWNTIME_LIMIT_MS }),
   });
   const pausesMs: number[] = [];
   const durationsMs: number[] = [];
@@ -81,6 +83,7 @@ try {
     ...describeEnvironment(),
     emulator: EMULATOR ?? 'stock (libvirt default)',
     self_resuming: checkpointer.selfResuming,
+    downtime_limit_ms: DOWNTIME_LIMIT_MS ?? 'default (50)',
     guest: { memory_mib: 256, workload_mib_per_s: WORKLOAD_MIBPS, image: vm.image.dir, cmdline: vm.image.cmdline },
     checkpoints: { requested: CHECKPOINTS, committed: pausesMs.length, failed: failures, interval_ms: INTERVAL_MS },
     pause_ms: summarize(pausesMs),

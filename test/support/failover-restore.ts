@@ -1,12 +1,9 @@
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { DriftLedger, loadWithLateClockRewrite, type LateRewriteResult } from '@ftvm/kvmclock';
+import { checkpointStopInstant, checkpointVirtualClockNs, DriftLedger, loadAndResumeOnTime, realtimeClock } from '@ftvm/kvmclock';
 import { clockOffset } from './probe-client.js';
 import { startProbeVm, type ProbeVm } from './probe-vm.js';
-
-/** Host CLOCK_REALTIME in ns (QEMU's event stamps are on the same clock). */
-export const realtimeNs = () => BigInt(Date.now()) * 1_000_000n + BigInt(Math.round((performance.now() % 1) * 1e6));
 
 /** `migrate` into a unix socket we listen on; returns the stream and QEMU's STOP stamp. */
 export async function checkpointToBuffer(vm: ProbeVm): Promise<{ stream: Buffer; stopNs: bigint }> {
@@ -45,49 +42,47 @@ export interface FailoverRestoreResult {
   offsetMs: number;
   ledgerPredictedLagMs: number;
   probeErrorMs: number;
+  /** How late the resume came against the moment the rewrite aimed at. */
+  resumeLateMs: number;
 }
 
 /**
  * The failover path with the stream rewrite, on stock QEMU: the probe guest on `primary` is
- * checkpointed and dies; `gapMs` later the checkpoint is loaded into a fresh libvirt domain on
- * `backup`, RAM first, the clock sections advanced by the time that passed, device state last,
- * `cont` issued before the load so QEMU resumes the moment loading completes.
+ * checkpointed twice (resumed in between, as the checkpointer does: that resume dates the next
+ * freeze exactly) and dies; `gapMs` later the checkpoint is loaded into a fresh libvirt domain on
+ * `backup`: RAM first, the clock advanced for a scheduled resume, device state last, then `cont`
+ * at the scheduled instant (loadAndResumeOnTime).
  */
-export async function failoverRestoreOffset(options: { name?: string; gapMs?: number; predictedRemainingNs?: bigint } = {}): Promise<FailoverRestoreResult> {
+export async function failoverRestoreOffset(options: { name?: string; gapMs?: number } = {}): Promise<FailoverRestoreResult> {
   const name = options.name ?? 'failover-probe';
   let primary: ProbeVm | undefined = await startProbeVm({ host: 'primary', name });
   let backup: ProbeVm | undefined;
   try {
+    const warmup = await checkpointToBuffer(primary);
+    const resumedPrimary = primary.qmp.waitForEvent('RESUME', { timeoutMs: 10_000 });
+    await primary.qmp.execute('cont');
+    const reference = { resumeNs: (await resumedPrimary).timestampNs, virtualClockNs: checkpointVirtualClockNs(warmup.stream) };
     const before = await clockOffset(primary.probe, { samples: 32 });
-    const { stream, stopNs } = await checkpointToBuffer(primary);
+    const { stream, stopNs: stopEventNs } = await checkpointToBuffer(primary);
+    const stopNs = checkpointStopInstant(stream, { stopEventNs, reference }).stopNs;
     await primary.destroy();
     primary = undefined;
     await new Promise((r) => setTimeout(r, options.gapMs ?? 1500));
 
     backup = await startProbeVm({ host: 'backup', name, incoming: true });
-    const completed = backup.qmp.waitForEvent<{ status: string }>('MIGRATION', {
-      timeoutMs: 60_000,
-      predicate: (e) => e.data.status === 'completed' || e.data.status === 'failed',
-    });
-    const resumed = backup.qmp.waitForEvent('RESUME', { timeoutMs: 60_000 });
     await backup.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
     await backup.qmp.execute('migrate-incoming', { uri: `unix:${backup.paths.run}/${name}.incoming` });
-    await backup.qmp.execute('cont'); // while incoming: autostart the moment the load completes
     const socket = net.connect(path.join(path.dirname(backup.qmpPath), `${name}.incoming`));
     await new Promise((r) => socket.once('connect', r));
-    const remaining = options.predictedRemainingNs ?? 2_000_000n;
-    const load: LateRewriteResult = await loadWithLateClockRewrite(socket, stream, () => realtimeNs() + remaining - stopNs);
-    const outcome = await completed;
-    if (outcome.data.status !== 'completed') throw new Error(`loading the checkpoint on backup ${outcome.data.status}`);
-    const resumeNs = (await resumed).timestampNs;
+    const load = await loadAndResumeOnTime({ qmp: backup.qmp, sink: socket, checkpoint: stream, stopNs, clock: realtimeClock() });
 
     const ledger = new DriftLedger(name);
-    ledger.recordPause('failover', stopNs, resumeNs);
+    ledger.recordPause('failover', stopNs, load.resumeNs);
     ledger.recordCorrection({ actuator: 'stream-rewrite', appliedNs: load.deltaNs });
     const after = await clockOffset(backup.probe, { samples: 32 });
     const r = (ns: bigint) => Math.round(Number(ns) / 1e3) / 1e3;
     return {
-      gapMs: r(resumeNs - stopNs),
+      gapMs: r(load.resumeNs - stopNs),
       deltaMs: r(load.deltaNs),
       deviceStateBytes: load.tailBytes,
       offsetBeforeMs: r(before.offsetNs),
@@ -95,6 +90,7 @@ export async function failoverRestoreOffset(options: { name?: string; gapMs?: nu
       offsetMs: r(after.offsetNs - before.offsetNs),
       ledgerPredictedLagMs: r(ledger.predictedLagNs),
       probeErrorMs: r(before.errorNs + after.errorNs),
+      resumeLateMs: r(load.lateNs),
     };
   } finally {
     await primary?.destroy();

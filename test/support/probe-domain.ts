@@ -48,6 +48,13 @@ export function probeDomainXml(spec: ProbeDomainSpec): string {
     <initrd>${escapeXml(spec.initrd)}</initrd>
     <cmdline>${escapeXml(cmdline)}</cmdline>
   </os>
+  <features>
+    <!-- Without ACPI (libvirt then passes -no-acpi) the guest has no HPET or PM timer to
+         calibrate its TSC against; under host load calibration fails and Linux falls back to
+         counting ticks, a clock no VMM-level correction can move. -->
+    <acpi/>
+    <apic/>
+  </features>
   <clock offset='utc'/>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>destroy</on_reboot>

@@ -1,5 +1,19 @@
 export { DriftLedger, PauseTracker, type PauseCause, type PauseEntry, type Actuator, type Correction, type LedgerSummary, type ResidualMeasurement } from './ledger.js';
-export { loadWithLateClockRewrite, type LateRewriteResult } from './late-rewrite-load.js';
+export {
+  loadWithLateClockRewrite,
+  loadAndResumeOnTime,
+  type LateRewriteResult,
+  type ResumeOnTimeOptions,
+  type ResumeOnTimeResult,
+} from './late-rewrite-load.js';
+export {
+  checkpointStopInstant,
+  checkpointVirtualClockNs,
+  type StopInstant,
+  type StopInstantOptions,
+  type VirtualClockReference,
+} from './stop-instant.js';
+export { realtimeClock, realtimeAnchorNs, type RealtimeClock } from './realtime.js';
 export { advanceClockSections, splitCheckpoint, type ClockSectionAdvance, type SplitCheckpoint } from './stream-rewrite.js';
 export { InPlaceActuator, GuestAgentActuator, COMPENSATE_COMMAND, QUERY_COMPENSATION_COMMAND, type AppliedCompensation } from './actuators.js';
 export { ClockHook, type ClockHookOptions } from './clock-hook.js';

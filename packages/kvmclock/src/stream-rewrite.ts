@@ -26,9 +26,24 @@ export interface ClockSectionAdvance {
  *
  * - TCG `timer`: while stopped, cpu_ticks_offset and cpu_clock_offset hold the guest's absolute
  *   tick count and virtual-clock ns; both advance (the guest's TSC follows the ticks, its
- *   QEMU_CLOCK_VIRTUAL timers follow the ns), ticks scaled by their ratio in this very stream.
+ *   QEMU_CLOCK_VIRTUAL timers and HPET follow the ns), ticks scaled by their ratio in this very
+ *   stream (exact integer arithmetic).
  * - KVM `kvmclock`: `clock` advances; `clock_is_reliable` must stay true, or QEMU recomputes the
  *   clock from guest memory and ignores the value (hw/i386/kvm/clock.c).
+ *
+ * What else carries time, checked (QEMU 7.2, TCG): the `cpu` section's env.tsc and env.tsc_offset
+ * are 0 in every checkpoint (TCG's RDTSC is cpu_get_ticks() + the SVM tsc_offset, and WRMSR to
+ * IA32_TSC is ignored), and the msr_tsc_adjust / msr_tscdeadline subsections are absent: nothing
+ * there pins the TSC. An HPET the guest enabled keeps its offset to the virtual clock (hpet/offset
+ * subsection), so it moves with cpu_clock_offset (a guest on HPET reads it as 32 bits at 100 MHz:
+ * it drops a jump over 21.47 s, see test/guest/README.md). `mc146818rtc` runs on the host clock.
+ * Measured with the probe guest on TSC: advances of 6 s to 1200 s land to within the resume error.
+ *
+ * What no device-state rewrite can do: move a guest whose kernel keeps time by counting ticks
+ * (clocksource `jiffies`/`refined-jiffies`). Ticks that never fired are never counted, so such a
+ * guest loses the whole gap whatever the stream says. Linux falls back to it when it cannot
+ * calibrate the TSC — e.g. a domain without ACPI (no HPET, no PM timer) booted on a busy host,
+ * where PIT calibration fails under TCG. Keep `<features><acpi/>` in the domain.
  */
 export function advanceClockSections(state: DeviceStateSet, deltaNs: bigint): ClockSectionAdvance[] {
   const done: ClockSectionAdvance[] = [];
@@ -36,8 +51,12 @@ export function advanceClockSections(state: DeviceStateSet, deltaNs: bigint): Cl
   if (timer) {
     const before = decodeTimerSection(timer);
     if (before.cpuClockOffsetNs <= 0n) throw new Error(`timer section holds a non-positive clock (${before.cpuClockOffsetNs} ns): not a stopped VM's state`);
+    if (before.cpuTicksOffset <= 0n) throw new Error(`timer section holds a non-positive tick count (${before.cpuTicksOffset}): not a stopped VM's state`);
     const ticksPerNs = Number(before.cpuTicksOffset) / Number(before.cpuClockOffsetNs);
-    const deltaTicks = BigInt(Math.round(Number(deltaNs) * ticksPerNs));
+    // Δ × ticks / ns, rounded to the nearest tick, exactly (no float rounding on 64-bit values).
+    const scaled = deltaNs * before.cpuTicksOffset;
+    const half = before.cpuClockOffsetNs / 2n;
+    const deltaTicks = (scaled >= 0n ? scaled + half : scaled - half) / before.cpuClockOffsetNs;
     state.replaceSectionBody(
       TIMER_SECTION_NAME,
       encodeTimerSection({ ...before, cpuTicksOffset: before.cpuTicksOffset + deltaTicks, cpuClockOffsetNs: before.cpuClockOffsetNs + deltaNs }),
