@@ -171,7 +171,11 @@ export class Checkpointer {
   private async resume(): Promise<void> {
     if (!this.selfResuming) {
       await this.options.beforeResume?.();
-      await this.options.qmp.execute('cont');
+      // QEMU emits `completed` a moment before it finalizes; a `cont` in between is refused
+      // ("Migration is not finalized yet") and ensureRunning retries it.
+      await this.options.qmp.execute('cont').catch((error: Error) => {
+        if (!/not finalized/i.test(error.message)) throw error;
+      });
     }
     await this.ensureRunning();
   }
