@@ -3,6 +3,7 @@
  * CLOCK_REALTIME over UDP, NTP-style, and drives the probe's STEP/SET/WORKLOAD commands.
  * Wire format: test/guest/README.md.
  */
+import { realtimeAnchorNs } from '@ftvm/kvmclock';
 import dgram from 'node:dgram';
 import { randomBytes } from 'node:crypto';
 
@@ -74,36 +75,8 @@ export class ProbeError extends Error {
 
 // ---- host clock --------------------------------------------------------------------------------
 
-/**
- * Node has no CLOCK_REALTIME in nanoseconds: Date.now() is whole milliseconds and hrtime is
- * CLOCK_MONOTONIC. Date.now() is gettimeofday() truncated, so the instant it ticks from N to N+1
- * is exactly realtime (N+1) ms; spinning until it ticks and reading hrtime on both sides of that
- * call pins the realtime−monotonic difference to within one loop iteration (well under 10 µs).
- * The anchor is re-taken for every measurement, so a host clock step or slew is picked up.
- */
-export function realtimeAnchorNs(): bigint {
-  let best: { anchor: bigint; window: bigint } | undefined;
-  for (let attempt = 0; attempt < 5; attempt++) {
-    const start = Date.now();
-    const giveUp = process.hrtime.bigint() + 3_000_000n;
-    let lower = process.hrtime.bigint(); // hrtime before the previous Date.now() call
-    let before = lower;
-    let ms = start;
-    while (ms === start && before < giveUp) {
-      lower = before;
-      before = process.hrtime.bigint();
-      ms = Date.now();
-    }
-    const upper = process.hrtime.bigint();
-    if (ms !== start + 1) continue; // preempted across a whole tick, or the clock stepped: retry
-    // The tick fell between the last two Date.now() calls, i.e. within [lower, upper].
-    const candidate = { anchor: BigInt(ms) * 1_000_000n - (lower + upper) / 2n, window: upper - lower };
-    if (!best || candidate.window < best.window) best = candidate;
-    if (best.window < 20_000n) break;
-  }
-  if (!best) throw new ProbeError('could not anchor host realtime: Date.now() did not tick cleanly');
-  return best.anchor;
-}
+// The realtime anchor is @ftvm/kvmclock's: one implementation of sub-ms host realtime.
+export { realtimeAnchorNs };
 
 /** Host CLOCK_REALTIME in ns from monotonic time and an anchor from realtimeAnchorNs(). */
 export function hostRealtimeNs(anchor = realtimeAnchorNs()): bigint {

@@ -1,10 +1,10 @@
-import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GuestAgentClient } from '@ftvm/qmp';
 import { hostInfo, labUp } from '../../../test/lab/lab.js';
 import { clockOffset } from '../../../test/support/probe-client.js';
+import { checkpointToBuffer } from '../../../test/support/failover-restore.js';
 import { startProbeVm, type ProbeVm } from '../../../test/support/probe-vm.js';
 import { checkpointStopInstant, checkpointVirtualClockNs, DriftLedger, loadAndResumeOnTime, realtimeClock } from '../src/index.js';
 
@@ -24,33 +24,6 @@ afterAll(async () => {
   await primary?.destroy();
   await backup?.destroy();
 });
-
-/** migrate into a unix socket we listen on; returns the stream and QEMU's STOP stamp. */
-async function checkpointToBuffer(vm: ProbeVm): Promise<{ stream: Buffer; stopNs: bigint }> {
-  const sockPath = path.join(path.dirname(vm.qmpPath), `${vm.name}.ckpt`);
-  fs.rmSync(sockPath, { force: true });
-  const chunks: Buffer[] = [];
-  let closed!: () => void;
-  const drained = new Promise<void>((r) => (closed = r));
-  const server = net.createServer((s) => {
-    s.on('data', (c: Buffer) => chunks.push(c));
-    s.on('close', () => closed());
-  });
-  await new Promise<void>((r) => server.listen(sockPath, r));
-  try {
-    await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
-    await vm.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 8 * 1024 ** 3 });
-    const stop = vm.qmp.waitForEvent('STOP', { timeoutMs: 60_000 });
-    const done = vm.qmp.waitForEvent<{ status: string }>('MIGRATION', { timeoutMs: 60_000, predicate: (e) => e.data.status === 'completed' });
-    await vm.qmp.execute('migrate', { uri: `unix:${vm.paths.run}/${vm.name}.ckpt` });
-    const stopNs = (await stop).timestampNs;
-    await done;
-    await Promise.race([drained, new Promise((r) => setTimeout(r, 10_000))]);
-    return { stream: Buffer.concat(chunks), stopNs };
-  } finally {
-    server.close();
-  }
-}
 
 /** The guest kernel's current clocksource, read through the guest agent. */
 async function guestClocksource(vm: ProbeVm): Promise<string> {
