@@ -76,6 +76,6 @@ export class ClockHook {
     this.armedFor = undefined;
     const applied = await this.actuator.lastApplied().catch(() => undefined);
     if (!applied) return;
-    this.options.ledger.recordCorrection({ actuator: 'inplace', appliedNs: applied.appliedNs }, entry);
+    this.options.ledger.recordCorrection({ actuator: 'inplace', appliedNs: applied.appliedNs, frozenNs: applied.stoppedNs }, entry);
   }
 }

@@ -8,6 +8,12 @@ export interface Correction {
   actuator: Actuator;
   /** How far the guest clock was moved forward (negative: back). */
   appliedNs: bigint;
+  /**
+   * How long the guest clock was really frozen, when the VMM measured it (ftvm's QEMU reports it
+   * with each in-place correction). QEMU's STOP stamp comes 0.3–6 ms after the freeze, so this
+   * replaces the event-stamp length of the pause.
+   */
+  frozenNs?: bigint;
 }
 
 /** One stop→resume of the VM, from QEMU's own event stamps. */
@@ -59,6 +65,7 @@ export class DriftLedger {
   recordCorrection(correction: Correction, entry: PauseEntry | undefined = this.entries.at(-1)): void {
     if (!entry) throw new Error(`no pause of ${this.vm} to attach a ${correction.actuator} correction to`);
     entry.correction = correction;
+    if (correction.frozenNs !== undefined) entry.pausedNs = correction.frozenNs;
   }
 
   recordResidual(measuredLagNs: bigint, atNs: bigint): ResidualMeasurement {

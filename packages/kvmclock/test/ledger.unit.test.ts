@@ -20,6 +20,14 @@ describe('DriftLedger', () => {
     expect(ledger.summary().lastResidual).toEqual(residual);
   });
 
+  it('takes the VMM-measured frozen time over the event stamps when a correction reports it', () => {
+    const ledger = new DriftLedger('vm1');
+    ledger.recordPause('checkpoint', 1_000_000n, 6_000_000n); // STOP stamp came late
+    ledger.recordCorrection({ actuator: 'inplace', appliedNs: 5_800_000n, frozenNs: 5_800_000n });
+    expect(ledger.pausedNs).toBe(5_800_000n);
+    expect(ledger.predictedLagNs).toBe(0n);
+  });
+
   it('refuses a pause that resumes before it stops, and a correction without a pause', () => {
     const ledger = new DriftLedger('vm1');
     expect(() => ledger.recordPause('user', 5n, 4n)).toThrow('resumes (4) before it stops (5)');
