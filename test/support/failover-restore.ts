@@ -1,3 +1,4 @@
+import { once } from 'node:events';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
@@ -73,7 +74,7 @@ export async function failoverRestoreOffset(options: { name?: string; gapMs?: nu
     await backup.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
     await backup.qmp.execute('migrate-incoming', { uri: `unix:${backup.paths.run}/${name}.incoming` });
     const socket = net.connect(path.join(path.dirname(backup.qmpPath), `${name}.incoming`));
-    await new Promise((r) => socket.once('connect', r));
+    await once(socket, 'connect', { signal: AbortSignal.timeout(10_000) });
     const load = await loadAndResumeOnTime({ qmp: backup.qmp, sink: socket, checkpoint: stream, stopNs, clock: realtimeClock() });
 
     const ledger = new DriftLedger(name);

@@ -126,7 +126,7 @@ export async function restoreCheckpoint(vm: ProbeVm, checkpointPath: string, tim
   await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
   await vm.qmp.execute('migrate-incoming', { uri: `unix:${vm.paths.run}/${incoming}` });
   const socket = net.connect(path.join(path.dirname(vm.qmpPath), incoming));
-  await pipeline(fs.createReadStream(checkpointPath), socket);
+  await pipeline(fs.createReadStream(checkpointPath), socket, { signal: AbortSignal.timeout(timeoutMs) });
   const outcome = await completed;
   if (outcome.data.status !== 'completed') throw new Error(`loading ${checkpointPath} into ${vm.name} on ${vm.host} failed`);
   const loadMs = performance.now() - started;

@@ -23,14 +23,20 @@ export interface LateRewriteResult {
  * When the guest must come back within a few ms, use `loadAndResumeOnTime`, which schedules the
  * resume instead of predicting it.
  */
-export async function loadWithLateClockRewrite(sink: Writable, checkpoint: Buffer, deltaNs: () => bigint): Promise<LateRewriteResult> {
+export async function loadWithLateClockRewrite(
+  sink: Writable,
+  checkpoint: Buffer,
+  deltaNs: () => bigint,
+  timeoutMs = 60_000,
+): Promise<LateRewriteResult> {
+  const signal = AbortSignal.timeout(timeoutMs); // QEMU may stop reading: never wait forever
   const split = splitCheckpoint(checkpoint);
-  if (!sink.write(split.head)) await once(sink, 'drain');
+  if (!sink.write(split.head)) await once(sink, 'drain', { signal });
   const delta = deltaNs();
   const advances = advanceClockSections(split.deviceState, delta);
   const tail = split.encodeTail();
   sink.end(tail);
-  await once(sink, 'finish');
+  await once(sink, 'finish', { signal });
   return { deltaNs: delta, advances, headBytes: split.head.length, tailBytes: tail.length };
 }
 
@@ -110,7 +116,7 @@ export async function loadAndResumeOnTime(options: ResumeOnTimeOptions): Promise
     predicate: (e) => e.data.status === 'completed' || e.data.status === 'failed',
   });
   loaded.catch(() => undefined); // awaited below; a failed write must not leave it unhandled
-  if (!sink.write(split.head)) await once(sink, 'drain');
+  if (!sink.write(split.head)) await once(sink, 'drain', { signal: AbortSignal.timeout(loadTimeoutMs) });
 
   const rewriteNs = clock();
   const targetNs = rewriteNs + marginNs;

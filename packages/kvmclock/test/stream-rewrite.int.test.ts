@@ -1,3 +1,4 @@
+import { once } from 'node:events';
 import net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -67,7 +68,7 @@ describe('restore-time clock rewrite (failover path, stock QEMU)', () => {
     await backup.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
     await backup.qmp.execute('migrate-incoming', { uri: `unix:${backup.paths.run}/${VM}.incoming` });
     const socket = net.connect(path.join(path.dirname(backup.qmpPath), `${VM}.incoming`));
-    await new Promise((r) => socket.once('connect', r));
+    await once(socket, 'connect', { signal: AbortSignal.timeout(10_000) });
     const clock = realtimeClock();
     const load = await loadAndResumeOnTime({ qmp: backup.qmp, sink: socket, checkpoint: stream, stopNs, clock });
 
