@@ -1,0 +1,107 @@
+/**
+ * What the agent offers its control API (and so the `ftvm` CLI). The agent implements it; the API
+ * server (src/api) serves it over HTTP on a unix socket; the CLI is its client.
+ */
+
+export type VmRole = 'primary' | 'backup' | 'none';
+
+export interface CheckpointSummary {
+  epoch: number;
+  /** Age of the newest committed checkpoint (ms), as this agent knows it. */
+  ageMs: number;
+  bytes: number;
+  /** Guest-visible pause of that checkpoint (QEMU STOP → RESUME). */
+  pauseMs: number;
+}
+
+export interface VmStatus {
+  name: string;
+  /** This host's role for the VM. */
+  role: VmRole;
+  /** libvirt state of the domain on this host ('absent' when it is not defined here). */
+  domainState: string;
+  primaryHost: string | undefined;
+  backupHost: string | undefined;
+  /** Host whose lease holds the VM's owner key in etcd (the one allowed to run it). */
+  leaseHolder: string | undefined;
+  /** protected | degraded (no backup in sync) | unprotected | failing-over | switching-over */
+  phase: string;
+  lastCheckpoint: CheckpointSummary | undefined;
+  /** Guest clock residual the drift ledger predicts (ms; 0 = right; negative = behind). */
+  clockResidualMs: number | undefined;
+}
+
+export interface PeerStatus {
+  name: string;
+  alive: boolean;
+  /** ms since the last heartbeat on each path (undefined: never heard on it). */
+  lastBeatAgeMs: { udp: number | undefined; ssh: number | undefined };
+}
+
+export interface AgentStatus {
+  host: string;
+  /** etcd lease of this agent and whether its keepalives are current. */
+  lease: { id: string | undefined; healthy: boolean; lastRenewAgeMs: number | undefined };
+  peers: PeerStatus[];
+  vms: VmStatus[];
+}
+
+export interface DriftReport {
+  vm: string;
+  /** The drift ledger's pauses, corrections and residuals (kvmclock's DriftLedger.toJSON()). */
+  ledger: unknown;
+  predictedLagMs: number;
+}
+
+/** Progress of a long operation, one step at a time (the CLI renders these with listr2). */
+export type ProgressEvent =
+  | { step: string; state: 'start' }
+  | { step: string; state: 'done'; detail?: string }
+  | { step: string; state: 'fail'; detail: string };
+export type Progress = (event: ProgressEvent) => void;
+
+export interface ProtectRequest {
+  vm: string;
+  /** The host that becomes its backup. */
+  backup: string;
+  checkpointIntervalMs?: number;
+}
+
+export interface SwitchoverResult {
+  vm: string;
+  from: string;
+  to: string;
+  /** Guest-visible downtime: STOP on the old primary → RESUME on the new one. */
+  downtimeMs: number;
+  epoch: number;
+}
+
+export interface CheckpointNowResult {
+  vm: string;
+  epoch: number;
+  bytes: number;
+  pauseMs: number;
+}
+
+/** A control request failed; `status` is the HTTP status the API answers with. */
+export class ControlError extends Error {
+  override name = 'ControlError';
+  constructor(
+    message: string,
+    readonly status: 400 | 404 | 409 | 500 | 503 = 400,
+  ) {
+    super(message);
+  }
+}
+
+export interface AgentControl {
+  status(): Promise<AgentStatus>;
+  protect(request: ProtectRequest, progress: Progress): Promise<VmStatus>;
+  unprotect(vm: string, progress: Progress): Promise<VmStatus>;
+  /** Planned move of the VM to its backup with no loss (the last checkpoint is taken stopped). */
+  switchover(vm: string, progress: Progress): Promise<SwitchoverResult>;
+  /** After a failover: make the old primary (or `backup`) the VM's new backup. */
+  reprotect(vm: string, backup: string | undefined, progress: Progress): Promise<VmStatus>;
+  checkpointNow(vm: string): Promise<CheckpointNowResult>;
+  drift(vm: string): Promise<DriftReport>;
+}
