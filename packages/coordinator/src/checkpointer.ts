@@ -83,8 +83,14 @@ export class Checkpointer {
     return new Checkpointer(options, await MigrationSocket.listen(options.socketPath), selfResuming);
   }
 
-  async checkpoint(epoch: number, sender: ReplicationSender): Promise<CheckpointResult> {
+  /**
+   * Takes one checkpoint and streams it to `sender`. With `leaveStopped` (a planned switchover's
+   * last checkpoint) the VM stays stopped once the stream is out: nothing runs after the state the
+   * backup receives, so the move loses nothing.
+   */
+  async checkpoint(epoch: number, sender: ReplicationSender, options: { leaveStopped?: boolean } = {}): Promise<CheckpointResult> {
     const { qmp, vm } = this.options;
+    const leaveStopped = options.leaveStopped ?? false;
     const timeoutMs = this.options.timeoutMs ?? 60_000;
     const started = performance.now();
     let stopNs: bigint | undefined;
@@ -104,6 +110,11 @@ export class Checkpointer {
         const status = (event.data as { status?: MigrationStatus }).status;
         if (status === 'completed') {
           migrateMs = performance.now() - started;
+          if (leaveStopped) {
+            resumed();
+            settle({ ok: true });
+            return;
+          }
           void this.resume().then(() => settle({ ok: true }), (error: Error) => settle({ ok: false, reason: error.message }));
         } else if (status === 'failed' || status === 'cancelled') {
           void qmp
@@ -121,7 +132,11 @@ export class Checkpointer {
       void qmp.execute('migrate_cancel').catch(() => undefined);
     }, timeoutMs);
     try {
-      await this.options.beforeMigrate?.();
+      if (leaveStopped && this.selfResuming) {
+        await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: SELF_RESUME_CAPABILITY, state: false }] });
+      } else {
+        await this.options.beforeMigrate?.();
+      }
       await qmp.execute('migrate', { uri: `unix:${this.options.qemuSocketPath ?? this.socket.path}` });
       const stream = await connection;
       const sending = sender.send({
@@ -131,7 +146,8 @@ export class Checkpointer {
           const outcome = await migration;
           if (!outcome.ok) throw new Error(outcome.reason);
           await resumedPromise;
-          return { stopNs: String(stopNs), resumeNs: String(resumeNs) };
+          // a checkpoint left stopped has no resume: its "resume" is the stop itself
+          return { stopNs: String(stopNs), resumeNs: String(resumeNs ?? stopNs) };
         },
         ackTimeoutMs: timeoutMs,
       });
@@ -147,7 +163,7 @@ export class Checkpointer {
       return {
         epoch,
         stopNs: stopNs!,
-        resumeNs: resumeNs!,
+        resumeNs: resumeNs ?? stopNs!,
         bytes: ack.bytes,
         durationMs: performance.now() - started,
         migrateMs,
@@ -156,6 +172,9 @@ export class Checkpointer {
     } catch (error) {
       // The primary VM must keep running whatever happened to the backup or the link.
       await qmp.execute('migrate_cancel').catch(() => undefined);
+      if (leaveStopped && this.selfResuming) {
+        await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: SELF_RESUME_CAPABILITY, state: true }] }).catch(() => undefined);
+      }
       await this.ensureRunning();
       throw error;
     } finally {

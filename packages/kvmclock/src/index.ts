@@ -2,6 +2,8 @@ export { DriftLedger, PauseTracker, type PauseCause, type PauseEntry, type Actua
 export {
   loadWithLateClockRewrite,
   loadAndResumeOnTime,
+  resumeOnTime,
+  type OnTimeResume,
   type LateRewriteResult,
   type ResumeOnTimeOptions,
   type ResumeOnTimeResult,

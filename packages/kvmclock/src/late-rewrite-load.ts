@@ -133,6 +133,48 @@ export async function loadAndResumeOnTime(options: ResumeOnTimeOptions): Promise
     throw new Error("the VM was already running when its load completed: autostart was armed (a 'cont' before the load, or no -S); its clock started at an unplanned moment");
   }
 
+  const timing = await resumeOnTime(qmp, targetNs, { clock, ...(options.contLeadNs !== undefined ? { contLeadNs: options.contLeadNs } : {}) });
+  const { qmpRoundTripNs, contSentNs, resumeNs, overrun } = timing;
+  return {
+    deltaNs,
+    advances,
+    headBytes: split.head.length,
+    tailBytes: tail.length,
+    rewriteNs,
+    targetNs,
+    loadedNs: outcome.timestampNs,
+    qmpRoundTripNs,
+    contSentNs,
+    resumeNs,
+    lateNs: resumeNs - targetNs,
+    overrun,
+  };
+}
+
+export interface OnTimeResume {
+  /** Shortest `query-status` round trip measured right before. */
+  qmpRoundTripNs: bigint;
+  /** When `cont` was written to QMP (host realtime). */
+  contSentNs: bigint;
+  /** QEMU's RESUME stamp. */
+  resumeNs: bigint;
+  /** resumeNs − targetNs. */
+  lateNs: bigint;
+  /** It was already past the moment `cont` had to be sent. */
+  overrun: boolean;
+}
+
+/**
+ * Resumes a paused, fully loaded VM so that QEMU's RESUME lands at `targetNs` (host realtime):
+ * measures the QMP round trip, sleeps, spins the last stretch and sends `cont` one round trip early.
+ * The restore paths use it after rewriting the clock for a resume at `targetNs`.
+ */
+export async function resumeOnTime(
+  qmp: Pick<QmpClient, 'execute' | 'waitForEvent'>,
+  targetNs: bigint,
+  options: { clock?: RealtimeClock; contLeadNs?: bigint } = {},
+): Promise<OnTimeResume> {
+  const clock = options.clock ?? realtimeClock();
   // QMP latency to QEMU's vm_start: a command goes reader → main-loop dispatch → handler, which is
   // most of a round trip (the reply is the cheap part). Measured on the lab: with half a
   // `query-status` round trip as lead the resume came 0.6–1.6 ms late, with the whole one 0–0.6 ms
@@ -161,18 +203,5 @@ export async function loadAndResumeOnTime(options: ResumeOnTimeOptions): Promise
   const contSentNs = clock();
   await qmp.execute('cont');
   const resumeNs = (await resumed).timestampNs;
-  return {
-    deltaNs,
-    advances,
-    headBytes: split.head.length,
-    tailBytes: tail.length,
-    rewriteNs,
-    targetNs,
-    loadedNs: outcome.timestampNs,
-    qmpRoundTripNs,
-    contSentNs,
-    resumeNs,
-    lateNs: resumeNs - targetNs,
-    overrun,
-  };
+  return { qmpRoundTripNs, contSentNs, resumeNs, lateNs: resumeNs - targetNs, overrun };
 }

@@ -46,6 +46,7 @@ export {
   type RestoreResult,
   type RestoreTimings,
   type StreamWriter,
+  type ResumeFunction,
 } from './restore.js';
 export { runHook, hookLog, DEFAULT_HOOK_CONFIG, type HookConfig, type HookInvocation, type HookOutcome } from './hook/hook.js';
 export { notify, parseEndpoint, type Endpoint, type HookMessage, type NotifyResult } from './hook/notify.js';

@@ -16,6 +16,9 @@ import { childElement, parseDomainXml, textOf } from './xml/dom.js';
  */
 export type StreamWriter = (socket: net.Socket, checkpoint: string) => Promise<void>;
 
+/** Resumes a restored VM through its QMP; resolves with QEMU's RESUME stamp (ns, host realtime). */
+export type ResumeFunction = (qmp: QmpClient) => Promise<bigint>;
+
 export interface RestoreOptions {
   connection: LibvirtConnection;
   /** FT-ready domain XML for this host (ftvm metadata and QMP socket; makeFtReady). */
@@ -33,9 +36,12 @@ export interface RestoreOptions {
    * - `libvirt` (default): once loaded, resume through libvirt (virDomainResume);
    * - `autostart`: QMP `cont` before the stream goes in, so QEMU resumes the instant the load
    *   completes (the shortest gap; libvirt learns of it from QEMU's RESUME event);
-   * - `paused`: leave it paused.
+   * - `paused`: leave it paused;
+   * - a function: called with ftvm's QMP the moment the load completes (before libvirt's definition
+   *   is tidied up); it resumes the VM itself (e.g. at a scheduled instant) and returns QEMU's
+   *   RESUME stamp.
    */
-  resume?: 'libvirt' | 'autostart' | 'paused';
+  resume?: 'libvirt' | 'autostart' | 'paused' | ResumeFunction;
   /** Destroy and undefine a domain of the same name first. Default false: DomainExistsError. */
   replace?: boolean;
   /** Whole restore, define to running. Default 120 s. */
@@ -168,7 +174,10 @@ export async function restoreFromCheckpoint(options: RestoreOptions): Promise<Re
 
     stage = 'resume';
     let resumedNs: bigint | undefined;
-    if (options.resume === 'autostart') {
+    if (typeof options.resume === 'function') {
+      resumedNs = await options.resume(qmp);
+      await conn.waitForState(name, 'running', { timeoutMs: remaining() });
+    } else if (options.resume === 'autostart') {
       resumedNs = (await resumed!).timestampNs;
       await conn.waitForState(name, 'running', { timeoutMs: remaining() });
     } else if (options.resume !== 'paused') {

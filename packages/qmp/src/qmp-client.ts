@@ -164,6 +164,16 @@ export class QmpClient {
     });
   }
 
+  /** Calls `listener` once when the connection ends, with the reason (at once if it has ended). */
+  onClose(listener: (reason: string) => void): () => void {
+    if (this.closedReason !== undefined) {
+      listener(this.closedReason);
+      return () => undefined;
+    }
+    this.closeWaiters.add(listener);
+    return () => this.closeWaiters.delete(listener);
+  }
+
   /** Closes the socket; outstanding commands fail with QmpConnectionClosedError. */
   async close(): Promise<void> {
     if (this.closedReason === undefined) this.fail(new QmpConnectionClosedError(undefined, 'closed by client'));

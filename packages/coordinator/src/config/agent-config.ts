@@ -87,6 +87,23 @@ export const agentConfigSchema = z
       })
       .strict()
       .default({}),
+    /** The primary's watch on its own QEMU: QMP must answer `query-status` within timeoutMs. */
+    health: z
+      .object({ intervalMs: ms(20, 60_000).default(250), timeoutMs: ms(50, 600_000).default(1_000) })
+      .strict()
+      .default({}),
+    failover: z
+      .object({
+        /**
+         * The restored VM resumes this long after its clock is rewritten: enough to load the device
+         * state (2.5–30 ms measured under TCG); it adds to the failover time, not to the clock error.
+         */
+        resumeMarginMs: ms(5, 5_000).default(60),
+        /** Bound on fencing the old primary through libvirt over SSH (an unreachable one is skipped). */
+        fenceTimeoutMs: ms(50, 60_000).default(500),
+      })
+      .strict()
+      .default({}),
     /** Committed checkpoints, one directory per VM, on whichever host is the backup. */
     storeDir: absolutePath.default('/var/lib/ftvm/checkpoints'),
     /** Sockets of the protected VMs' QEMU (ftvm QMP, migration). */

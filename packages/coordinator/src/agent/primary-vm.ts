@@ -1,0 +1,223 @@
+import path from 'node:path';
+import { ClockHook, DriftLedger } from '@ftvm/kvmclock';
+import { readProtection } from '@ftvm/libvirt';
+import { QmpClient } from '@ftvm/qmp';
+import { openRemoteReceiver, type ReplicationSender, type SshConnection } from '@ftvm/transport';
+import { Checkpointer, type CheckpointResult } from '../checkpointer.js';
+import type { CheckpointSummary } from './control.js';
+import type { Log, MetricsSink } from './types.js';
+import type { VmRecord } from './vm-records.js';
+
+export interface PrimaryVmOptions {
+  record: VmRecord;
+  storeDir: string;
+  /** An SSH connection to a host (the agent's pool; reconnects as needed). */
+  ssh: (host: string) => Promise<SshConnection>;
+  log: Log;
+  metrics: MetricsSink;
+  health: { intervalMs: number; timeoutMs: number };
+  /** The VM stopped answering or died: the agent fences it and gives up ownership. */
+  onFailure: (reason: string) => void;
+  /** A failover's restore hands over its QMP connection and ledger. */
+  qmp?: QmpClient;
+  ledger?: DriftLedger;
+}
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+const nsToMs = (ns: bigint) => Number(ns) / 1e6;
+
+/**
+ * This host runs the VM: keeps an eye on its QEMU (QMP must answer within the health timeout)
+ * and, while the VM is protected, checkpoints it into the backup's store every interval, with the
+ * clock hook correcting each checkpoint's pause in place (ftvm's QEMU).
+ */
+export class PrimaryVm {
+  readonly ledger: DriftLedger;
+  lastCheckpoint: (CheckpointSummary & { at: number }) | undefined;
+  private record: VmRecord;
+  private stopped = false;
+  private loop: Promise<void> | undefined;
+  private wake: (() => void) | undefined;
+  /** One checkpoint at a time (the loop, checkpoint-now, the switchover's last one). */
+  private busy: Promise<unknown> = Promise.resolve();
+  private receiver: { sender: ReplicationSender; host: string } | undefined;
+  private healthTimer: NodeJS.Timeout | undefined;
+  private failed = false;
+
+  private constructor(
+    private readonly options: PrimaryVmOptions,
+    readonly qmp: QmpClient,
+    private readonly hook: ClockHook,
+    private readonly checkpointer: Checkpointer,
+  ) {
+    this.record = options.record;
+    this.ledger = options.ledger ?? new DriftLedger(options.record.name);
+  }
+
+  static async start(options: PrimaryVmOptions): Promise<PrimaryVm> {
+    const protection = readProtection(options.record.xml);
+    if (!protection) throw new Error(`VM '${options.record.name}': its domain XML has no ftvm metadata`);
+    const qmp = options.qmp ?? (await connectQmp(protection.qmpSocket, 30_000));
+    const ledger = options.ledger ?? new DriftLedger(options.record.name);
+    const log = options.log;
+    const hook = await ClockHook.create({ qmp, ledger, log: (message) => log.info({ clock: true }, message) });
+    const version = await qmp.execute<{ qemu: { major: number; minor: number; micro: number } }>('query-version');
+    let vm!: PrimaryVm;
+    const checkpointer = await Checkpointer.create({
+      vm: options.record.name,
+      qmp,
+      socketPath: path.posix.join(protection.runDir, `${options.record.name}.mig`),
+      qemuVersion: `${version.qemu.major}.${version.qemu.minor}.${version.qemu.micro}`,
+      domainXml: options.record.xml,
+      // ftvm's QEMU resumes by itself after a checkpoint: arm the correction before the stop.
+      beforeMigrate: async () => {
+        if (checkpointer.selfResuming) await hook.arm('checkpoint');
+      },
+      beforeResume: async () => hook.arm('checkpoint'),
+      timeoutMs: 30_000,
+    });
+    vm = new PrimaryVm({ ...options, ledger }, qmp, hook, checkpointer);
+    qmp.onClose((reason) => vm.fail(`QMP connection closed: ${reason}`));
+    vm.startHealthChecks();
+    vm.update(options.record);
+    log.info({ selfResuming: checkpointer.selfResuming, inPlaceClock: hook.canCorrectInPlace }, 'running as primary');
+    return vm;
+  }
+
+  get name(): string {
+    return this.record.name;
+  }
+
+  /** A new record (protected or not, backup host): starts or stops the checkpoint loop. */
+  update(record: VmRecord): void {
+    this.record = record;
+    if (record.protected && !this.loop && !this.stopped) this.loop = this.runLoop();
+    this.wake?.();
+  }
+
+  async checkpointNow(): Promise<CheckpointResult> {
+    return this.exclusive(() => this.takeCheckpoint(false));
+  }
+
+  /** The switchover's last checkpoint: the VM stays stopped once the backup has committed it. */
+  async finalCheckpoint(): Promise<CheckpointResult> {
+    this.stopHealthChecks();
+    const result = await this.exclusive(() => this.takeCheckpoint(true));
+    this.stopped = true;
+    this.wake?.();
+    return result;
+  }
+
+  /** Stops the loops and closes the connections; the VM itself is left as it is. */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    this.stopHealthChecks();
+    this.wake?.();
+    await this.loop?.catch(() => undefined);
+    await this.busy.catch(() => undefined);
+    this.receiver?.sender.close();
+    this.receiver = undefined;
+    this.hook.close();
+    await this.checkpointer.close().catch(() => undefined);
+    await this.qmp.close().catch(() => undefined);
+  }
+
+  private async runLoop(): Promise<void> {
+    let backoffMs = 0;
+    while (!this.stopped && this.record.protected) {
+      const began = performance.now();
+      try {
+        await this.exclusive(() => this.takeCheckpoint(false));
+        backoffMs = 0;
+      } catch (error) {
+        if (this.stopped) break;
+        this.options.metrics.checkpointFailed(this.name);
+        this.options.log.warn({ err: (error as Error).message }, 'checkpoint failed');
+        backoffMs = Math.min(2_000, Math.max(100, backoffMs * 2));
+      }
+      const waitMs = Math.max(backoffMs, this.record.checkpointIntervalMs - (performance.now() - began));
+      await new Promise<void>((resolve) => {
+        this.wake = resolve;
+        setTimeout(resolve, waitMs);
+      });
+      this.wake = undefined;
+    }
+    this.loop = undefined;
+  }
+
+  private async takeCheckpoint(leaveStopped: boolean): Promise<CheckpointResult> {
+    if (this.failed) throw new Error('the VM has failed');
+    const sender = await this.openReceiver();
+    const epoch = Date.now();
+    this.hook.expect('checkpoint');
+    try {
+      const result = await this.checkpointer.checkpoint(epoch, sender, { leaveStopped });
+      const pauseMs = nsToMs(result.resumeNs - result.stopNs);
+      this.lastCheckpoint = { epoch, bytes: result.bytes, pauseMs, ageMs: 0, at: Date.now() };
+      this.options.metrics.checkpointCommitted(this.name, { bytes: result.bytes, pauseMs, at: Date.now() });
+      this.options.metrics.clockResidual(this.name, -nsToMs(this.ledger.predictedLagNs));
+      return result;
+    } catch (error) {
+      if (!sender.isOpen) this.receiver = undefined;
+      throw error;
+    }
+  }
+
+  private async openReceiver(): Promise<ReplicationSender> {
+    const backup = this.record.backup;
+    if (this.receiver && this.receiver.host === backup && this.receiver.sender.isOpen) return this.receiver.sender;
+    this.receiver?.sender.close();
+    const ssh = await this.options.ssh(backup);
+    const { sender } = await openRemoteReceiver(ssh, { storeDir: path.posix.join(this.options.storeDir, this.name), keep: this.record.keep });
+    this.receiver = { sender, host: backup };
+    return sender;
+  }
+
+  private exclusive<T>(work: () => Promise<T>): Promise<T> {
+    const run = this.busy.catch(() => undefined).then(work);
+    this.busy = run.catch(() => undefined);
+    return run;
+  }
+
+  private startHealthChecks(): void {
+    const { intervalMs, timeoutMs } = this.options.health;
+    let inFlight = false;
+    this.healthTimer = setInterval(() => {
+      if (inFlight || this.failed) return;
+      inFlight = true;
+      const sent = performance.now();
+      this.qmp
+        .execute<{ status: string }>('query-status', undefined, { timeoutMs })
+        .then((status) => {
+          if (status.status === 'shutdown' || status.status === 'internal-error' || status.status === 'guest-panicked') this.fail(`VM status ${status.status}`);
+        })
+        .catch((error: Error) => this.fail(`QMP did not answer within ${timeoutMs} ms (${Math.round(performance.now() - sent)} ms): ${error.message}`))
+        .finally(() => (inFlight = false));
+    }, intervalMs);
+  }
+
+  private stopHealthChecks(): void {
+    if (this.healthTimer) clearInterval(this.healthTimer);
+    this.healthTimer = undefined;
+  }
+
+  private fail(reason: string): void {
+    if (this.failed || this.stopped) return;
+    this.failed = true;
+    this.stopHealthChecks();
+    this.options.log.error({ reason }, 'VM failed');
+    this.options.onFailure(reason);
+  }
+}
+
+export async function connectQmp(socketPath: string, timeoutMs: number): Promise<QmpClient> {
+  const deadline = performance.now() + timeoutMs;
+  for (;;) {
+    try {
+      return await QmpClient.connect({ path: socketPath }, { connectTimeoutMs: 2_000 });
+    } catch (error) {
+      if (performance.now() > deadline) throw new Error(`no QMP on ${socketPath} within ${timeoutMs} ms: ${(error as Error).message}`);
+      await sleep(50);
+    }
+  }
+}

@@ -1,0 +1,133 @@
+import { once } from 'node:events';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { advanceClockSections, realtimeClock, resumeOnTime, splitCheckpoint, type OnTimeResume } from '@ftvm/kvmclock';
+import { restoreFromCheckpoint, type LibvirtConnection, type RestoreResult } from '@ftvm/libvirt';
+import { CheckpointStore, type CheckpointMetadata } from '@ftvm/transport';
+import type { Log } from './types.js';
+import type { VmRecord } from './vm-records.js';
+
+export interface StagedRestoreOptions {
+  record: VmRecord;
+  conn: LibvirtConnection;
+  storeDir: string;
+  log: Log;
+}
+
+export interface CompletedRestore {
+  epoch: number;
+  restore: RestoreResult;
+  resume: OnTimeResume;
+  /** How far the clock sections were moved forward. */
+  deltaNs: bigint;
+  /** The checkpoint's STOP stamp on the old primary (host realtime, ns). */
+  stopNs: bigint;
+}
+
+export class NoCheckpointError extends Error {
+  override name = 'NoCheckpointError';
+}
+
+/**
+ * A failover restore in two steps. `begin` defines the domain paused, waiting for a migration
+ * stream, and sends it the newest committed checkpoint's RAM while the cluster still waits for
+ * the old primary's lease to expire; `complete` (once this host holds the lease) rewrites the
+ * clock sections for a resume `marginMs` ahead, sends the device state and resumes the VM at that
+ * instant. Until `complete`, nothing runs: the domain is paused in `inmigrate`; `abort` removes it.
+ */
+export class StagedRestore {
+  readonly ready: Promise<void>;
+  private go!: (marginNs: bigint) => void;
+  private cancel!: (error: Error) => void;
+  private targetNs: bigint | undefined;
+  private deltaNs: bigint | undefined;
+  private readonly restoring: Promise<RestoreResult>;
+  private resume: OnTimeResume | undefined;
+
+  private constructor(
+    readonly metadata: CheckpointMetadata,
+    checkpoint: Buffer,
+    private readonly options: StagedRestoreOptions,
+  ) {
+    const clock = realtimeClock();
+    const stopNs = BigInt(metadata.stopNs);
+    const split = splitCheckpoint(checkpoint);
+    const released = new Promise<bigint>((resolve, reject) => {
+      this.go = resolve;
+      this.cancel = reject;
+    });
+    released.catch(() => undefined);
+    let headSent!: () => void;
+    let headFailed!: (error: Error) => void;
+    this.ready = new Promise<void>((resolve, reject) => {
+      headSent = resolve;
+      headFailed = reject;
+    });
+    this.ready.catch(() => undefined);
+
+    this.restoring = restoreFromCheckpoint({
+      connection: options.conn,
+      xml: options.record.xml,
+      checkpoint: '/dev/null', // the writer sends the stream from memory
+      replace: true,
+      timeoutMs: 600_000,
+      log: (line) => options.log.debug(line),
+      writeStream: async (socket) => {
+        try {
+          if (!socket.write(split.head)) await once(socket, 'drain', { signal: AbortSignal.timeout(120_000) });
+          headSent();
+        } catch (error) {
+          headFailed(error as Error);
+          throw error;
+        }
+        const marginNs = await released;
+        this.targetNs = clock() + marginNs;
+        this.deltaNs = this.targetNs - stopNs;
+        if (this.deltaNs <= 0n) throw new Error(`checkpoint ${metadata.epoch} stopped at ${stopNs}, after the resume target: host clocks disagree`);
+        advanceClockSections(split.deviceState, this.deltaNs);
+        socket.end(split.encodeTail());
+      },
+      resume: async (qmp) => {
+        const status = await qmp.execute<{ running: boolean }>('query-status');
+        if (status.running) throw new Error('the restored VM was running before its scheduled resume');
+        this.resume = await resumeOnTime(qmp, this.targetNs!, { clock });
+        return this.resume.resumeNs;
+      },
+    });
+    this.restoring.catch((error: Error) => headFailed(error));
+  }
+
+  /** Picks the newest committed checkpoint that verifies and starts loading it. */
+  static async begin(options: StagedRestoreOptions): Promise<StagedRestore> {
+    const store = await new CheckpointStore(path.posix.join(options.storeDir, options.record.name), options.record.keep).open();
+    const latest = await store.latestVerified((error) => options.log.warn({ err: error.message }, 'skipping a checkpoint that does not verify'));
+    if (!latest) throw new NoCheckpointError(`no committed checkpoint of '${options.record.name}' in ${store.dir}`);
+    const data = await fs.readFile(latest.path);
+    options.log.info({ epoch: latest.metadata.epoch, bytes: data.length }, 'staging restore');
+    return new StagedRestore(latest.metadata, data, options);
+  }
+
+  get epoch(): number {
+    return this.metadata.epoch;
+  }
+
+  /** Sends the rest and resumes the VM `marginMs` after the clock rewrite. */
+  async complete(marginMs: number): Promise<CompletedRestore> {
+    this.go(BigInt(Math.round(marginMs * 1e6)));
+    const restore = await this.restoring;
+    return { epoch: this.epoch, restore, resume: this.resume!, deltaNs: this.deltaNs!, stopNs: BigInt(this.metadata.stopNs) };
+  }
+
+  /** Gives up: the paused domain is destroyed and undefined (restore's own cleanup). */
+  async abort(reason: string): Promise<void> {
+    this.cancel(new Error(`restore aborted: ${reason}`));
+    await this.restoring.then(
+      async (result) => {
+        // it completed after all: this host may not run it
+        await result.qmp.close().catch(() => undefined);
+        await this.options.conn.remove(result.name, { timeoutMs: 15_000 }).catch(() => undefined);
+      },
+      () => undefined,
+    );
+  }
+}
