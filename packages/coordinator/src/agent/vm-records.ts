@@ -21,6 +21,18 @@ export const vmRecordSchema = z.object({
   updatedAt: z.string(),
   /** Why the record last changed (protect, failover, switchover, reprotect, unprotect). */
   reason: z.string(),
+  /** The last move of the VM between hosts, as the host that resumed it measured it. */
+  lastMove: z
+    .object({
+      kind: z.enum(['failover', 'switchover']),
+      from: z.string(),
+      to: z.string(),
+      epoch: z.number(),
+      stopNs: z.string(),
+      resumeNs: z.string(),
+      at: z.string(),
+    })
+    .optional(),
 });
 export type VmRecord = z.infer<typeof vmRecordSchema>;
 
