@@ -370,14 +370,26 @@ export class Agent implements AgentControl {
     await primary.stop();
   }
 
+  /**
+   * Stops this host's running copy for good: QMP `stop` first when QEMU still answers (its STOP
+   * stamp dates the fence), then SIGKILL and libvirt's destroy. Logged as `fenced`.
+   */
+  private async fenceOwn(slot: VmSlot, reason: string, pauseTimeoutMs: number): Promise<void> {
+    slot.fenced = true;
+    slot.phase = 'fenced';
+    const primary = slot.primary;
+    slot.primary = undefined;
+    const stopNs = primary ? await primary.pauseNow(pauseTimeoutMs) : undefined;
+    await fenceLocal(this.conn, slot.name);
+    const killedNs = BigInt(Date.now()) * 1_000_000n;
+    slot.log.warn({ reason, stopNs: stopNs?.toString(), killedNs: killedNs.toString() }, 'fenced');
+    await primary?.stop().catch(() => undefined);
+  }
+
   /** The primary's own VM failed (hung QEMU, crash): stop it for good and hand the VM to the backup. */
   private async onVmFailure(slot: VmSlot, reason: string): Promise<void> {
     slot.log.error({ reason }, 'fencing the failed VM and handing it to the backup');
-    slot.fenced = true;
-    const primary = slot.primary;
-    slot.primary = undefined;
-    await fenceLocal(this.conn, slot.name);
-    await primary?.stop().catch(() => undefined);
+    await this.fenceOwn(slot, reason, 50);
     await this.lease.release(slot.name).catch((error: Error) => slot.log.error({ err: error.message }, 'cannot release the owner key (the lease will expire)'));
     slot.phase = 'fenced';
   }
@@ -388,12 +400,7 @@ export class Agent implements AgentControl {
       this.metrics.leaseHealthy(false);
       this.log.error({ reason }, 'lease not renewed in time: fencing every VM this host runs');
       for (const slot of this.slots.values()) {
-        if (!slot.primary) continue;
-        slot.fenced = true;
-        const primary = slot.primary;
-        slot.primary = undefined;
-        slot.phase = 'fenced';
-        void fenceLocal(this.conn, slot.name).then(() => primary.stop());
+        if (slot.primary) void this.fenceOwn(slot, `lease: ${reason}`, 50);
       }
       void this.renewLease();
     });
@@ -520,6 +527,7 @@ export class Agent implements AgentControl {
       const done = await staged.complete(this.config.failover.resumeMarginMs);
       const resumeMs = nsToMs(done.resume.resumeNs);
       const lastBeatWall = lastBeatAt ? Date.now() - (performance.now() - lastBeatAt) : undefined;
+      const lastBeatNs = lastBeatWall !== undefined ? String(BigInt(Math.round(lastBeatWall * 1e3)) * 1000n) : undefined;
       slot.log.warn(
         {
           kind,
@@ -541,7 +549,7 @@ export class Agent implements AgentControl {
         backup: from,
         protected: kind === 'switchover',
         reason: kind,
-        lastMove: { kind, from, to: self, epoch: done.epoch, stopNs: String(done.stopNs), resumeNs: String(done.resume.resumeNs), at: new Date().toISOString() },
+        lastMove: { kind, from, to: self, epoch: done.epoch, stopNs: String(done.stopNs), resumeNs: String(done.resume.resumeNs), at: new Date().toISOString(), ...(lastBeatNs ? { lastBeatNs } : {}) },
       }));
     } catch (error) {
       slot.log.error({ err: (error as Error).message }, 'take-over failed: releasing the VM');

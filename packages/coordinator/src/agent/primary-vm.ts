@@ -108,6 +108,21 @@ export class PrimaryVm {
     return result;
   }
 
+  /**
+   * Pauses the vCPUs through QMP (bounded: a hung QEMU does not answer) and returns QEMU's STOP
+   * stamp — the fence's proof of when this copy stopped running. The caller kills QEMU after.
+   */
+  async pauseNow(timeoutMs: number): Promise<bigint | undefined> {
+    const stopped = this.qmp.waitForEvent('STOP', { timeoutMs });
+    stopped.catch(() => undefined);
+    try {
+      await this.qmp.execute('stop', undefined, { timeoutMs });
+      return (await stopped).timestampNs;
+    } catch {
+      return undefined;
+    }
+  }
+
   /** Stops the loops and closes the connections; the VM itself is left as it is. */
   async stop(): Promise<void> {
     this.stopped = true;

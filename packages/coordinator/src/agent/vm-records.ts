@@ -31,6 +31,8 @@ export const vmRecordSchema = z.object({
       stopNs: z.string(),
       resumeNs: z.string(),
       at: z.string(),
+      /** The new host's last heartbeat from the old primary (failover; ns, host realtime). */
+      lastBeatNs: z.string().optional(),
     })
     .optional(),
 });
