@@ -1,0 +1,205 @@
+/**
+ * One injected failure of the protected VM's primary host and what the cluster did about it:
+ * failover time (backup's last heartbeat from the primary → QEMU's RESUME on the backup), the
+ * guest−host clock offset before and after, workload continuity, and whether two copies ever ran.
+ */
+import { Etcd3 } from 'etcd3';
+import { cutLink, killHost, labEtcdEndpoint, restoreLink } from '../lab/lab.js';
+import { isAlive } from '../lab/procs.js';
+import { sleep } from '../lab/wait.js';
+import {
+  agentLog,
+  agentLogEntries,
+  clockOffset,
+  controlClient,
+  other,
+  probeOn,
+  qemuPidOf,
+  reviveHost,
+  tail,
+  vmStatus,
+  waitProtectedOn,
+  type AgentHost,
+  type Cluster,
+} from './ft-cluster.js';
+
+export type FaultKind = 'kill' | 'partition' | 'freeze';
+
+export interface FaultRun {
+  kind: FaultKind;
+  from: AgentHost;
+  to: AgentHost;
+  /** Epoch (ms) of the checkpoint the backup resumed. */
+  epoch: number;
+  /** Backup's last heartbeat from the old primary → RESUME on the backup (s). */
+  failoverS: number | undefined;
+  offsetBeforeMs: number;
+  offsetAfterMs: number;
+  /** after − before (target: within 5 ms). */
+  offsetMs: number;
+  probeErrorMs: number;
+  counterAtCheckpointMin: string;
+  counterBeforeFault: string;
+  counterAfter: string;
+  sameBoot: boolean;
+  /** Same boot, counter not behind the last committed checkpoint's, and still counting. */
+  continuityOk: boolean;
+  /** The old copy stopped (STOP stamp, or its kill) before the new one resumed. */
+  oldStoppedFirst: boolean | undefined;
+  oldStopNs: string | undefined;
+  resumeNs: string;
+  /** Two copies were running at the same instant. */
+  doubleActive: boolean;
+  /** freeze: the SIGSTOPped QEMU was dead when SIGCONT came. */
+  frozenNeverRanAgain?: boolean;
+}
+
+interface CounterSample {
+  hostNs: bigint;
+  counter: bigint;
+  bootId: bigint;
+}
+
+const ms = (ns: bigint) => Math.round(Number(ns) / 1e3) / 1e3;
+
+/** Samples the probe's workload counter (and its host receive time) until stopped. */
+function sampleCounter(from: AgentHost): { stop(): Promise<CounterSample[]> } {
+  const samples: CounterSample[] = [];
+  let running = true;
+  const loop = (async () => {
+    while (running) {
+      try {
+        const o = await clockOffset(probeOn(from), { samples: 1, timeoutMs: 200 });
+        samples.push({ hostNs: o.hostRealtimeNs, counter: o.workloadCounter, bootId: o.bootId });
+      } catch {
+        // the fault has begun
+      }
+      await sleep(20);
+    }
+  })();
+  return {
+    async stop() {
+      running = false;
+      await loop;
+      return samples;
+    },
+  };
+}
+
+async function readRecord(vm: string): Promise<{ lastMove?: { epoch: number; stopNs: string; resumeNs: string; lastBeatNs?: string; to: string } }> {
+  const etcd = new Etcd3({ hosts: [labEtcdEndpoint()] });
+  try {
+    const text = await etcd.get(`/ftvm/vms/${vm}/spec`).string();
+    return text ? JSON.parse(text) : {};
+  } finally {
+    etcd.close();
+  }
+}
+
+/** Injects `kind` on the host running the VM, waits for the take-over, measures, and re-protects. */
+export async function runFault(cluster: Cluster, kind: FaultKind, log: (line: string) => void = () => undefined): Promise<FaultRun> {
+  const { vm } = cluster;
+  const from = cluster.primary;
+  const to = other(from);
+  await waitProtectedOn(from, vm, { timeoutMs: 60_000 });
+  // the backup must be hearing the primary before we break it
+  const deadline = performance.now() + 20_000;
+  while (!(await controlClient(to).status()).peers.find((p) => p.name === from)?.alive) {
+    if (performance.now() > deadline) throw new Error(`${to} does not hear ${from}`);
+    await sleep(100);
+  }
+  await sleep(1_500); // a few more checkpoints
+  const before = await clockOffset(probeOn(from), { samples: 16 });
+  const sampler = sampleCounter(from);
+  await sleep(300);
+  const previousMove = (await readRecord(vm)).lastMove?.resumeNs;
+
+  let frozenPid: number | undefined;
+  if (kind === 'kill') await killHost(from);
+  else if (kind === 'partition') await cutLink(from);
+  else {
+    frozenPid = await qemuPidOf(from, vm);
+    if (!frozenPid) throw new Error(`no QEMU of ${vm} on ${from}`);
+    process.kill(frozenPid, 'SIGSTOP');
+  }
+  const faultAt = performance.now();
+  log(`${kind}: ${from} → ${to}`);
+
+  // the backup takes over
+  const takeoverDeadline = performance.now() + 60_000;
+  let record = await readRecord(vm);
+  while (!(record.lastMove && record.lastMove.resumeNs !== previousMove && record.lastMove.to === to)) {
+    if (performance.now() > takeoverDeadline) throw new Error(`${to} did not take ${vm} over within 60 s after ${kind} of ${from}\n${tail(agentLog(to))}`);
+    await sleep(50);
+    record = await readRecord(vm).catch(() => record);
+  }
+  const move = record.lastMove!;
+  const samples = await sampler.stop();
+  const after = await clockOffset(probeOn(to), { samples: 16 });
+  await sleep(300);
+  const later = await clockOffset(probeOn(to), { samples: 1 });
+  log(`${kind}: resumed on ${to} ${Math.round(performance.now() - faultAt)} ms after the fault`);
+
+  // continuity: not behind the last committed checkpoint, same boot, still counting
+  const stopNs = BigInt(move.stopNs);
+  const beforeCheckpoint = samples.filter((s) => s.hostNs < stopNs);
+  const counterAtCheckpointMin = beforeCheckpoint.length ? beforeCheckpoint[beforeCheckpoint.length - 1]!.counter : 0n;
+  const lastBefore = samples.at(-1);
+  const sameBoot = after.bootId === before.bootId;
+  const continuityOk = sameBoot && after.workloadCounter >= counterAtCheckpointMin && later.workloadCounter > after.workloadCounter && beforeCheckpoint.length > 0;
+
+  // safety: when did the old copy stop?
+  const resumeNs = BigInt(move.resumeNs);
+  let oldStopNs: bigint | undefined;
+  let frozenNeverRanAgain: boolean | undefined;
+  if (kind === 'kill') {
+    oldStopNs = BigInt(Math.round((Date.now() - (performance.now() - faultAt)) * 1e6));
+  } else {
+    const fenceDeadline = performance.now() + 10_000;
+    let fenced: Record<string, unknown> | undefined;
+    while (!(fenced = agentLogEntries(from, 'fenced').at(-1)) || BigInt(String(fenced['killedNs'])) < BigInt(Math.round((Date.now() - (performance.now() - faultAt)) * 1e6)) - 5_000_000_000n) {
+      if (performance.now() > fenceDeadline) break;
+      await sleep(100);
+    }
+    if (fenced) oldStopNs = BigInt(String(fenced['stopNs'] ?? fenced['killedNs']));
+    if (kind === 'freeze' && frozenPid) {
+      process.kill(frozenPid, 'SIGCONT');
+      await sleep(500);
+      frozenNeverRanAgain = !isAlive(frozenPid);
+    }
+  }
+  const oldStoppedFirst = oldStopNs === undefined ? undefined : oldStopNs < resumeNs;
+  const oldStillRuns = kind === 'kill' ? false : (await qemuPidOf(from, vm)) !== undefined;
+
+  // recover the old primary and make it the backup
+  if (kind === 'kill') await reviveHost(from, cluster);
+  else if (kind === 'partition') await restoreLink(from);
+  cluster.primary = to;
+  const reprotectAt = Date.now();
+  await controlClient(to).reprotect(vm, from, () => undefined);
+  await waitProtectedOn(to, vm, { timeoutMs: 60_000, committedAfter: reprotectAt });
+  const fromStatus = await vmStatus(from, vm);
+  if (fromStatus?.role === 'primary' || fromStatus?.domainState === 'running') throw new Error(`${from} runs ${vm} again after the fault: ${JSON.stringify(fromStatus)}`);
+
+  return {
+    kind,
+    from,
+    to,
+    epoch: move.epoch,
+    failoverS: move.lastBeatNs ? Math.round(Number(resumeNs - BigInt(move.lastBeatNs)) / 1e6) / 1e3 : undefined,
+    offsetBeforeMs: ms(before.offsetNs),
+    offsetAfterMs: ms(after.offsetNs),
+    offsetMs: ms(after.offsetNs - before.offsetNs),
+    probeErrorMs: ms(before.errorNs + after.errorNs),
+    counterAtCheckpointMin: String(counterAtCheckpointMin),
+    counterBeforeFault: String(lastBefore?.counter ?? 'none'),
+    counterAfter: String(after.workloadCounter),
+    sameBoot,
+    continuityOk,
+    oldStoppedFirst,
+    oldStopNs: oldStopNs?.toString(),
+    resumeNs: move.resumeNs,
+    doubleActive: oldStoppedFirst === false || oldStillRuns,
+    ...(frozenNeverRanAgain !== undefined ? { frozenNeverRanAgain } : {}),
+  };
+}

@@ -1,0 +1,213 @@
+/**
+ * A protected VM in the lab, the way a user runs one: an `ftvm agent` on `primary` and on `backup`
+ * (each a real process inside its host, started from the built CLI), etcd on `witness`, the
+ * probe guest defined FT-ready on `primary` and protected through the control socket. Used by the
+ * failover test and `pnpm bench:failover`.
+ */
+import { execFile } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { ControlClient, type AgentStatus, type VmStatus } from '@ftvm/coordinator';
+import { ftReadyFromSpec } from '@ftvm/libvirt';
+import { stringify as toYaml } from 'yaml';
+import { buildGuest } from '../guest/boot-qemu.js';
+import { hostInfo, labEtcdEndpoint, labKnownHosts, labSshKey, labUp, restartHost, spawnDaemonIn, type LabHostName } from '../lab/lab.js';
+import { isAlive } from '../lab/procs.js';
+import { sleep } from '../lab/wait.js';
+import { clockOffset, syncGuestClock, waitForProbe, type ProbeTarget } from './probe-client.js';
+
+const run = promisify(execFile);
+export const AGENT_HOSTS = ['primary', 'backup'] as const;
+export type AgentHost = (typeof AGENT_HOSTS)[number];
+export const other = (host: AgentHost): AgentHost => (host === 'primary' ? 'backup' : 'primary');
+
+const REPO = path.resolve(new URL('../..', import.meta.url).pathname);
+const CLI = path.join(REPO, 'packages/coordinator/dist/bin/ftvm.js');
+export const CLUSTER_DIR = '/tmp/ftvm-cluster';
+const PROBE_PORT = 5555;
+
+export interface ClusterOptions {
+  vm?: string;
+  emulator?: string;
+  workloadMiBps?: number;
+  checkpointIntervalMs?: number;
+}
+
+export function agentLog(host: AgentHost): string {
+  return path.join(CLUSTER_DIR, `${host}.agent.log`);
+}
+
+export function agentConfigPath(host: AgentHost): string {
+  return path.join(CLUSTER_DIR, `${host}.agent.yaml`);
+}
+
+/** The agent config of a lab host (the same cluster section on both). */
+export function writeAgentConfig(host: AgentHost): string {
+  const hosts = Object.fromEntries(
+    (['primary', 'backup'] as const).map((h) => [h, { address: hostInfo(h).ip, libvirtUri: 'qemu:///system' }]),
+  );
+  const config = {
+    host,
+    hosts,
+    ssh: { privateKey: labSshKey(), knownHosts: labKnownHosts(), connectTimeoutMs: 500 },
+    etcd: { endpoints: [labEtcdEndpoint()], prefix: '/ftvm', leaseTtlSeconds: 1, keepaliveIntervalMs: 100, requestTimeoutMs: 400 },
+    heartbeat: { port: 7410, intervalMs: 50, timeoutMs: 300 },
+    control: { socket: '/run/ftvm/agent.sock', metrics: { address: hostInfo(host).ip, port: 9464 } },
+    storeDir: '/var/lib/libvirt/ftvm/checkpoints',
+    runDir: '/run/ftvm',
+    log: { level: 'info', file: agentLog(host) },
+  };
+  fs.mkdirSync(CLUSTER_DIR, { recursive: true });
+  fs.writeFileSync(agentConfigPath(host), toYaml(config));
+  return agentConfigPath(host);
+}
+
+/** Starts `ftvm agent` inside a lab host (a daemon of that host: kill/freeze/cut reach it). */
+export async function startAgent(host: AgentHost): Promise<number> {
+  const config = writeAgentConfig(host);
+  const pid = spawnDaemonIn(host, [process.execPath, CLI, 'agent', '--config', config], path.join(CLUSTER_DIR, `${host}.agent.out`));
+  const client = controlClient(host);
+  const deadline = performance.now() + 30_000;
+  for (;;) {
+    try {
+      await client.status();
+      return pid;
+    } catch (error) {
+      if (!isAlive(pid)) throw new Error(`ftvm agent on ${host} exited:\n${tail(path.join(CLUSTER_DIR, `${host}.agent.out`))}\n${tail(agentLog(host))}`);
+      if (performance.now() > deadline) throw new Error(`ftvm agent on ${host} does not answer: ${(error as Error).message}`);
+      await sleep(100);
+    }
+  }
+}
+
+export function controlClient(host: AgentHost): ControlClient {
+  return new ControlClient({ socketPath: path.join(hostInfo(host).runDir, 'ftvm', 'agent.sock') });
+}
+
+export function tail(file: string, bytes = 3000): string {
+  try {
+    const text = fs.readFileSync(file, 'utf8');
+    return text.slice(-bytes);
+  } catch {
+    return `(no ${file})`;
+  }
+}
+
+export const probeOn = (host: AgentHost): ProbeTarget => ({ host: hostInfo(host).ip, port: PROBE_PORT });
+
+const virsh = (host: LabHostName, ...args: string[]) => run('virsh', ['-c', hostInfo(host).libvirtUri, ...args], { timeout: 60_000 }).then((r) => r.stdout);
+
+/** FT-ready XML of the probe guest (probe port forwarded on every address, so it follows the VM). */
+export async function probeVmXml(options: ClusterOptions = {}): Promise<{ name: string; xml: string }> {
+  const name = options.vm ?? 'ft-probe';
+  const image = await buildGuest();
+  const yaml = `
+name: ${name}
+type: qemu
+memoryMiB: 256
+boot:
+  kernel: ${image.kernel}
+  initrd: ${image.initrd}
+  cmdline: "${image.cmdline}"
+serialLog: /run/ftvm/${name}.serial.log
+ftvm:
+  peer: { host: backup }
+  checkpointIntervalMs: ${options.checkpointIntervalMs ?? 1000}
+probe:
+  listen: { address: 0.0.0.0, port: ${PROBE_PORT} }
+${options.workloadMiBps ? `  workloadMiBps: ${options.workloadMiBps}\n` : ''}`;
+  const ready = ftReadyFromSpec(yaml, options.emulator ? { emulator: { path: options.emulator, require: true } } : {});
+  return { name, xml: ready.xml };
+}
+
+export interface Cluster {
+  vm: string;
+  /** Where the VM runs now. */
+  primary: AgentHost;
+  agentPids: Record<AgentHost, number>;
+}
+
+/**
+ * Lab up, the two agents, the probe guest booted on `primary` and protected with `backup` as its
+ * backup (waits for the first committed checkpoint).
+ */
+export async function startCluster(options: ClusterOptions = {}): Promise<Cluster> {
+  await labUp();
+  fs.rmSync(CLUSTER_DIR, { recursive: true, force: true });
+  fs.mkdirSync(CLUSTER_DIR, { recursive: true });
+  const { name, xml } = await probeVmXml(options);
+  for (const host of AGENT_HOSTS) {
+    await virsh(host, 'destroy', name).catch(() => undefined);
+    await virsh(host, 'undefine', name).catch(() => undefined);
+    fs.rmSync(path.join(hostInfo(host).libvirtLibDir, 'ftvm', 'checkpoints', name), { recursive: true, force: true });
+    fs.mkdirSync(path.join(hostInfo(host).runDir, 'ftvm'), { recursive: true });
+  }
+  const xmlFile = path.join(CLUSTER_DIR, `${name}.xml`);
+  fs.writeFileSync(xmlFile, xml);
+  await virsh('primary', 'define', xmlFile);
+  await virsh('primary', 'start', name);
+  await waitForProbe(probeOn('primary'), 60_000);
+  await syncGuestClock(probeOn('primary'));
+  const agentPids = { primary: await startAgent('primary'), backup: await startAgent('backup') };
+  await controlClient('primary').protect({ vm: name, backup: 'backup', checkpointIntervalMs: options.checkpointIntervalMs ?? 1000 }, () => undefined);
+  return { vm: name, primary: 'primary', agentPids };
+}
+
+export async function vmStatus(host: AgentHost, vm: string): Promise<VmStatus | undefined> {
+  const status: AgentStatus = await controlClient(host).status();
+  return status.vms.find((v) => v.name === vm);
+}
+
+/** Waits until `host`'s agent runs the VM as primary, protected, with a checkpoint newer than `after`. */
+export async function waitProtectedOn(host: AgentHost, vm: string, options: { timeoutMs?: number; committedAfter?: number } = {}): Promise<VmStatus> {
+  const deadline = performance.now() + (options.timeoutMs ?? 60_000);
+  let last: VmStatus | undefined;
+  for (;;) {
+    last = await vmStatus(host, vm).catch(() => undefined);
+    if (last?.role === 'primary' && last.phase === 'protected' && last.lastCheckpoint && last.lastCheckpoint.epoch > (options.committedAfter ?? 0)) return last;
+    if (performance.now() > deadline) throw new Error(`${vm} is not protected on ${host} in time; last status ${JSON.stringify(last)}\n${tail(agentLog(host))}`);
+    await sleep(100);
+  }
+}
+
+/** Brings a killed host back: its daemons, then its agent. */
+export async function reviveHost(host: AgentHost, cluster: Cluster): Promise<void> {
+  await restartHost(host);
+  fs.mkdirSync(path.join(hostInfo(host).runDir, 'ftvm'), { recursive: true });
+  cluster.agentPids[host] = await startAgent(host);
+}
+
+/** JSON lines of an agent's log with `msg` equal to `message`. */
+export function agentLogEntries(host: AgentHost, message: string): Record<string, unknown>[] {
+  if (!fs.existsSync(agentLog(host))) return [];
+  return fs
+    .readFileSync(agentLog(host), 'utf8')
+    .split('\n')
+    .filter((l) => l.includes(`"msg":"${message}"`))
+    .map((l) => JSON.parse(l) as Record<string, unknown>);
+}
+
+export async function qemuPidOf(host: AgentHost, vm: string): Promise<number | undefined> {
+  try {
+    const pid = Number(fs.readFileSync(path.join(hostInfo(host).runDir, 'libvirt', 'qemu', `${vm}.pid`), 'utf8').trim());
+    return Number.isInteger(pid) && pid > 1 && isAlive(pid) ? pid : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+export async function stopCluster(cluster: Cluster | undefined): Promise<void> {
+  if (!cluster) return;
+  for (const host of AGENT_HOSTS) {
+    const pid = cluster.agentPids[host];
+    if (pid && isAlive(pid)) process.kill(pid, 'SIGTERM');
+  }
+  await sleep(500);
+  for (const host of AGENT_HOSTS) {
+    await virsh(host, 'destroy', cluster.vm).catch(() => undefined);
+    await virsh(host, 'undefine', cluster.vm).catch(() => undefined);
+  }
+}
+
+export { clockOffset };
