@@ -55,6 +55,7 @@ const nsToMs = (ns: bigint) => Number(ns) / 1e6;
 export class Agent implements AgentControl {
   private readonly slots = new Map<string, VmSlot>();
   private readonly ssh: SshPool;
+  private sshKeeper: NodeJS.Timeout | undefined;
   private closed = false;
   private unwatchRecords: (() => Promise<void>) | undefined;
 
@@ -65,7 +66,7 @@ export class Agent implements AgentControl {
     private readonly conn: LibvirtConnection,
     private readonly etcd: Etcd3,
     private readonly records: VmRecords,
-    private lease: HostLease,
+    private readonly lease: HostLease,
     private readonly heartbeat: HeartbeatService,
   ) {
     this.ssh = new SshPool(config);
@@ -85,7 +86,7 @@ export class Agent implements AgentControl {
       intervalMs: config.heartbeat.intervalMs,
       timeoutMs: config.heartbeat.timeoutMs,
       payload: () => agent?.heartbeatPayload() ?? {},
-      log: (level, message, fields) => log[level === 'error' ? 'error' : level === 'warn' ? 'warn' : 'debug']({ ...fields }, message),
+      log: (level, message, fields) => log[level]({ ...fields }, message),
     });
     agent = new Agent(config, log, metrics, conn, etcd, records, lease, heartbeat);
     await agent.init();
@@ -94,6 +95,10 @@ export class Agent implements AgentControl {
 
   private async init(): Promise<void> {
     this.watchLease(this.lease);
+    // keep an SSH connection to every peer: the second heartbeat path and the fencing route
+    this.sshKeeper = setInterval(() => {
+      for (const host of this.peerHosts()) if (!this.ssh.current(host)) void this.ssh.get(host).catch(() => undefined);
+    }, 1_000);
     this.heartbeat.onPeerDown((peer) => {
       this.metrics.peerAlive(peer, false);
       this.log.warn({ peer }, 'peer down (no heartbeat on either path)');
@@ -122,8 +127,7 @@ export class Agent implements AgentControl {
 
   async status(): Promise<AgentStatus> {
     const now = performance.now();
-    const peers = new Set<string>();
-    for (const slot of this.slots.values()) for (const h of [slot.record?.primary, slot.record?.backup]) if (h && h !== this.config.host) peers.add(h);
+    const peers = this.peerHosts();
     const vms: VmStatus[] = [];
     for (const slot of this.slots.values()) vms.push(await this.vmStatus(slot));
     const last = this.lease.lastRenewedAt;
@@ -244,6 +248,7 @@ export class Agent implements AgentControl {
 
   async stop(): Promise<void> {
     this.closed = true;
+    clearInterval(this.sshKeeper);
     await this.unwatchRecords?.().catch(() => undefined);
     for (const slot of this.slots.values()) {
       await slot.unwatchOwner?.().catch(() => undefined);
@@ -278,6 +283,14 @@ export class Agent implements AgentControl {
         .catch((error: Error) => s.log.error({ err: error.message }, 'cannot watch the owner key'));
     }
     slot.record = record;
+    if (record) {
+      for (const host of [record.primary, record.backup]) {
+        if (host === this.config.host || !this.config.hosts[host]) continue;
+        this.heartbeat.addPeer({ name: host, address: this.config.hosts[host]!.address, port: this.config.heartbeat.port, ssh: () => this.ssh.current(host) });
+        // the SSH path needs a connection even on a host that sends no checkpoints
+        void this.ssh.get(host).catch(() => undefined);
+      }
+    }
     this.reconcileSoon(slot);
   }
 
@@ -411,33 +424,22 @@ export class Agent implements AgentControl {
   }
 
   private renewing = false;
+  /** After a fence: a fresh lease once etcd answers again (the owner watches stay on). */
   private async renewLease(): Promise<void> {
     if (this.renewing || this.closed) return;
     this.renewing = true;
     try {
-      const old = this.lease;
-      for (let attempt = 0; !this.closed; attempt++) {
+      for (let attempt = 0; !this.closed && this.lease.state !== 'held'; attempt++) {
         try {
-          const lease = await openLease(this.config, this.log);
-          this.lease = lease;
-          this.watchLease(lease);
-          for (const slot of this.slots.values()) {
-            await slot.unwatchOwner?.().catch(() => undefined);
-            slot.unwatchOwner = await lease.watchOwner(slot.name, (owner) => {
-              slot.owner = owner;
-              this.reconcileSoon(slot);
-            });
-            this.reconcileSoon(slot);
-          }
+          const id = await this.lease.renew();
           this.metrics.leaseHealthy(true);
-          this.log.info({ lease: lease.id }, 'new lease granted');
-          break;
+          this.log.info({ lease: id }, 'new lease granted');
+          for (const slot of this.slots.values()) this.reconcileSoon(slot);
         } catch (error) {
-          if (attempt % 10 === 0) this.log.warn({ err: (error as Error).message }, 'cannot get a new lease yet');
+          if (attempt % 20 === 0) this.log.warn({ err: (error as Error).message }, 'cannot get a new lease yet');
           await sleep(250);
         }
       }
-      await old.close().catch(() => undefined);
     } finally {
       this.renewing = false;
     }
@@ -565,6 +567,12 @@ export class Agent implements AgentControl {
   }
 
   // ---- helpers -----------------------------------------------------------------------------------
+
+  private peerHosts(): Set<string> {
+    const peers = new Set<string>();
+    for (const slot of this.slots.values()) for (const h of [slot.record?.primary, slot.record?.backup]) if (h && h !== this.config.host) peers.add(h);
+    return peers;
+  }
 
   private heartbeatPayload(): Record<string, { role: VmRole; running: boolean; epoch?: number }> {
     const vms: Record<string, { role: VmRole; running: boolean; epoch?: number }> = {};

@@ -112,6 +112,26 @@ export class SshConnection {
     });
   }
 
+  /**
+   * Opens a direct-tcpip channel: the peer's sshd connects to `host:port` on its side (e.g. a
+   * service on the peer's loopback) and the channel carries that TCP stream.
+   */
+  forwardOut(host: string, port: number): Promise<ClientChannel> {
+    if (this.closedReason !== undefined) {
+      return Promise.reject(new SshError(`cannot forward to ${host}:${port}: ${this.closedReason}`, 'closed', this.endpoint.host));
+    }
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        reject(new SshError(`no forwarded channel to ${host}:${port} within ${this.channelTimeoutMs} ms`, 'channel', this.endpoint.host));
+      }, this.channelTimeoutMs);
+      this.client.forwardOut('127.0.0.1', 0, host, port, (error, channel) => {
+        clearTimeout(timer);
+        if (error) reject(new SshError(`forward to ${host}:${port}: ${error.message}`, 'channel', this.endpoint.host));
+        else resolve(channel);
+      });
+    });
+  }
+
   close(): void {
     this.closedReason ??= 'closed by client';
     this.client.end();
