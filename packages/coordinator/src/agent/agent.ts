@@ -477,6 +477,7 @@ export class Agent implements AgentControl {
           if (mayPromote) {
             await this.enqueue(slot, () => this.promote(slot));
             if (slot.primary) return;
+            await sleep(500); // no checkpoint yet, or the take-over failed: not in a tight loop
           }
           await sleep(20);
         }

@@ -54,8 +54,14 @@ export class VmRecords {
   }
 
   async get(vm: string): Promise<VmRecord | undefined> {
-    const text = await this.client.get(this.key(vm)).options({ deadline: this.deadline() }).string();
-    return text === null ? undefined : parseRecord(text, this.key(vm));
+    return (await this.getVersioned(vm))?.record;
+  }
+
+  /** The record with its etcd mod revision (what update's compare-and-swap checks). */
+  private async getVersioned(vm: string): Promise<{ record: VmRecord; modRevision: string } | undefined> {
+    const response = await this.client.get(this.key(vm)).options({ deadline: this.deadline() }).exec();
+    const kv = response.kvs[0];
+    return kv ? { record: parseRecord(kv.value.toString(), this.key(vm)), modRevision: kv.mod_revision } : undefined;
   }
 
   async list(): Promise<VmRecord[]> {
@@ -84,14 +90,15 @@ export class VmRecords {
    */
   async update(vm: string, change: (record: VmRecord) => Partial<VmRecord> | undefined): Promise<VmRecord> {
     for (let attempt = 0; attempt < 5; attempt++) {
-      const current = await this.get(vm);
-      if (!current) throw new RecordConflictError(`no record for VM '${vm}' in etcd (${this.key(vm)})`);
+      const versioned = await this.getVersioned(vm);
+      if (!versioned) throw new RecordConflictError(`no record for VM '${vm}' in etcd (${this.key(vm)})`);
+      const current = versioned.record;
       const patch = change(current);
       if (!patch) return current;
       const next: VmRecord = { ...current, ...patch, name: current.name, generation: current.generation + 1, updatedAt: new Date().toISOString() };
       const key = this.key(vm);
       const result = await this.client
-        .if(key, 'Value', '==', JSON.stringify(current))
+        .if(key, 'Mod', '==', versioned.modRevision)
         .then(this.client.put(key).value(JSON.stringify(next)))
         .options({ deadline: this.deadline() })
         .commit();
