@@ -227,7 +227,9 @@ export function domainSpecToXml(spec: DomainSpec): string {
     if (spec.boot.initrd) lines.push(`    <initrd>${esc(spec.boot.initrd)}</initrd>`);
     if (spec.boot.cmdline !== undefined) lines.push(`    <cmdline>${esc(spec.boot.cmdline)}</cmdline>`);
   } else lines.push("    <boot dev='hd'/>");
-  lines.push('  </os>', "  <clock offset='utc'/>", '  <on_poweroff>destroy</on_poweroff>', '  <on_reboot>restart</on_reboot>', '  <on_crash>destroy</on_crash>', '  <devices>');
+  // ACPI gives the guest an HPET/PM timer to calibrate its TSC against; without it a loaded host can
+  // make Linux fall back to counting ticks, a clock that no VMM-level correction moves.
+  lines.push('  </os>', '  <features>', '    <acpi/>', '    <apic/>', '  </features>', "  <clock offset='utc'/>", '  <on_poweroff>destroy</on_poweroff>', '  <on_reboot>restart</on_reboot>', '  <on_crash>destroy</on_crash>', '  <devices>');
   const letters = 'abcdefghijklmnopqrstuvwxyz';
   spec.disks.forEach((d, i) => {
     const prefix = d.bus === 'virtio' ? 'vd' : d.bus === 'ide' ? 'hd' : 'sd';
