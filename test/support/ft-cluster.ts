@@ -10,6 +10,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { ControlClient, type AgentStatus, type VmStatus } from '@ftvm/coordinator';
 import { ftReadyFromSpec } from '@ftvm/libvirt';
+import { Etcd3 } from 'etcd3';
 import { stringify as toYaml } from 'yaml';
 import { buildGuest } from '../guest/boot-qemu.js';
 import { hostInfo, labEtcdEndpoint, labKnownHosts, labSshKey, labUp, restartHost, spawnDaemonIn, type LabHostName } from '../lab/lab.js';
@@ -149,6 +150,13 @@ export async function startCluster(options: ClusterOptions = {}): Promise<Cluste
   await virsh('primary', 'start', name);
   await waitForProbe(probeOn('primary'), 60_000);
   await syncGuestClock(probeOn('primary'));
+  // a fresh cluster: no record or owner key left from an earlier run
+  const etcd = new Etcd3({ hosts: [labEtcdEndpoint()] });
+  try {
+    await etcd.delete().prefix(`/ftvm/vms/${name}/`);
+  } finally {
+    etcd.close();
+  }
   const agentPids = { primary: await startAgent('primary'), backup: await startAgent('backup') };
   await controlClient('primary').protect({ vm: name, backup: 'backup', checkpointIntervalMs: options.checkpointIntervalMs ?? 1000 }, () => undefined);
   return { vm: name, primary: 'primary', agentPids };

@@ -22,4 +22,12 @@ export {
 } from './agent/control.js';
 export { loadAgentConfig, parseAgentConfig, parseAgentConfigYaml, agentConfigSchema, ConfigError, type AgentConfig, type AgentConfigInput, type HostConfig, type VmConfig } from './config/agent-config.js';
 export { HeartbeatService, heartbeatSchema, type Heartbeat, type HeartbeatPeer, type PeerState } from './heartbeat/index.js';
-export { ControlClient } from './api/client.js';
+export { ControlClient, AgentUnreachableError, ControlTimeoutError, ControlProtocolError, type ControlClientOptions, type CallOptions } from './api/client.js';
+export { startControlServer, type ControlServer, type ControlServerOptions } from './api/server.js';
+export { NDJSON, STATUS_PATH, vmPath, parseStreamLine, type StreamLine, type WireError, type VmOperation, type VmQuery } from './api/protocol.js';
+export { AgentMetrics, type AgentMetricsOptions, type CommittedCheckpoint, type FailoverKind } from './metrics/agent-metrics.js';
+export { startMetricsServer, type MetricsServer, type MetricsServerOptions } from './metrics/server.js';
+export { createLogger, flushLogger, reopenLogFile, type Logger, type LoggerOptions, type LogLevel } from './log/logger.js';
+export { runCli, DEFAULT_SOCKET, type CliDeps } from './cli/program.js';
+export { ExitCode } from './cli/exit-codes.js';
+export type { RunAgent, SignalSource } from './cli/agent-command.js';

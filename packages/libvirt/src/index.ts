@@ -40,6 +40,9 @@ export { validateDomainXml, validatorAvailable, ValidatorMissingError, type Vali
 export { parseDomainXml, serializeXml, DomainXmlError, FTVM_NS, QEMU_NS } from './xml/dom.js';
 export {
   restoreFromCheckpoint,
+  PreparedRestore,
+  type PrepareOptions,
+  type LoadOptions,
   defaultStreamWriter,
   RestoreError,
   type RestoreOptions,

@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import { DriftLedger } from '@ftvm/kvmclock';
-import { LibvirtConnection, readProtection } from '@ftvm/libvirt';
+import { LibvirtConnection, readProtection, type PreparedRestore } from '@ftvm/libvirt';
 import type { QmpClient } from '@ftvm/qmp';
 import { CheckpointStore } from '@ftvm/transport';
 import { Etcd3 } from 'etcd3';
@@ -22,7 +22,7 @@ import {
 import { fenceLocal, fenceRemote } from './fence.js';
 import { PrimaryVm } from './primary-vm.js';
 import { SshPool, sshEndpointOf } from './ssh-pool.js';
-import { NoCheckpointError, StagedRestore } from './staged-restore.js';
+import { NoCheckpointError, StagedRestore, prepareStandby } from './staged-restore.js';
 import type { Log, MetricsSink } from './types.js';
 import { VmRecords, type VmRecord } from './vm-records.js';
 
@@ -33,6 +33,8 @@ interface VmSlot {
   owner: string | undefined;
   primary: PrimaryVm | undefined;
   staged: StagedRestore | undefined;
+  /** Backup only: the VM's domain started paused, waiting for a checkpoint stream (warm standby). */
+  standby: Promise<PreparedRestore> | undefined;
   /** This host stopped the VM because it could not keep its lease or the VM failed: it never restarts it by itself. */
   fenced: boolean;
   phase: string;
@@ -56,6 +58,7 @@ export class Agent implements AgentControl {
   private readonly slots = new Map<string, VmSlot>();
   private readonly ssh: SshPool;
   private sshKeeper: NodeJS.Timeout | undefined;
+  private ticks = 0;
   private closed = false;
   private unwatchRecords: (() => Promise<void>) | undefined;
 
@@ -98,6 +101,8 @@ export class Agent implements AgentControl {
     // keep an SSH connection to every peer: the second heartbeat path and the fencing route
     this.sshKeeper = setInterval(() => {
       for (const host of this.peerHosts()) if (!this.ssh.current(host)) void this.ssh.get(host).catch(() => undefined);
+      // a slow sweep catches what no event reported (a standby QEMU that died, a missed watch)
+      if (++this.ticks % 5 === 0) for (const slot of this.slots.values()) if (!slot.staged && !slot.promotionLoop) this.reconcileSoon(slot);
     }, 1_000);
     this.heartbeat.onPeerDown((peer) => {
       this.metrics.peerAlive(peer, false);
@@ -253,6 +258,7 @@ export class Agent implements AgentControl {
     for (const slot of this.slots.values()) {
       await slot.unwatchOwner?.().catch(() => undefined);
       await slot.staged?.abort('agent stopping').catch(() => undefined);
+      await this.dropStandby(slot).catch(() => undefined);
       await slot.primary?.stop().catch(() => undefined);
     }
     await this.heartbeat.close().catch(() => undefined);
@@ -271,7 +277,7 @@ export class Agent implements AgentControl {
     let slot = this.slots.get(vm);
     if (!slot && !involved) return;
     if (!slot) {
-      slot = { name: vm, record, owner: undefined, primary: undefined, staged: undefined, fenced: false, phase: 'starting', queue: Promise.resolve(), promotionLoop: false, unwatchOwner: undefined, log: this.log.child({ vm }) };
+      slot = { name: vm, record, owner: undefined, primary: undefined, staged: undefined, standby: undefined, fenced: false, phase: 'starting', queue: Promise.resolve(), promotionLoop: false, unwatchOwner: undefined, log: this.log.child({ vm }) };
       this.slots.set(vm, slot);
       const s = slot;
       void this.lease
@@ -316,6 +322,7 @@ export class Agent implements AgentControl {
       return;
     }
     if (owner === self) {
+      await this.dropStandby(slot);
       if (!slot.primary) {
         if (await this.runningHere(slot.name)) await this.becomePrimary(slot);
         else {
@@ -342,6 +349,8 @@ export class Agent implements AgentControl {
       }
       slot.phase = record.protected ? (record.backup === self ? 'protected' : 'degraded') : 'unprotected';
       this.metrics.role(slot.name, record.backup === self ? 'backup' : 'none');
+      if (record.backup === self && record.protected && !slot.staged) await this.keepStandby(slot);
+      else await this.dropStandby(slot);
       return;
     }
     // Nobody owns it.
@@ -353,6 +362,29 @@ export class Agent implements AgentControl {
       return;
     }
     this.startPromotionLoop(slot);
+  }
+
+  /** A backup keeps the VM's domain started paused, waiting for a stream: a failover then only sends it. */
+  private async keepStandby(slot: VmSlot): Promise<void> {
+    const current = await slot.standby?.catch(() => undefined);
+    if (current?.usable) return;
+    await current?.discard();
+    const record = slot.record!;
+    slot.standby = prepareStandby(record, this.conn, slot.log);
+    slot.standby.then(
+      () => slot.log.info('warm standby ready (domain paused, waiting for a checkpoint stream)'),
+      (error: Error) => {
+        slot.log.warn({ err: error.message }, 'cannot prepare the warm standby');
+        slot.standby = undefined;
+      },
+    );
+  }
+
+  private async dropStandby(slot: VmSlot): Promise<void> {
+    const standby = slot.standby;
+    slot.standby = undefined;
+    const prepared = await standby?.catch(() => undefined);
+    await prepared?.discard();
   }
 
   private async runningHere(vm: string): Promise<boolean> {
@@ -452,7 +484,9 @@ export class Agent implements AgentControl {
     const record = slot.record;
     if (!record || record.backup !== this.config.host || !record.protected || slot.staged || slot.primary) return;
     try {
-      slot.staged = await StagedRestore.begin({ record, conn: this.conn, storeDir: this.config.storeDir, log: slot.log });
+      const standby = slot.standby;
+      slot.standby = undefined;
+      slot.staged = await StagedRestore.begin({ record, conn: this.conn, storeDir: this.config.storeDir, log: slot.log, standby });
       slot.phase = 'failing-over';
     } catch (error) {
       slot.log.error({ err: (error as Error).message }, 'cannot stage a restore');
@@ -499,7 +533,11 @@ export class Agent implements AgentControl {
     let staged = slot.staged;
     slot.staged = undefined;
     try {
-      staged ??= await StagedRestore.begin({ record, conn: this.conn, storeDir: this.config.storeDir, log: slot.log });
+      if (!staged) {
+        const standby = slot.standby;
+        slot.standby = undefined;
+        staged = await StagedRestore.begin({ record, conn: this.conn, storeDir: this.config.storeDir, log: slot.log, standby });
+      }
     } catch (error) {
       if (error instanceof NoCheckpointError) slot.log.error({ err: error.message }, `cannot take over: ${error.message}`);
       else throw error;

@@ -2,7 +2,7 @@ import { once } from 'node:events';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { advanceClockSections, realtimeClock, resumeOnTime, splitCheckpoint, type OnTimeResume } from '@ftvm/kvmclock';
-import { restoreFromCheckpoint, type LibvirtConnection, type RestoreResult } from '@ftvm/libvirt';
+import { PreparedRestore, type LibvirtConnection, type RestoreResult } from '@ftvm/libvirt';
 import { CheckpointStore, type CheckpointMetadata } from '@ftvm/transport';
 import type { Log } from './types.js';
 import type { VmRecord } from './vm-records.js';
@@ -12,6 +12,13 @@ export interface StagedRestoreOptions {
   conn: LibvirtConnection;
   storeDir: string;
   log: Log;
+  /** A warm standby (domain already started paused, waiting for the stream); prepared here otherwise. */
+  standby?: Promise<PreparedRestore> | undefined;
+}
+
+/** Defines and starts the VM's domain paused, waiting for a stream (see PreparedRestore). */
+export function prepareStandby(record: VmRecord, conn: LibvirtConnection, log: Log): Promise<PreparedRestore> {
+  return PreparedRestore.prepare({ connection: conn, xml: record.xml, replace: true, timeoutMs: 120_000, log: (line) => log.debug(line) });
 }
 
 export interface CompletedRestore {
@@ -65,13 +72,14 @@ export class StagedRestore {
     });
     this.ready.catch(() => undefined);
 
-    this.restoring = restoreFromCheckpoint({
-      connection: options.conn,
-      xml: options.record.xml,
+    const standby = (options.standby ?? prepareStandby(options.record, options.conn, options.log)).then(async (prepared) => {
+      if (prepared.usable) return prepared;
+      await prepared.discard();
+      return prepareStandby(options.record, options.conn, options.log);
+    });
+    this.restoring = standby.then((prepared) => prepared.load({
       checkpoint: '/dev/null', // the writer sends the stream from memory
-      replace: true,
       timeoutMs: 600_000,
-      log: (line) => options.log.debug(line),
       writeStream: async (socket) => {
         try {
           if (!socket.write(split.head)) await once(socket, 'drain', { signal: AbortSignal.timeout(120_000) });
@@ -93,7 +101,7 @@ export class StagedRestore {
         this.resume = await resumeOnTime(qmp, this.targetNs!, { clock });
         return this.resume.resumeNs;
       },
-    });
+    }));
     this.restoring.catch((error: Error) => headFailed(error));
   }
 

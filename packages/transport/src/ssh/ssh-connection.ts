@@ -13,7 +13,7 @@ export interface SshEndpoint {
 export interface SshTimeouts {
   /** TCP connect + handshake + authentication. */
   readyTimeoutMs?: number;
-  /** Opening an exec channel. */
+  /** Opening a channel (exec, forwardOut). */
   channelTimeoutMs?: number;
   keepaliveIntervalMs?: number;
   /** Unanswered keepalives before the connection is declared dead. */
@@ -113,20 +113,30 @@ export class SshConnection {
   }
 
   /**
-   * Opens a direct-tcpip channel: the peer's sshd connects to `host:port` on its side (e.g. a
-   * service on the peer's loopback) and the channel carries that TCP stream.
+   * Opens a direct-tcpip channel (`ssh -W host:port`): the peer's sshd connects to host:port as
+   * the peer sees it (`127.0.0.1` is the peer's own loopback). Resolves with the channel (a duplex
+   * stream of that TCP connection) once open; SshError 'channel' when the peer refuses (nothing
+   * listens there, forwarding disabled) or does not answer within the channel deadline.
    */
   forwardOut(host: string, port: number): Promise<ClientChannel> {
+    const target = `${host}:${port}`;
     if (this.closedReason !== undefined) {
-      return Promise.reject(new SshError(`cannot forward to ${host}:${port}: ${this.closedReason}`, 'closed', this.endpoint.host));
+      return Promise.reject(new SshError(`cannot forward to ${target}: ${this.closedReason}`, 'closed', this.endpoint.host));
     }
     return new Promise((resolve, reject) => {
+      let timedOut = false;
       const timer = setTimeout(() => {
-        reject(new SshError(`no forwarded channel to ${host}:${port} within ${this.channelTimeoutMs} ms`, 'channel', this.endpoint.host));
+        timedOut = true;
+        reject(new SshError(`no channel to ${target} within ${this.channelTimeoutMs} ms`, 'channel', this.endpoint.host));
       }, this.channelTimeoutMs);
+      // The originator address is informational for the server; sshd logs it.
       this.client.forwardOut('127.0.0.1', 0, host, port, (error, channel) => {
         clearTimeout(timer);
-        if (error) reject(new SshError(`forward to ${host}:${port}: ${error.message}`, 'channel', this.endpoint.host));
+        if (timedOut) {
+          channel?.close(); // too late: nobody is waiting for it
+          return;
+        }
+        if (error) reject(new SshError(`forward to ${target}: ${error.message}`, 'channel', this.endpoint.host));
         else resolve(channel);
       });
     });
