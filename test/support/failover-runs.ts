@@ -108,10 +108,10 @@ export async function runFault(cluster: Cluster, kind: FaultKind, log: (line: st
     if (performance.now() > deadline) throw new Error(`${to} does not hear ${from}`);
     await sleep(100);
   }
-  await sleep(1_500); // a few more checkpoints
-  const before = await clockOffset(probeOn(from), { samples: 16 });
+  // sample the workload from before the checkpoint the backup will resume, so its counter is bounded
   const sampler = sampleCounter(from);
-  await sleep(300);
+  await waitProtectedOn(from, vm, { timeoutMs: 60_000, committedAfter: Date.now() + 200 });
+  const before = await clockOffset(probeOn(from), { samples: 16 });
   const previousMove = (await readRecord(vm)).lastMove?.resumeNs;
 
   let frozenPid: number | undefined;
