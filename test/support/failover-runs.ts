@@ -9,6 +9,7 @@ import { isAlive } from '../lab/procs.js';
 import { sleep } from '../lab/wait.js';
 import {
   agentLog,
+  ETCD_PREFIX,
   agentLogEntries,
   clockOffset,
   controlClient,
@@ -89,7 +90,7 @@ function sampleCounter(from: AgentHost): { stop(): Promise<CounterSample[]> } {
 async function readRecord(vm: string): Promise<{ lastMove?: { epoch: number; stopNs: string; resumeNs: string; lastBeatNs?: string; to: string } }> {
   const etcd = new Etcd3({ hosts: [labEtcdEndpoint()] });
   try {
-    const text = await etcd.get(`/ftvm/vms/${vm}/spec`).string();
+    const text = await etcd.get(`${ETCD_PREFIX}/vms/${vm}/spec`).string();
     return text ? JSON.parse(text) : {};
   } finally {
     etcd.close();

@@ -27,6 +27,12 @@ const REPO = path.resolve(new URL('../..', import.meta.url).pathname);
 const CLI = path.join(REPO, 'packages/coordinator/dist/bin/ftvm.js');
 export const CLUSTER_DIR = '/tmp/ftvm-cluster';
 const PROBE_PORT = 5555;
+/**
+ * The test cluster keeps to its own etcd prefix, ports and control socket, so it never mixes with
+ * agents that provisioning (ansible/) installs on the same lab hosts.
+ */
+export const ETCD_PREFIX = '/ftvm-test';
+const SOCKET_NAME = 'test-agent.sock';
 
 export interface ClusterOptions {
   vm?: string;
@@ -52,9 +58,9 @@ export function writeAgentConfig(host: AgentHost): string {
     host,
     hosts,
     ssh: { privateKey: labSshKey(), knownHosts: labKnownHosts(), connectTimeoutMs: 500 },
-    etcd: { endpoints: [labEtcdEndpoint()], prefix: '/ftvm', leaseTtlSeconds: 1, keepaliveIntervalMs: 100, requestTimeoutMs: 400 },
-    heartbeat: { port: 7410, intervalMs: 50, timeoutMs: 300 },
-    control: { socket: '/run/ftvm/agent.sock', metrics: { address: hostInfo(host).ip, port: 9464 } },
+    etcd: { endpoints: [labEtcdEndpoint()], prefix: ETCD_PREFIX, leaseTtlSeconds: 1, keepaliveIntervalMs: 100, requestTimeoutMs: 400 },
+    heartbeat: { port: 7420, intervalMs: 50, timeoutMs: 300 },
+    control: { socket: `/run/ftvm/${SOCKET_NAME}`, metrics: { address: hostInfo(host).ip, port: 9470 } },
     storeDir: '/var/lib/libvirt/ftvm/checkpoints',
     runDir: '/run/ftvm',
     log: { level: 'info', file: agentLog(host) },
@@ -83,7 +89,7 @@ export async function startAgent(host: AgentHost): Promise<number> {
 }
 
 export function controlClient(host: AgentHost): ControlClient {
-  return new ControlClient({ socketPath: path.join(hostInfo(host).runDir, 'ftvm', 'agent.sock') });
+  return new ControlClient({ socketPath: path.join(hostInfo(host).runDir, 'ftvm', SOCKET_NAME) });
 }
 
 export function tail(file: string, bytes = 3000): string {
@@ -153,7 +159,7 @@ export async function startCluster(options: ClusterOptions = {}): Promise<Cluste
   // a fresh cluster: no record or owner key left from an earlier run
   const etcd = new Etcd3({ hosts: [labEtcdEndpoint()] });
   try {
-    await etcd.delete().prefix(`/ftvm/vms/${name}/`);
+    await etcd.delete().prefix(`${ETCD_PREFIX}/vms/${name}/`);
   } finally {
     etcd.close();
   }
