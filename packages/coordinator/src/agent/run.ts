@@ -1,3 +1,4 @@
+import os from 'node:os';
 import type { AgentConfig } from '../config/agent-config.js';
 import { startControlServer } from '../api/server.js';
 import type { Logger } from '../log/logger.js';
@@ -8,6 +9,11 @@ import { Agent } from './agent.js';
 /** Runs the agent of this host: the agent itself, its control socket and its metrics endpoint. */
 export async function runAgent(config: AgentConfig, options: { log: Logger; metrics: AgentMetrics }): Promise<{ agent: Agent; stop(): Promise<void> }> {
   const { log, metrics } = options;
+  try {
+    os.setPriority(config.nice);
+  } catch (error) {
+    log.warn({ nice: config.nice, err: (error as Error).message }, 'cannot set the agent priority');
+  }
   const agent = await Agent.start(config, { log, metrics });
   const control = await startControlServer({ socketPath: config.control.socket, control: agent, log });
   const metricsServer = config.control.metrics ? await startMetricsServer({ address: config.control.metrics.address, port: config.control.metrics.port, metrics }) : undefined;

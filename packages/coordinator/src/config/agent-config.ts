@@ -104,6 +104,12 @@ export const agentConfigSchema = z
       })
       .strict()
       .default({}),
+    /**
+     * The agent's nice value. Like other HA daemons (corosync runs real-time) it must keep its
+     * heartbeats, lease renewals and the failover's scheduled resume on time on a busy host; the
+     * VMs' QEMUs stay at their own priority. Needs root (CAP_SYS_NICE) below 0.
+     */
+    nice: z.number().int().min(-20).max(19).default(-10),
     /** Committed checkpoints, one directory per VM, on whichever host is the backup. */
     storeDir: absolutePath.default('/var/lib/ftvm/checkpoints'),
     /** Sockets of the protected VMs' QEMU (ftvm QMP, migration). */
