@@ -156,9 +156,11 @@ export async function runFault(cluster: Cluster, kind: FaultKind, log: (line: st
   if (kind === 'kill') {
     oldStopNs = BigInt(Math.round((Date.now() - (performance.now() - faultAt)) * 1e6));
   } else {
+    // the old primary's own record of its fence: QMP STOP stamp when QEMU answered, else its SIGKILL
+    const faultNs = BigInt(Math.round((Date.now() - (performance.now() - faultAt)) * 1e6));
     const fenceDeadline = performance.now() + 10_000;
     let fenced: Record<string, unknown> | undefined;
-    while (!(fenced = agentLogEntries(from, 'fenced').at(-1)) || BigInt(String(fenced['killedNs'])) < BigInt(Math.round((Date.now() - (performance.now() - faultAt)) * 1e6)) - 5_000_000_000n) {
+    while (!(fenced = agentLogEntries(from, 'fenced').find((e) => BigInt(String(e['killedNs'])) > faultNs - 1_000_000_000n))) {
       if (performance.now() > fenceDeadline) break;
       await sleep(100);
     }

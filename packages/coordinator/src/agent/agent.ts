@@ -425,14 +425,14 @@ export class Agent implements AgentControl {
     const primary = slot.primary;
     slot.primary = undefined;
     const stopNs = primary ? await primary.pauseNow(pauseTimeoutMs) : undefined;
-    await fenceLocal(this.conn, slot.name);
-    const killedNs = BigInt(Date.now()) * 1_000_000n;
-    slot.log.warn({ reason, stopNs: stopNs?.toString(), killedNs: killedNs.toString() }, 'fenced');
+    const { killed, atNs } = await fenceLocal(this.conn, slot.name);
+    slot.log.warn({ reason, stopNs: stopNs?.toString(), killed, killedNs: atNs.toString() }, 'fenced');
     await primary?.stop().catch(() => undefined);
   }
 
   /** The primary's own VM failed (hung QEMU, crash): stop it for good and hand the VM to the backup. */
   private async onVmFailure(slot: VmSlot, reason: string): Promise<void> {
+    if (!slot.primary) return; // already fenced (its QMP closing when we killed it reports here too)
     slot.log.error({ reason }, 'fencing the failed VM and handing it to the backup');
     await this.fenceOwn(slot, reason, 50);
     await this.lease.release(slot.name).catch((error: Error) => slot.log.error({ err: error.message }, 'cannot release the owner key (the lease will expire)'));

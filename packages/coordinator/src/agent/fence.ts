@@ -17,9 +17,9 @@ function qemuPid(vm: string): number | undefined {
 /**
  * Stops this host's copy of a VM at once and for good: SIGKILL to its QEMU first (a frozen or
  * SIGSTOPped QEMU would make libvirt's destroy wait ~10 s for SIGTERM), then libvirt's destroy to
- * tidy up. Returns whether a QEMU was killed.
+ * tidy up. Returns whether a QEMU was killed, and when.
  */
-export async function fenceLocal(conn: LibvirtConnection | undefined, vm: string, timeoutMs = 5_000): Promise<boolean> {
+export async function fenceLocal(conn: LibvirtConnection | undefined, vm: string, timeoutMs = 5_000): Promise<{ killed: boolean; atNs: bigint }> {
   const pid = qemuPid(vm);
   let killed = false;
   if (pid !== undefined) {
@@ -30,8 +30,9 @@ export async function fenceLocal(conn: LibvirtConnection | undefined, vm: string
       // already gone
     }
   }
+  const atNs = BigInt(Date.now()) * 1_000_000n;
   if (conn && !conn.broken) await conn.destroy(vm, { timeoutMs }).catch(() => undefined);
-  return killed;
+  return { killed, atNs };
 }
 
 export type RemoteFenceOutcome = 'fenced' | 'unreachable' | 'failed';
