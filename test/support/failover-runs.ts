@@ -166,7 +166,11 @@ export async function runFault(cluster: Cluster, kind: FaultKind, log: (line: st
     }
     if (fenced) oldStopNs = BigInt(String(fenced['stopNs'] ?? fenced['killedNs']));
     if (kind === 'freeze' && frozenPid) {
-      process.kill(frozenPid, 'SIGCONT');
+      try {
+        process.kill(frozenPid, 'SIGCONT');
+      } catch {
+        // already gone: the fence killed it
+      }
       await sleep(500);
       frozenNeverRanAgain = !isAlive(frozenPid);
     }

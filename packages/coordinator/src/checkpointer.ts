@@ -125,6 +125,8 @@ export class Checkpointer {
       }
     });
 
+    // QEMU gone (killed, crashed): no MIGRATION event will ever come
+    const unwatchClose = qmp.onClose((reason) => settle({ ok: false, reason: `QMP closed: ${reason}` }));
     const connection = this.socket.nextConnection(10_000);
     connection.catch(() => undefined);
     const deadline = setTimeout(() => {
@@ -180,6 +182,7 @@ export class Checkpointer {
     } finally {
       clearTimeout(deadline);
       unsubscribe();
+      unwatchClose();
     }
   }
 

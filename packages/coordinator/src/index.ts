@@ -21,7 +21,6 @@ export {
   type CheckpointNowResult,
 } from './agent/control.js';
 export { loadAgentConfig, parseAgentConfig, parseAgentConfigYaml, agentConfigSchema, ConfigError, type AgentConfig, type AgentConfigInput, type HostConfig, type VmConfig } from './config/agent-config.js';
-export { HeartbeatService, heartbeatSchema, type Heartbeat, type HeartbeatPeer, type PeerState } from './heartbeat/index.js';
 export { ControlClient, AgentUnreachableError, ControlTimeoutError, ControlProtocolError, type ControlClientOptions, type CallOptions } from './api/client.js';
 export { startControlServer, type ControlServer, type ControlServerOptions } from './api/server.js';
 export { NDJSON, STATUS_PATH, vmPath, parseStreamLine, type StreamLine, type WireError, type VmOperation, type VmQuery } from './api/protocol.js';
@@ -31,3 +30,23 @@ export { createLogger, flushLogger, reopenLogFile, type Logger, type LoggerOptio
 export { runCli, DEFAULT_SOCKET, type CliDeps } from './cli/program.js';
 export { ExitCode } from './cli/exit-codes.js';
 export type { RunAgent, SignalSource } from './cli/agent-command.js';
+export { encodeHeartbeat, parseHeartbeat, PeerTracker, MAX_HEARTBEAT_BYTES, type HeartbeatLog, type HeartbeatOptions, type HeartbeatPath, type HeartbeatServiceOptions, type VmBeat } from './heartbeat/index.js';
+export {
+  HostLease,
+  LeaseUnusableError,
+  ClusterStore,
+  EtcdCallError,
+  isUnavailableError,
+  RenewalTracker,
+  normalizePrefix,
+  ownerKey,
+  specKey,
+  vmsPrefix,
+  type HostLeaseOptions,
+  type LeaseState,
+  type ClusterStoreOptions,
+  type JsonEntry,
+  type PutJsonOptions,
+  type ComponentLog,
+  type WatchOptions,
+} from './lease/index.js';

@@ -427,7 +427,9 @@ export class Agent implements AgentControl {
     const stopNs = primary ? await primary.pauseNow(pauseTimeoutMs) : undefined;
     const { killed, atNs } = await fenceLocal(this.conn, slot.name);
     slot.log.warn({ reason, stopNs: stopNs?.toString(), killed, killedNs: atNs.toString() }, 'fenced');
-    await primary?.stop().catch(() => undefined);
+    // its loops wind down on their own (a checkpoint in flight fails with the QEMU gone); the
+    // fence must not wait for them
+    void primary?.stop().catch(() => undefined);
   }
 
   /** The primary's own VM failed (hung QEMU, crash): stop it for good and hand the VM to the backup. */

@@ -1,1 +1,10 @@
-export { HeartbeatService, heartbeatSchema, type Heartbeat, type HeartbeatOptions, type HeartbeatPeer, type HeartbeatPath, type HeartbeatLog, type PeerState } from './heartbeat.js';
+export {
+  HeartbeatService,
+  type HeartbeatLog,
+  type HeartbeatOptions,
+  type HeartbeatPeer,
+  type HeartbeatServiceOptions,
+  type PeerState,
+} from './heartbeat-service.js';
+export { PeerTracker, type HeartbeatPath } from './peer-tracker.js';
+export { encodeHeartbeat, heartbeatSchema, parseHeartbeat, MAX_HEARTBEAT_BYTES, type Heartbeat, type VmBeat } from './wire.js';
