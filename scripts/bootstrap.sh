@@ -21,6 +21,10 @@ APT_PACKAGES=(
   librsvg2-bin fonts-dejavu-core
   # native node modules (@unraid/libvirt, ssh2)
   g++ make python3
+  # provisioning (ansible/, vagrant/): the playbook's controller and lint, python3-apt for its apt
+  # tasks on the lab hosts (which have no route to a mirror: what the roles install must be here),
+  # Vagrant with the libvirt provider for `vagrant validate`
+  ansible ansible-lint python3-apt vagrant vagrant-libvirt git ca-certificates
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
