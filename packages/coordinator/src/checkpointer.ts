@@ -30,6 +30,14 @@ export interface CheckpointerOptions {
    * 50 ms converged after the bulk pass and restored 5 of 5 — see packages/coordinator/README.md.
    */
   downtimeLimitMs?: number;
+  /**
+   * The instant the guest clock froze, given QEMU's STOP and RESUME stamps. QEMU stamps STOP only
+   * after every vCPU has stopped (ms late on a busy host) while the clock froze before; ftvm's
+   * QEMU measures the frozen interval itself, and RESUME is stamped as the clock restarts, so
+   * RESUME − frozen is the better stop instant. The backup rewrites the clock from this value at
+   * failover. Default: the STOP stamp.
+   */
+  stopInstant?: (stamps: { stopNs: bigint; resumeNs: bigint }) => Promise<bigint>;
 }
 
 export interface CheckpointResult {
@@ -149,7 +157,9 @@ export class Checkpointer {
           if (!outcome.ok) throw new Error(outcome.reason);
           await resumedPromise;
           // a checkpoint left stopped has no resume: its "resume" is the stop itself
-          return { stopNs: String(stopNs), resumeNs: String(resumeNs ?? stopNs) };
+          if (resumeNs === undefined) return { stopNs: String(stopNs), resumeNs: String(stopNs) };
+          const frozeAt = this.options.stopInstant ? await this.options.stopInstant({ stopNs: stopNs!, resumeNs }).catch(() => stopNs!) : stopNs!;
+          return { stopNs: String(frozeAt), resumeNs: String(resumeNs) };
         },
         ackTimeoutMs: timeoutMs,
       });

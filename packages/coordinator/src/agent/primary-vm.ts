@@ -1,5 +1,5 @@
 import path from 'node:path';
-import { ClockHook, DriftLedger } from '@ftvm/kvmclock';
+import { ClockHook, DriftLedger, InPlaceActuator } from '@ftvm/kvmclock';
 import { readProtection } from '@ftvm/libvirt';
 import { QmpClient } from '@ftvm/qmp';
 import { openRemoteReceiver, type ReplicationSender, type SshConnection } from '@ftvm/transport';
@@ -62,6 +62,8 @@ export class PrimaryVm {
     const log = options.log;
     const hook = await ClockHook.create({ qmp, ledger, log: (message) => log.info({ clock: true }, message) });
     const version = await qmp.execute<{ qemu: { major: number; minor: number; micro: number } }>('query-version');
+    const inPlace = await InPlaceActuator.detect(qmp);
+    let previousFrozenNs: bigint | undefined;
     let vm!: PrimaryVm;
     const checkpointer = await Checkpointer.create({
       vm: options.record.name,
@@ -74,6 +76,19 @@ export class PrimaryVm {
         if (checkpointer.selfResuming) await hook.arm('checkpoint');
       },
       beforeResume: async () => hook.arm('checkpoint'),
+      // ftvm's QEMU measured the frozen interval it gave back: the clock froze that long before RESUME
+      ...(inPlace
+        ? {
+            stopInstant: async ({ stopNs, resumeNs }: { stopNs: bigint; resumeNs: bigint }) => {
+              const applied = await inPlace.lastApplied();
+              // the same ns value twice: no compensation was applied at this resume (not armed)
+              const stale = applied === undefined || applied.stoppedNs === previousFrozenNs;
+              previousFrozenNs = applied?.stoppedNs;
+              if (stale || applied.stoppedNs <= 0n || applied.stoppedNs > resumeNs - stopNs + 50_000_000n) return stopNs;
+              return resumeNs - applied.stoppedNs;
+            },
+          }
+        : {}),
       timeoutMs: 30_000,
     });
     vm = new PrimaryVm({ ...options, ledger }, qmp, hook, checkpointer);
