@@ -22,6 +22,7 @@ import {
   sshAnswers,
   startHolder,
 } from './host.js';
+import { ensureWitnessEtcd } from './etcd.js';
 import { ensureKeys } from './keys.js';
 import {
   bridgeHealthy,
@@ -39,6 +40,7 @@ import { allPids, mountsOf } from './procs.js';
 import { sh } from './sh.js';
 import { LAB_BRIDGE, LAB_HOSTS, LAB_STATE_ROOT, labHost, type LabHost, type LabHostName } from './topology.js';
 
+export { ensureWitnessEtcd, etcdHealthy, labEtcdEndpoint, labEtcdLog, labEtcdPid } from './etcd.js';
 export {
   LAB_HOSTS,
   labKnownHosts,
@@ -77,7 +79,8 @@ export interface LabUpResult {
 /**
  * Brings the lab up. A healthy lab is left as it is (after a health check); one left frozen or
  * unplugged by an interrupted test is thawed and replugged; anything else (a crash, a killed host,
- * a half-built lab) is torn down and rebuilt.
+ * a half-built lab) is torn down and rebuilt. In every case the witness's etcd answers afterwards
+ * (started if it is not running: `ensureWitnessEtcd`).
  */
 export async function labUp(options: LabUpOptions = {}): Promise<LabUpResult> {
   const started = performance.now();
@@ -85,10 +88,16 @@ export async function labUp(options: LabUpOptions = {}): Promise<LabUpResult> {
   const elapsed = () => Math.round(performance.now() - started);
   assertRoot();
   const newKeys = await ensureKeys();
-  if (!newKeys && (await labHealthy())) return { built: false, durationMs: elapsed() };
+  if (!newKeys && (await labHealthy())) {
+    await ensureWitnessEtcd();
+    return { built: false, durationMs: elapsed() };
+  }
   if (!newKeys && (await recoverInterrupted())) {
     log('thawed/replugged hosts left by an interrupted run');
-    if (await labHealthy()) return { built: false, durationMs: elapsed() };
+    if (await labHealthy()) {
+      await ensureWitnessEtcd();
+      return { built: false, durationMs: elapsed() };
+    }
   }
 
   log('tearing down what is left of a previous lab');
@@ -117,6 +126,8 @@ export async function labUp(options: LabUpOptions = {}): Promise<LabUpResult> {
   for (const name of pending) seedQemuCapabilities(labHost(name));
   await Promise.all(pending.map(start));
   saveQemuCapabilities(labHost('primary')); // what libvirt kept or refreshed, for next time
+  await ensureWitnessEtcd();
+  log(`witness's etcd answers after ${elapsed()} ms`);
   return { built: true, durationMs: elapsed() };
 }
 
