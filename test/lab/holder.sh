@@ -24,6 +24,13 @@ mount --bind "$state/cache-libvirt" /var/cache/libvirt
 mount --bind "$state/log" /var/log
 mount --bind "$state/hosts" /etc/hosts
 mount --bind "$ssh_config" /etc/ssh/ssh_config
+# A server's root shell rc, not this machine's: sshd runs every command through bash, which reads
+# ~/.bashrc; the machine's (pyenv init and rehash, with a lock that a killed host leaves behind)
+# would make each SSH command of the lab slow, or hang it.
+if [ -e /root/.bashrc ]; then
+  printf '# ftvm lab host: minimal root shell rc\n' >"$state/root-bashrc"
+  mount --bind "$state/root-bashrc" /root/.bashrc
+fi
 ip link set lo up
 
 install -d -m 0755 /run/sshd # sshd's privilege-separation dir
