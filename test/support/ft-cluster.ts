@@ -14,7 +14,7 @@ import { Etcd3 } from 'etcd3';
 import { stringify as toYaml } from 'yaml';
 import { buildGuest } from '../guest/boot-qemu.js';
 import { hostInfo, labEtcdEndpoint, labKnownHosts, labSshKey, labUp, restartHost, spawnDaemonIn, type LabHostName } from '../lab/lab.js';
-import { isAlive } from '../lab/procs.js';
+import { allPids, isAlive } from '../lab/procs.js';
 import { sleep } from '../lab/wait.js';
 import { clockOffset, syncGuestClock, waitForProbe, type ProbeTarget } from './probe-client.js';
 
@@ -141,6 +141,7 @@ export interface Cluster {
  */
 export async function startCluster(options: ClusterOptions = {}): Promise<Cluster> {
   await labUp();
+  await killStrayAgents();
   fs.rmSync(CLUSTER_DIR, { recursive: true, force: true });
   fs.mkdirSync(CLUSTER_DIR, { recursive: true });
   const { name, xml } = await probeVmXml(options);
@@ -211,8 +212,24 @@ export async function qemuPidOf(host: AgentHost, vm: string): Promise<number | u
   }
 }
 
+/** Agents of an earlier cluster run that was cut short (their config lives in CLUSTER_DIR). */
+export async function killStrayAgents(): Promise<void> {
+  const strays = allPids().filter((pid) => {
+    try {
+      return fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(`${CLUSTER_DIR}/`);
+    } catch {
+      return false;
+    }
+  });
+  for (const pid of strays) process.kill(pid, 'SIGKILL');
+  if (strays.length) await sleep(200);
+}
+
 export async function stopCluster(cluster: Cluster | undefined): Promise<void> {
-  if (!cluster) return;
+  if (!cluster) {
+    await killStrayAgents();
+    return;
+  }
   for (const host of AGENT_HOSTS) {
     const pid = cluster.agentPids[host];
     if (pid && isAlive(pid)) process.kill(pid, 'SIGTERM');
