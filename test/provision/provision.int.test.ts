@@ -7,6 +7,7 @@
  */
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { AgentStatus, VmStatus } from '@ftvm/coordinator';
@@ -69,9 +70,12 @@ function parseRecap(output: string): Record<string, Record<string, number>> {
   return recap;
 }
 
+let runs = 0;
 async function playbook(): Promise<{ run: Run; recap: Record<string, Record<string, number>> }> {
   const result = await run(['ansible-playbook', '-i', 'inventory/lab', 'site.yml'], { cwd: ANSIBLE, env: ansibleEnv, timeoutMs: 900_000 });
-  if (result.code !== 0) throw new Error(`ansible-playbook exited ${result.code}:\n${result.stdout.slice(-6000)}\n${result.stderr.slice(-2000)}`);
+  const log = path.join(os.tmpdir(), `ftvm-provision-run${++runs}.log`);
+  fs.writeFileSync(log, `${result.stdout}\n--- stderr\n${result.stderr}`);
+  if (result.code !== 0) throw new Error(`ansible-playbook exited ${result.code} after ${result.ms} ms (whole output: ${log}):\n${result.stdout.slice(-6000)}\n${result.stderr.slice(-2000)}`);
   return { run: result, recap: parseRecap(result.stdout) };
 }
 
@@ -120,13 +124,14 @@ describe('provisioning: ansible/ and vagrant/', () => {
   afterAll(async () => {
     if (!provisioned) return;
     // Leave the lab hosts as the playbook found them: no VM, no agents, no etcd, no hook.
-    await ssh('primary', `${ftvmCli} unprotect ${VM} --json`, 120_000);
-    for (const host of KVM_HOSTS) {
-      await ssh(host, `virsh destroy ${VM}; virsh undefine ${VM}; ${agentCtl} stop`, 120_000);
-      await ssh(host, `node ${REPO}/packages/libvirt/dist/hook/cli.js uninstall --reload`, 60_000);
-    }
-    await ssh('witness', `${etcdCtl} stop`);
-  });
+    await ssh('primary', `${ftvmCli} unprotect ${VM} --json`, 60_000);
+    await Promise.all([
+      ...KVM_HOSTS.map((host) =>
+        ssh(host, `virsh destroy ${VM}; virsh undefine ${VM}; ${agentCtl} stop; node ${REPO}/packages/libvirt/dist/hook/cli.js uninstall --reload`, 60_000),
+      ),
+      ssh('witness', `${etcdCtl} stop`, 60_000),
+    ]);
+  }, 240_000);
 
   it('passes ansible-lint (production profile, offline) and the syntax check of every inventory', async () => {
     const lint = await run(['ansible-lint', '--nocolor'], { cwd: ANSIBLE, env: ansibleEnv, timeoutMs: 300_000 });
@@ -170,7 +175,7 @@ describe('provisioning: ansible/ and vagrant/', () => {
     expect(changedTasks(second.run.stdout), 'tasks changed in the second run').toEqual([]);
     for (const host of ['primary', 'backup', 'witness']) expect(second.recap[host]!.changed, host).toBe(0);
     console.log(`playbook: first run ${first.run.ms} ms, second ${second.run.ms} ms`);
-  });
+  }, 1_800_000); // two runs of about a minute each on a quiet 2-core machine; far more on a busy one
 
   it('left an agent running on each KVM host that answers `ftvm status --json` on its control socket', async () => {
     expect(provisioned).toBe(true);
@@ -238,5 +243,5 @@ ftvm:
     expect(vm?.backupHost).toBe('backup');
     const onBackup = (await agentStatus('backup')).vms.find((v) => v.name === VM);
     expect(onBackup?.role, JSON.stringify(onBackup)).toBe('backup');
-  });
+  }, 900_000);
 });
