@@ -55,6 +55,7 @@ const offsets = kills.map((r) => Math.abs(r.offsetMs));
 const byKind = (kind: FaultKind) => runs.filter((r) => r.kind === kind);
 const result = {
   ...describeEnvironment(),
+  emulator,
   runs_per_kind: RUNS,
   failover_s: { ...summarize(failoverS), note: "kill runs: backup's last heartbeat from the primary → QEMU RESUME on the backup" },
   offset_ms: { max_abs: offsets.length ? round(Math.max(...offsets)) : null, p50_abs: summarize(offsets).p50, note: 'kill runs: guest−host offset after resume minus the one measured just before the kill' },
