@@ -9,22 +9,16 @@
  * After each, the old host is brought back and `ftvm reprotect` makes it the new backup, so the
  * next fault hits the other host.
  */
-import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import { labDown } from '../test/lab/lab.js';
 import { startCluster, stopCluster, type Cluster } from '../test/support/ft-cluster.js';
 import { runFault, type FaultKind, type FaultRun } from '../test/support/failover-runs.js';
+import { patchedQemu } from '../test/support/patched-qemu.js';
 import { describeEnvironment } from './environment.js';
 import { round, summarize } from './stats.js';
 
 const RUNS = Number(process.env.FTVM_FAILOVER_RUNS ?? 10);
 const KINDS = (process.env.FTVM_FAILOVER_KINDS ?? 'kill,partition,freeze').split(',') as FaultKind[];
-
-function patchedQemu(): string {
-  if (process.env.FTVM_QEMU_PATCHED) return process.env.FTVM_QEMU_PATCHED;
-  const script = new URL('../packages/kvmclock/qemu/build.sh', import.meta.url).pathname;
-  return execFileSync('bash', [script], { encoding: 'utf8', timeout: 3_600_000, stdio: ['ignore', 'pipe', 'inherit'] }).trim().split('\n').pop()!;
-}
 
 const emulator = patchedQemu();
 let cluster: Cluster | undefined;

@@ -5,10 +5,10 @@
  * then every process of `primary` is killed and the backup takes over from the last committed
  * checkpoint. Prints the failover time, the guest clock offset and the workload's continuity.
  */
-import { execFileSync } from 'node:child_process';
 import { hostInfo, labUp } from '../test/lab/lab.js';
 import { controlClient, startCluster, stopCluster, type Cluster } from '../test/support/ft-cluster.js';
 import { runFault } from '../test/support/failover-runs.js';
+import { patchedQemu } from '../test/support/patched-qemu.js';
 
 const step = (text: string) => console.log(`\n▶ ${text}`);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -18,10 +18,7 @@ await labUp();
 for (const name of ['primary', 'backup', 'witness'] as const) console.log(`  ${name.padEnd(8)} ${hostInfo(name).ip}`);
 
 step("ftvm's QEMU (cached build from Debian's source with the ftvm patches)");
-const emulator = execFileSync('bash', [new URL('../packages/kvmclock/qemu/build.sh', import.meta.url).pathname], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] })
-  .trim()
-  .split('\n')
-  .pop()!;
+const emulator = patchedQemu();
 console.log(`  ${emulator}`);
 
 let cluster: Cluster | undefined;

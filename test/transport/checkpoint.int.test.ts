@@ -6,6 +6,7 @@ import { CheckpointStore, openRemoteReceiver, ReplicationError, type Replication
 import { execIn, hostInfo, labUp } from '../lab/lab.js';
 import { connectLabSsh } from '../support/lab-ssh.js';
 import { waitForProbe } from '../support/probe-client.js';
+import { patchedQemu } from '../support/patched-qemu.js';
 import { restoreCheckpoint, startProbeVm, type ProbeVm } from '../support/probe-vm.js';
 
 // Continuous checkpoints of a libvirt domain on `primary`, over SSH into the store on `backup`.
@@ -21,7 +22,7 @@ let receiver: { sender: ReplicationSender; stderr: () => string };
 beforeAll(async () => {
   await labUp();
   fs.rmSync(storeOutside(), { recursive: true, force: true });
-  vm = await startProbeVm({ host: 'primary', name: VM, workloadMiBps: 4 });
+  vm = await startProbeVm({ host: 'primary', name: VM, workloadMiBps: 4, emulator: patchedQemu() });
   ssh = await connectLabSsh('backup');
   receiver = await openRemoteReceiver(ssh, { storeDir: STORE_INSIDE, keep: 3 });
   checkpointer = await Checkpointer.create({
@@ -111,7 +112,7 @@ describe('continuous checkpoints, primary → backup over SSH', () => {
     const latest = await store.latestVerified();
     expect(latest?.metadata.epoch).toBe(5);
     const primaryBoot = (await waitForProbe(vm.probe, 5_000)).bootId;
-    const restored = await startProbeVm({ host: 'backup', name: VM, incoming: true });
+    const restored = await startProbeVm({ host: 'backup', name: VM, incoming: true, emulator: patchedQemu() });
     try {
       const { loadMs } = await restoreCheckpoint(restored, latest!.path);
       console.log(`restored epoch 5 on backup in ${loadMs.toFixed(0)} ms`);
