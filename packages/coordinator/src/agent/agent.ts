@@ -577,6 +577,7 @@ export class Agent implements AgentControl {
           epoch: done.epoch,
           deltaMs: nsToMs(done.deltaNs),
           resumeLateMs: nsToMs(done.resume.lateNs),
+          lateGivenBackMs: done.lateFix ? nsToMs(done.lateFix.lateNs) : 0,
           lastBeatToResumeMs: lastBeatWall ? Math.round(resumeMs - lastBeatWall) : undefined,
           restoreMs: Math.round(performance.now() - started),
         },
@@ -585,6 +586,11 @@ export class Agent implements AgentControl {
       const ledger = new DriftLedger(slot.name);
       const entry = ledger.recordPause(kind === 'failover' ? 'failover' : 'migration', done.stopNs, done.resume.resumeNs);
       ledger.recordCorrection({ actuator: 'stream-rewrite', appliedNs: done.deltaNs }, entry);
+      if (done.lateFix) {
+        // the correcting stop/cont: its pause and the lateness, both given back in place
+        const fix = ledger.recordPause('failover', done.lateFix.resumeNs - done.lateFix.pauseNs, done.lateFix.resumeNs);
+        ledger.recordCorrection({ actuator: 'inplace', appliedNs: done.lateFix.appliedNs, frozenNs: done.lateFix.pauseNs }, fix);
+      }
       await this.becomePrimary(slot, { qmp: done.restore.qmp, ledger });
       this.metrics.failover(slot.name, kind, lastBeatWall ? (resumeMs - lastBeatWall) / 1000 : (performance.now() - started) / 1000);
       await this.records.update(slot.name, () => ({

@@ -1,7 +1,8 @@
 import { once } from 'node:events';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { advanceClockSections, realtimeClock, resumeOnTime, splitCheckpoint, type OnTimeResume } from '@ftvm/kvmclock';
+import { advanceClockSections, InPlaceActuator, realtimeClock, resumeOnTime, splitCheckpoint, type OnTimeResume } from '@ftvm/kvmclock';
+import type { QmpClient } from '@ftvm/qmp';
 import { PreparedRestore, type LibvirtConnection, type RestoreResult } from '@ftvm/libvirt';
 import { CheckpointStore, type CheckpointMetadata } from '@ftvm/transport';
 import type { Log } from './types.js';
@@ -29,6 +30,47 @@ export interface CompletedRestore {
   deltaNs: bigint;
   /** The checkpoint's STOP stamp on the old primary (host realtime, ns). */
   stopNs: bigint;
+  /** ftvm's QEMU gave the resume's lateness back to the guest clock (see giveBackLateness). */
+  lateFix?: LatenessCorrection;
+}
+
+export interface LatenessCorrection {
+  /** How late the scheduled resume came (QEMU's RESUME − the target the clock was rewritten for). */
+  lateNs: bigint;
+  /** What QEMU added at the correcting resume: the correcting pause plus the lateness. */
+  appliedNs: bigint;
+  /** The extra pause it took (QEMU's own measure), and QEMU's RESUME stamp that ended it. */
+  pauseNs: bigint;
+  resumeNs: bigint;
+}
+
+/** Below this the scheduled resume is taken as on time (the probe's own error is ~0.2 ms). */
+const LATENESS_TOLERANCE_NS = 300_000n;
+
+/**
+ * The scheduled resume can come late when the host is busy (this process or QEMU's main loop
+ * preempted; measured up to 36 ms on the 2-core lab), and the guest clock is then behind by
+ * exactly that. With ftvm's QEMU the lateness is handed back in place: arm
+ * x-ftvm-clock-compensate with the stopped time plus the measured lateness, stop, cont — a pause
+ * of a few ms after which the guest clock is where real time is. A stock QEMU keeps the lateness.
+ */
+async function giveBackLateness(qmp: QmpClient, lateNs: bigint, log: Log): Promise<LatenessCorrection | undefined> {
+  if (lateNs <= LATENESS_TOLERANCE_NS && lateNs >= -LATENESS_TOLERANCE_NS) return undefined;
+  const actuator = await InPlaceActuator.detect(qmp);
+  if (!actuator) {
+    log.warn({ lateMs: Number(lateNs) / 1e6 }, 'the restored VM resumed late; this QEMU cannot give the time back in place');
+    return undefined;
+  }
+  await actuator.arm({ includeStoppedTime: true, offsetNs: lateNs });
+  const resumed = qmp.waitForEvent('RESUME', { timeoutMs: 10_000 });
+  resumed.catch(() => undefined);
+  await qmp.execute('stop');
+  await qmp.execute('cont');
+  const resumeNs = (await resumed).timestampNs;
+  const applied = await actuator.lastApplied();
+  const correction = { lateNs, appliedNs: applied?.appliedNs ?? 0n, pauseNs: applied?.stoppedNs ?? 0n, resumeNs };
+  log.info({ lateMs: Number(lateNs) / 1e6, appliedMs: Number(correction.appliedNs) / 1e6, pauseMs: Number(correction.pauseNs) / 1e6 }, 'late resume given back in place');
+  return correction;
 }
 
 export class NoCheckpointError extends Error {
@@ -50,6 +92,7 @@ export class StagedRestore {
   private deltaNs: bigint | undefined;
   private readonly restoring: Promise<RestoreResult>;
   private resume: OnTimeResume | undefined;
+  private lateFix: LatenessCorrection | undefined;
 
   private constructor(
     readonly metadata: CheckpointMetadata,
@@ -99,6 +142,7 @@ export class StagedRestore {
         const status = await qmp.execute<{ running: boolean }>('query-status');
         if (status.running) throw new Error('the restored VM was running before its scheduled resume');
         this.resume = await resumeOnTime(qmp, this.targetNs!, { clock });
+        this.lateFix = await giveBackLateness(qmp, this.resume.lateNs, options.log);
         return this.resume.resumeNs;
       },
     }));
@@ -123,7 +167,7 @@ export class StagedRestore {
   async complete(marginMs: number): Promise<CompletedRestore> {
     this.go(BigInt(Math.round(marginMs * 1e6)));
     const restore = await this.restoring;
-    return { epoch: this.epoch, restore, resume: this.resume!, deltaNs: this.deltaNs!, stopNs: BigInt(this.metadata.stopNs) };
+    return { epoch: this.epoch, restore, resume: this.resume!, deltaNs: this.deltaNs!, stopNs: BigInt(this.metadata.stopNs), ...(this.lateFix ? { lateFix: this.lateFix } : {}) };
   }
 
   /** Gives up: the paused domain is destroyed and undefined (restore's own cleanup). */
