@@ -42,26 +42,38 @@ afterAll(async () => {
   await vm?.destroy();
 });
 
+function checkpoint(epoch: number) {
+  return checkpointer.checkpoint(epoch, receiver.sender).catch((e: Error) => {
+    throw new Error(`${e.message}; receiver stderr: ${receiver.stderr()}`);
+  });
+}
+
 async function expectPrimaryRunning(): Promise<void> {
   expect(await vm.qmp.execute('query-status')).toMatchObject({ status: 'running' });
   await waitForProbe(vm.probe, 5_000);
 }
 
 describe('continuous checkpoints, primary → backup over SSH', () => {
-  it('commits successive checkpoints on the backup, the VM running between them', async () => {
+  it('commits successive checkpoints on the backup, the VM running between them: a full one, then increments', async () => {
+    expect(checkpointer.incremental).toBe(true);
+    const results = [];
     for (const epoch of [1, 2, 3]) {
-      const result = await checkpointer.checkpoint(epoch, receiver.sender).catch((e: Error) => {
-        throw new Error(`${e.message}; receiver stderr: ${receiver.stderr()}`);
-      });
+      const result = await checkpoint(epoch);
       const pauseMs = Number(result.resumeNs - result.stopNs) / 1e6;
-      console.log(`epoch ${epoch}: ${(result.bytes / 1e6).toFixed(1)} MB in ${result.durationMs.toFixed(0)} ms, pause ${pauseMs.toFixed(2)} ms`);
-      expect(result.bytes).toBeGreaterThan(1_000_000);
+      console.log(`epoch ${epoch}: ${(result.bytes / 1e6).toFixed(1)} MB in ${result.durationMs.toFixed(0)} ms, pause ${pauseMs.toFixed(2)} ms, base ${result.base}`);
       expect(pauseMs).toBeGreaterThan(0);
+      results.push(result);
       await expectPrimaryRunning();
     }
+    expect(results.map((r) => r.base)).toEqual([undefined, 1, 2]);
+    expect(results[0]!.bytes).toBeGreaterThan(20_000_000); // the whole guest
+    // the guest writes 4 MiB/s: an increment is what changed in about a second, not the guest
+    expect(results[1]!.bytes).toBeLessThan(results[0]!.bytes / 4);
+    expect(results[2]!.bytes).toBeLessThan(results[0]!.bytes / 4);
     const store = await new CheckpointStore(storeOutside(), 3).open();
     expect(await store.epochs()).toEqual([1, 2, 3]);
     const meta = await store.verify(3);
+    expect(meta.base).toBe(2);
     expect(BigInt(meta.resumeNs) > BigInt(meta.stopNs)).toBe(true);
     expect(meta.domainXml).toContain(VM);
   });
@@ -69,7 +81,8 @@ describe('continuous checkpoints, primary → backup over SSH', () => {
   it('keeps the primary running and the previous checkpoint intact when the receiver dies mid-checkpoint', async () => {
     const store = await new CheckpointStore(storeOutside(), 3).open();
     const before = await store.verify(3);
-    const attempt = checkpointer.checkpoint(4, receiver.sender).catch((e: unknown) => e);
+    // a full one, so that 150 ms in the stream is still flowing
+    const attempt = checkpointer.checkpoint(4, receiver.sender, { full: true }).catch((e: unknown) => e);
     await new Promise((r) => setTimeout(r, 150)); // the stream is flowing by now
     await execIn('backup', ['pkill', '-KILL', '-f', 'ftvm-receive']);
     const error = await attempt;
@@ -80,8 +93,10 @@ describe('continuous checkpoints, primary → backup over SSH', () => {
     expect(await store.latestEpoch()).toBe(3); // the killed receiver's partial file is never "latest"
     // A new receiver cleans up what the killed one left and picks up from there.
     receiver = await openRemoteReceiver(ssh, { storeDir: STORE_INSIDE, keep: 3 });
-    await expect(checkpointer.checkpoint(5, receiver.sender)).resolves.toMatchObject({ epoch: 5 });
-    expect(await store.epochs()).toEqual([2, 3, 5]);
+    // the failed checkpoint broke the chain: the next one is full
+    await expect(checkpointer.checkpoint(5, receiver.sender)).resolves.toMatchObject({ epoch: 5, base: undefined });
+    // the newest three, and checkpoint 1 that 2 and 3 build on
+    expect(await store.epochs()).toEqual([1, 2, 3, 5]);
     expect(fs.readdirSync(storeOutside()).filter((f) => f.endsWith('.tmp'))).toEqual([]);
   });
 
@@ -107,21 +122,28 @@ describe('continuous checkpoints, primary → backup over SSH', () => {
     }
   });
 
-  it('loads the newest committed checkpoint into a fresh domain on the backup, and the probe answers there', async () => {
+  it('loads the newest committed checkpoint, a full one and two increments flattened, into a fresh domain on the backup, and the probe answers there', async () => {
+    await checkpoint(6);
+    const before7 = await waitForProbe(vm.probe, 5_000);
+    expect((await checkpoint(7)).base).toBe(6);
     const store = await new CheckpointStore(storeOutside(), 3).open();
     const latest = await store.latestVerified();
-    expect(latest?.metadata.epoch).toBe(5);
-    const primaryBoot = (await waitForProbe(vm.probe, 5_000)).bootId;
+    expect(latest?.metadata.epoch).toBe(7);
+    expect(latest?.chain).toEqual([5, 6, 7].map((e) => store.dataPath(e)));
+    const flat = path.join(fs.mkdtempSync('/tmp/ftvm-ckpt-'), 'epoch-7.mig');
+    fs.writeFileSync(flat, await store.read(latest!));
     const restored = await startProbeVm({ host: 'backup', name: VM, incoming: true, emulator: patchedQemu() });
     try {
-      const { loadMs } = await restoreCheckpoint(restored, latest!.path);
-      console.log(`restored epoch 5 on backup in ${loadMs.toFixed(0)} ms`);
+      const { loadMs } = await restoreCheckpoint(restored, flat);
+      console.log(`restored epoch 7 (chain 5-6-7, ${fs.statSync(flat).size} bytes flattened) on backup in ${loadMs.toFixed(0)} ms`);
       const reply = await waitForProbe(restored.probe, 10_000);
       expect(restored.probe.host).toBe(hostInfo('backup').ip);
-      expect(reply.bootId).toBe(primaryBoot); // the same guest, continued — not a fresh boot
-      expect(reply.workloadCounter).toBeGreaterThan(0n); // its workload came along with the memory
+      expect(reply.bootId).toBe(before7.bootId); // the same guest, continued — not a fresh boot
+      // its memory is as of checkpoint 7: the workload had counted past what it had before 7
+      expect(reply.workloadCounter).toBeGreaterThanOrEqual(before7.workloadCounter);
     } finally {
       await restored.destroy();
+      fs.rmSync(path.dirname(flat), { recursive: true, force: true });
     }
   });
 });

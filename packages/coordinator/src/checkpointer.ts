@@ -38,6 +38,14 @@ export interface CheckpointerOptions {
    * failover. Default: the STOP stamp.
    */
   stopInstant?: (stamps: { stopNs: bigint; resumeNs: bigint }) => Promise<bigint>;
+  /**
+   * Incremental checkpoints (default: on when QEMU has ftvm's x-ftvm-incremental): after a
+   * checkpoint the backup acknowledged, the next carries only the pages written since, applied
+   * on top of it in the backup's store. Anything that fails makes the next one full again.
+   */
+  incremental?: boolean;
+  /** A full checkpoint at least every this many, bounding the chain a restore must flatten. Default 30. */
+  fullEvery?: number;
 }
 
 export interface CheckpointResult {
@@ -52,34 +60,59 @@ export interface CheckpointResult {
   migrateMs: number;
   /** QEMU's own account of the stopped phase (query-migrate `downtime`): the rest of the pause is notification and `cont`. */
   qemuDowntimeMs: number | undefined;
+  /** An incremental checkpoint: the epoch it applies on. Undefined for a full one. */
+  base: number | undefined;
 }
 
 const SELF_RESUME_CAPABILITY = 'x-ftvm-resume-source';
+const INCREMENTAL_CAPABILITY = 'x-ftvm-incremental';
+
+/** The acknowledged checkpoint the next one may build on, and the channel that acknowledged it. */
+interface ChainTip {
+  epoch: number;
+  sha256: string;
+  sender: ReplicationSender;
+  length: number;
+}
 
 type MigrationStatus = 'setup' | 'active' | 'device' | 'completed' | 'failed' | 'cancelled' | string;
 
 /**
- * Takes checkpoints of a running VM: a full precopy `migrate` into a local unix socket whose bytes
- * go straight into the replication channel. The VM runs during the copy; QEMU stops it only for
- * the last dirty pages and device state, and the moment the MIGRATION event says `completed`,
- * `cont` is sent. Whatever goes wrong, the VM is left running.
+ * Takes checkpoints of a running VM: a precopy `migrate` into a local unix socket whose bytes go
+ * straight into the replication channel. The VM runs during the copy; QEMU stops it only for the
+ * last dirty pages and device state, and the moment the MIGRATION event says `completed`, `cont`
+ * is sent (or, with ftvm's QEMU, it resumes by itself). With ftvm's QEMU, a checkpoint after an
+ * acknowledged one is incremental: only the pages written since. Whatever goes wrong, the VM is
+ * left running and the next checkpoint is full.
  */
 export class Checkpointer {
+  private tip: ChainTip | undefined;
+  /** QEMU may be keeping a dirty log since a completed migration the backup never acknowledged. */
+  private qemuMayHoldBase = false;
+
   private constructor(
     private readonly options: CheckpointerOptions,
     private readonly socket: MigrationSocket,
     /** QEMU resumes the source itself after each checkpoint (ftvm's patch): no `cont` round trip. */
     readonly selfResuming: boolean,
+    /** Checkpoints after the first carry only what changed (ftvm's patch). */
+    readonly incremental: boolean,
   ) {}
 
   static async create(options: CheckpointerOptions): Promise<Checkpointer> {
     const { qmp } = options;
     const capabilities = await qmp.execute<{ capability: string }[]>('query-migrate-capabilities');
     const selfResuming = capabilities.some((c) => c.capability === SELF_RESUME_CAPABILITY);
+    const incremental = (options.incremental ?? true) && capabilities.some((c) => c.capability === INCREMENTAL_CAPABILITY);
+    if (incremental) {
+      // Off first: whatever an earlier user of this QEMU left, the first checkpoint is full.
+      await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: INCREMENTAL_CAPABILITY, state: false }] });
+    }
     await qmp.execute('migrate-set-capabilities', {
       capabilities: [
         { capability: 'events', state: true },
         ...(selfResuming ? [{ capability: SELF_RESUME_CAPABILITY, state: true }] : []),
+        ...(incremental ? [{ capability: INCREMENTAL_CAPABILITY, state: true }] : []),
       ],
     });
     // QEMU caps migration at 32 MiB/s by default; a checkpoint wants the copy as fast as the link
@@ -88,15 +121,15 @@ export class Checkpointer {
       'max-bandwidth': 8 * 1024 * 1024 * 1024,
       'downtime-limit': options.downtimeLimitMs ?? 50,
     });
-    return new Checkpointer(options, await MigrationSocket.listen(options.socketPath), selfResuming);
+    return new Checkpointer(options, await MigrationSocket.listen(options.socketPath), selfResuming, incremental);
   }
 
   /**
    * Takes one checkpoint and streams it to `sender`. With `leaveStopped` (a planned switchover's
    * last checkpoint) the VM stays stopped once the stream is out: nothing runs after the state the
-   * backup receives, so the move loses nothing.
+   * backup receives, so the move loses nothing. `full` starts a new chain whatever the last one.
    */
-  async checkpoint(epoch: number, sender: ReplicationSender, options: { leaveStopped?: boolean } = {}): Promise<CheckpointResult> {
+  async checkpoint(epoch: number, sender: ReplicationSender, options: { leaveStopped?: boolean; full?: boolean } = {}): Promise<CheckpointResult> {
     const { qmp, vm } = this.options;
     const leaveStopped = options.leaveStopped ?? false;
     const timeoutMs = this.options.timeoutMs ?? 60_000;
@@ -108,6 +141,8 @@ export class Checkpointer {
     const migration = new Promise<{ ok: true } | { ok: false; reason: string }>((resolve) => (settle = resolve));
     let resumed!: () => void;
     const resumedPromise = new Promise<void>((resolve) => (resumed = resolve));
+    const base = options.full ? undefined : this.baseFor(sender);
+    this.tip = undefined; // until this one is acknowledged, nothing may build on anything
 
     const unsubscribe = qmp.onEvent((event: QmpEvent) => {
       if (event.event === 'STOP') stopNs = event.timestampNs;
@@ -147,10 +182,18 @@ export class Checkpointer {
       } else {
         await this.options.beforeMigrate?.();
       }
+      if (!base && this.qemuMayHoldBase) await this.dropQemuBase();
+      this.qemuMayHoldBase = this.incremental;
       await qmp.execute('migrate', { uri: `unix:${this.options.qemuSocketPath ?? this.socket.path}` });
       const stream = await connection;
       const sending = sender.send({
-        header: { vm, epoch, qemuVersion: this.options.qemuVersion, ...(this.options.domainXml ? { domainXml: this.options.domainXml } : {}) },
+        header: {
+          vm,
+          epoch,
+          qemuVersion: this.options.qemuVersion,
+          ...(this.options.domainXml ? { domainXml: this.options.domainXml } : {}),
+          ...(base ? { base: { epoch: base.epoch, sha256: base.sha256 } } : {}),
+        },
         data: stream,
         trailer: async () => {
           const outcome = await migration;
@@ -172,6 +215,7 @@ export class Checkpointer {
       }
       const info = await qmp.execute<{ downtime?: number }>('query-migrate').catch(() => ({}) as { downtime?: number });
       const ack = await sending;
+      if (this.incremental) this.tip = { epoch, sha256: ack.sha256, sender, length: (base?.length ?? 0) + 1 };
       return {
         epoch,
         stopNs: stopNs!,
@@ -180,6 +224,7 @@ export class Checkpointer {
         durationMs: performance.now() - started,
         migrateMs,
         qemuDowntimeMs: info.downtime,
+        base: base?.epoch,
       };
     } catch (error) {
       // The primary VM must keep running whatever happened to the backup or the link.
@@ -198,6 +243,21 @@ export class Checkpointer {
 
   async close(): Promise<void> {
     await this.socket.close();
+  }
+
+  /** The checkpoint this one may build on: the last one acknowledged, over the same channel. */
+  private baseFor(sender: ReplicationSender): ChainTip | undefined {
+    const tip = this.tip;
+    if (!this.incremental || !tip || tip.sender !== sender || !sender.isOpen) return undefined;
+    return tip.length < (this.options.fullEvery ?? 30) ? tip : undefined;
+  }
+
+  /** Makes QEMU's next migration send every page (turning the capability off drops its dirty log). */
+  private async dropQemuBase(): Promise<void> {
+    const { qmp } = this.options;
+    await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: INCREMENTAL_CAPABILITY, state: false }] });
+    await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: INCREMENTAL_CAPABILITY, state: true }] });
+    this.qemuMayHoldBase = false;
   }
 
   private async resume(): Promise<void> {

@@ -88,7 +88,17 @@ describe('stream verifier (for the checkpoint store)', () => {
   it('accepts a whole stream fed in pieces and summarises it', () => {
     const v = createStreamVerifier();
     for (let p = 0; p < s.bytes.length; p += 777) v.update(s.bytes.subarray(p, p + 777));
-    expect(v.end()).toEqual({ bytes: s.bytes.length, records: expect.any(Number), ramPages: 7, deviceSections: s.devices.length, hasDescription: true });
+    expect(v.end()).toEqual({
+      bytes: s.bytes.length,
+      records: expect.any(Number),
+      ramPages: 7,
+      deviceSections: s.devices.length,
+      hasDescription: true,
+      ramBlocks: [{ id: 'pc.ram', bytes: 1 << 20 }, { id: '/rom@etc/acpi/tables', bytes: 128 << 10 }, { id: 'pc.bios', bytes: 256 << 10 }],
+      // the synthetic stream carries a handful of pages: an incremental one, to the store
+      fullRam: false,
+      ramGap: { block: 'pc.ram', missingPages: 251 },
+    });
   });
 
   it('never throws from update(); end() reports a cut or garbled stream', () => {

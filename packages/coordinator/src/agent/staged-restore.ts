@@ -1,5 +1,4 @@
 import { once } from 'node:events';
-import fs from 'node:fs/promises';
 import path from 'node:path';
 import { advanceClockSections, InPlaceActuator, realtimeClock, resumeOnTime, splitCheckpoint, type OnTimeResume } from '@ftvm/kvmclock';
 import type { QmpClient } from '@ftvm/qmp';
@@ -154,8 +153,8 @@ export class StagedRestore {
     const store = await new CheckpointStore(path.posix.join(options.storeDir, options.record.name), options.record.keep).open();
     const latest = await store.latestVerified((error) => options.log.warn({ err: error.message }, 'skipping a checkpoint that does not verify'));
     if (!latest) throw new NoCheckpointError(`no committed checkpoint of '${options.record.name}' in ${store.dir}`);
-    const data = await fs.readFile(latest.path);
-    options.log.info({ epoch: latest.metadata.epoch, bytes: data.length }, 'staging restore');
+    const data = await store.read(latest);
+    options.log.info({ epoch: latest.metadata.epoch, chain: latest.chain.length, bytes: data.length }, 'staging restore');
     return new StagedRestore(latest.metadata, data, options);
   }
 

@@ -20,6 +20,8 @@ export interface CheckpointHeader {
   epoch: number;
   qemuVersion: string;
   domainXml?: string;
+  /** An incremental checkpoint: the committed one it applies on (see CheckpointStore). */
+  base?: { epoch: number; sha256: string };
 }
 
 export interface CheckpointTrailer {

@@ -56,6 +56,7 @@ export async function runReceiver(input: Readable, output: Writable, options: Re
         resumeNs: 0n,
         qemuVersion: header.qemuVersion,
         ...(header.domainXml === undefined ? {} : { domainXml: header.domainXml }),
+        ...(header.base === undefined ? {} : { base: header.base }),
         ...(options.createVerifier ? { verifier: options.createVerifier() } : {}),
         trailer: async () => {
           const t = await trailerPromise;
@@ -64,7 +65,7 @@ export async function runReceiver(input: Readable, output: Writable, options: Re
       })
       .then(
         (meta) => {
-          log(`committed epoch ${meta.epoch}: ${meta.bytes} bytes`);
+          log(`committed epoch ${meta.epoch}: ${meta.bytes} bytes${meta.base === undefined ? '' : ` on epoch ${meta.base}`}`);
           reply({ type: 'ack', epoch: meta.epoch, bytes: meta.bytes, sha256: meta.sha256 });
         },
         (error: unknown) => {

@@ -3,6 +3,7 @@ import { createReadStream } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
+import { flattenCheckpointChain, sameBlocks, type RamBlockExtent } from '../stream/chain.js';
 import { CheckpointStoreError } from './errors.js';
 import { invalidMetadataField, type CheckpointMetadata } from './metadata.js';
 
@@ -12,8 +13,31 @@ import { invalidMetadataField, type CheckpointMetadata } from './metadata.js';
  */
 export interface StreamVerifier {
   update(chunk: Buffer): void;
-  /** Throws if the stream is incomplete or invalid. */
-  end(): void;
+  /**
+   * Throws if the stream is incomplete or invalid. A migration-stream verifier also says what RAM
+   * the stream carried, so the store can refuse a "full" checkpoint with pages missing or an
+   * incremental one whose RAM blocks differ from its base's.
+   */
+  end(): void | StreamShape;
+}
+
+export interface StreamShape {
+  ramBlocks: RamBlockExtent[] | undefined;
+  fullRam: boolean;
+  ramGap?: { block: string; missingPages: number };
+}
+
+/** The checkpoint an incremental one applies on: its epoch and, to prove the lineage, its checksum. */
+export interface CheckpointBase {
+  epoch: number;
+  sha256: string;
+}
+
+/** The newest loadable checkpoint and the files that make it, oldest (a full one) first. */
+export interface LoadableCheckpoint {
+  metadata: CheckpointMetadata;
+  path: string;
+  chain: string[];
 }
 
 export interface CommitInput {
@@ -27,6 +51,8 @@ export interface CommitInput {
   verifier?: StreamVerifier;
   /** Metadata the caller learns only after the data (the RESUME stamp comes after the stream). */
   trailer?: () => Promise<Pick<CommitInput, 'stopNs' | 'resumeNs'>>;
+  /** Set for an incremental checkpoint: it must apply on the newest committed one, exactly this. */
+  base?: CheckpointBase;
 }
 
 const DATA_SUFFIX = '.ckpt';
@@ -41,6 +67,10 @@ const TMP_SUFFIX = '.tmp';
  * to `<epoch>.json`, and the directory is fsync'd. The metadata rename is the commit point: a data
  * file without metadata was never committed and is removed on open, so a crash at any instant
  * leaves either the old set or the old set plus one complete checkpoint.
+ *
+ * Incremental checkpoints (only the pages written since their base) are committed the same way,
+ * only on top of the newest committed checkpoint, named with its checksum; pruning keeps every
+ * checkpoint a kept one depends on, and reading flattens the chain into one full stream.
  */
 export class CheckpointStore {
   constructor(
@@ -76,6 +106,7 @@ export class CheckpointStore {
     if (latest !== undefined && epoch <= latest) {
       throw new CheckpointStoreError(`epoch ${epoch} is not newer than the latest committed (${latest})`, 'conflict', epoch);
     }
+    const base = input.base ? await this.checkBase(epoch, input.base, latest) : undefined;
     const dataPath = this.dataPath(epoch);
     const tmpData = `${dataPath}.${process.pid}${TMP_SUFFIX}`;
     let bytes = 0;
@@ -93,11 +124,13 @@ export class CheckpointStore {
       } finally {
         await file.close();
       }
+      let shape: void | StreamShape;
       try {
-        input.verifier?.end();
+        shape = input.verifier?.end();
       } catch (error) {
         throw new CheckpointStoreError(`checkpoint ${epoch} failed verification: ${(error as Error).message}`, 'verify', epoch);
       }
+      if (shape) checkShape(epoch, shape, base);
       if (bytes === 0) throw new CheckpointStoreError(`checkpoint ${epoch} is empty`, 'verify', epoch);
       const late = input.trailer ? await input.trailer() : input;
       const metadata: CheckpointMetadata = {
@@ -110,6 +143,8 @@ export class CheckpointStore {
         qemuVersion: input.qemuVersion,
         ...(input.domainXml === undefined ? {} : { domainXml: input.domainXml }),
         committedAt: new Date().toISOString(),
+        ...(base ? { base: base.epoch } : {}),
+        ...(shape && shape.ramBlocks ? { ramBlocks: shape.ramBlocks } : {}),
       };
       await fs.rename(tmpData, dataPath);
       await this.syncDir(); // the data's name must be durable before the metadata that commits it
@@ -184,20 +219,61 @@ export class CheckpointStore {
     return meta;
   }
 
+  /** The metadata of `epoch` and of every checkpoint it builds on, oldest (a full one) first. */
+  async chain(epoch: number): Promise<CheckpointMetadata[]> {
+    const chain = [await this.metadata(epoch)];
+    for (let meta = chain[0]!; meta.base !== undefined; ) {
+      const baseEpoch = meta.base;
+      meta = await this.metadata(baseEpoch).catch((error: unknown) => {
+        throw error instanceof CheckpointStoreError && error.code === 'not-found'
+          ? new CheckpointStoreError(`checkpoint ${epoch} builds on checkpoint ${baseEpoch}, which is gone`, 'corrupt', epoch)
+          : error;
+      });
+      chain.unshift(meta);
+    }
+    return chain;
+  }
+
   /**
-   * The newest checkpoint whose data still matches its checksum. Corrupt ones are reported through
-   * `onCorrupt` and skipped (never deleted: they are evidence), so an older intact one is used.
+   * The newest checkpoint whose data, and that of every checkpoint it builds on, still matches
+   * its checksum. Corrupt ones are reported through `onCorrupt` and skipped (never deleted: they
+   * are evidence), so an older intact one is used.
    */
-  async latestVerified(onCorrupt?: (error: CheckpointStoreError) => void): Promise<{ metadata: CheckpointMetadata; path: string } | undefined> {
+  async latestVerified(onCorrupt?: (error: CheckpointStoreError) => void): Promise<LoadableCheckpoint | undefined> {
+    const verified = new Map<number, Promise<CheckpointMetadata>>();
+    const verifyOnce = (epoch: number) => {
+      if (!verified.has(epoch)) verified.set(epoch, this.verify(epoch));
+      return verified.get(epoch)!;
+    };
     for (const epoch of (await this.epochs()).reverse()) {
       try {
-        return { metadata: await this.verify(epoch), path: this.dataPath(epoch) };
+        const chain = await this.chain(epoch);
+        for (const link of chain) {
+          await verifyOnce(link.epoch).catch((error: unknown) => {
+            if (link.epoch === epoch || !(error instanceof CheckpointStoreError)) throw error;
+            throw new CheckpointStoreError(`checkpoint ${epoch} builds on checkpoint ${link.epoch}: ${error.message}`, 'corrupt', epoch, error.path);
+          });
+        }
+        return { metadata: chain.at(-1)!, path: this.dataPath(epoch), chain: chain.map((m) => this.dataPath(m.epoch)) };
       } catch (error) {
         if (!(error instanceof CheckpointStoreError)) throw error;
         onCorrupt?.(error);
       }
     }
     return undefined;
+  }
+
+  /**
+   * A loadable checkpoint as one full migration stream: the file itself for a full checkpoint,
+   * the flattened chain for an incremental one.
+   */
+  async read(checkpoint: LoadableCheckpoint): Promise<Buffer> {
+    const files = await Promise.all(checkpoint.chain.map((file) => fs.readFile(file)));
+    try {
+      return flattenCheckpointChain(files);
+    } catch (error) {
+      throw new CheckpointStoreError(`checkpoint ${checkpoint.metadata.epoch} cannot be assembled: ${(error as Error).message}`, 'corrupt', checkpoint.metadata.epoch);
+    }
   }
 
   dataPath(epoch: number): string {
@@ -208,10 +284,30 @@ export class CheckpointStore {
     return path.join(this.dir, `${epoch}${META_SUFFIX}`);
   }
 
-  /** Keeps the newest `keep` checkpoints; metadata goes first so a half-pruned one is uncommitted. */
+  /** An incremental checkpoint may only extend the newest committed one, of the same lineage. */
+  private async checkBase(epoch: number, base: CheckpointBase, latest: number | undefined): Promise<CheckpointMetadata> {
+    if (base.epoch !== latest) {
+      throw new CheckpointStoreError(`checkpoint ${epoch} builds on checkpoint ${base.epoch}, but the newest committed is ${latest ?? 'none'}`, 'no-base', epoch);
+    }
+    const meta = await this.metadata(base.epoch);
+    if (meta.sha256 !== base.sha256) {
+      throw new CheckpointStoreError(`checkpoint ${epoch} builds on a checkpoint ${base.epoch} other than the one stored here (checksum differs)`, 'no-base', epoch);
+    }
+    return meta;
+  }
+
+  /**
+   * Keeps the newest `keep` checkpoints and every checkpoint they build on; metadata goes first
+   * so a half-pruned one is uncommitted.
+   */
   private async prune(): Promise<void> {
     const epochs = await this.epochs();
-    for (const epoch of epochs.slice(0, Math.max(0, epochs.length - this.keep))) {
+    const needed = new Set<number>();
+    for (const epoch of epochs.slice(-this.keep)) {
+      for (const meta of await this.chain(epoch).catch(() => [])) needed.add(meta.epoch);
+      needed.add(epoch);
+    }
+    for (const epoch of epochs.filter((e) => !needed.has(e))) {
       await fs.rm(this.metaPath(epoch), { force: true });
       await fs.rm(this.dataPath(epoch), { force: true });
     }
@@ -236,6 +332,21 @@ export class CheckpointStore {
     } finally {
       await dir.close();
     }
+  }
+}
+
+/** A full checkpoint must carry every page; an incremental one the same RAM blocks as its base. */
+function checkShape(epoch: number, shape: StreamShape, base: CheckpointMetadata | undefined): void {
+  if (!base && shape.ramBlocks && !shape.fullRam) {
+    const gap = shape.ramGap;
+    throw new CheckpointStoreError(
+      `checkpoint ${epoch} came as a full checkpoint but lacks ${gap ? `${gap.missingPages} pages of RAM block '${gap.block}'` : 'RAM pages'} (an incremental stream without its base?)`,
+      'verify',
+      epoch,
+    );
+  }
+  if (base?.ramBlocks && !sameBlocks(base.ramBlocks, shape.ramBlocks)) {
+    throw new CheckpointStoreError(`checkpoint ${epoch} has other RAM blocks than its base, checkpoint ${base.epoch}`, 'verify', epoch);
   }
 }
 

@@ -3,7 +3,7 @@ export class CheckpointStoreError extends Error {
   override name = 'CheckpointStoreError';
   constructor(
     message: string,
-    readonly code: 'io' | 'no-space' | 'permission' | 'verify' | 'corrupt' | 'conflict' | 'not-found',
+    readonly code: 'io' | 'no-space' | 'permission' | 'verify' | 'corrupt' | 'conflict' | 'not-found' | 'no-base',
     readonly epoch?: number,
     readonly path?: string,
   ) {

@@ -1,3 +1,5 @@
+import type { RamBlockExtent } from '../stream/chain.js';
+
 /** What the store keeps about each committed checkpoint, next to its data file. */
 export interface CheckpointMetadata {
   vm: string;
@@ -11,9 +13,16 @@ export interface CheckpointMetadata {
   domainXml?: string;
   /** Wall-clock time the backup committed it (ISO 8601). */
   committedAt: string;
+  /**
+   * An incremental checkpoint (x-ftvm-incremental) holds only the pages written since this
+   * earlier epoch: loading it needs the whole chain back to a full one. Absent: a full checkpoint.
+   */
+  base?: number;
+  /** The RAM blocks the stream announced (when the store verified it as a migration stream). */
+  ramBlocks?: RamBlockExtent[];
 }
 
-const REQUIRED: Record<keyof CheckpointMetadata, 'string' | 'number' | 'optional-string'> = {
+const REQUIRED: Record<Exclude<keyof CheckpointMetadata, 'base' | 'ramBlocks'>, 'string' | 'number' | 'optional-string'> = {
   vm: 'string',
   epoch: 'number',
   stopNs: 'string',
@@ -33,6 +42,10 @@ export function invalidMetadataField(value: unknown): string | undefined {
     const v = record[field];
     if (kind === 'optional-string' ? v !== undefined && typeof v !== 'string' : typeof v !== kind) return field;
   }
+  const base = record['base'];
+  if (base !== undefined && (!Number.isSafeInteger(base) || (base as number) < 0 || (base as number) >= (record['epoch'] as number))) return 'base';
+  const blocks = record['ramBlocks'];
+  if (blocks !== undefined && (!Array.isArray(blocks) || !blocks.every((b) => typeof b?.id === 'string' && Number.isSafeInteger(b?.bytes)))) return 'ramBlocks';
   if (!Number.isSafeInteger(record['epoch']) || (record['epoch'] as number) < 0) return 'epoch';
   if (!/^[0-9a-f]{64}$/.test(String(record['sha256']))) return 'sha256';
   if (!/^-?\d+$/.test(String(record['stopNs'])) || !/^-?\d+$/.test(String(record['resumeNs']))) return 'stopNs/resumeNs';

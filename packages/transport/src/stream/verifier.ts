@@ -2,6 +2,7 @@
 // a stream cut short or garbled is refused before it is committed. Fits the store's StreamVerifier
 // shape: update() never throws (the first error is kept and parsing stops), end() throws it.
 
+import { RamCoverage, type RamBlockExtent } from './chain.js';
 import { MigrationStreamParser, type MigrationStreamParserOptions } from './parser.js';
 import type { MigrationRecord } from './records.js';
 
@@ -11,14 +12,22 @@ export interface StreamSummary {
   ramPages: number;
   deviceSections: number;
   hasDescription: boolean;
+  /** The RAM blocks the stream announced (undefined: it had no "ram" section). */
+  ramBlocks: RamBlockExtent[] | undefined;
+  /** Every page of every block was carried: a full checkpoint, not an incremental one. */
+  fullRam: boolean;
+  /** When not full: the first block with pages missing, and how many. */
+  ramGap?: { block: string; missingPages: number };
 }
 
 export class MigrationStreamVerifier {
   private readonly parser: MigrationStreamParser;
   private error: Error | undefined;
-  private readonly stats: StreamSummary = { bytes: 0, records: 0, ramPages: 0, deviceSections: 0, hasDescription: false };
+  private readonly stats = { bytes: 0, records: 0, ramPages: 0, deviceSections: 0, hasDescription: false };
+  private readonly coverage = new RamCoverage();
   private readonly count = (r: MigrationRecord): void => {
     this.stats.records++;
+    this.coverage.add(r);
     if (r.type === 'ram-page' || r.type === 'ram-zero' || r.type === 'ram-compressed' || r.type === 'ram-xbzrle') this.stats.ramPages++;
     else if (r.type === 'device-section') this.stats.deviceSections++;
     else if (r.type === 'vm-description') this.stats.hasDescription = true;
@@ -42,7 +51,8 @@ export class MigrationStreamVerifier {
   end(): StreamSummary {
     if (this.error) throw this.error;
     this.parser.end(this.count);
-    return { ...this.stats };
+    const gap = this.coverage.firstGap();
+    return { ...this.stats, ramBlocks: this.coverage.blocks, fullRam: this.coverage.blocks !== undefined && gap === undefined, ...(gap ? { ramGap: gap } : {}) };
   }
 }
 
