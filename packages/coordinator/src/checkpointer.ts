@@ -25,9 +25,10 @@ export interface CheckpointerOptions {
   beforeMigrate?: () => Promise<void>;
   /**
    * QEMU's `downtime-limit` (ms): it stops the VM once the remaining dirty memory fits in this
-   * much time at the measured bandwidth. Measured here (TCG, 256 MiB, 4 MiB/s dirtying): 1 ms
-   * forces many precopy iterations and 3 of 7 such streams restored into a crashing guest, while
-   * 50 ms converged after the bulk pass and restored 5 of 5 — see packages/coordinator/README.md.
+   * much time at the measured bandwidth. Default 5 ms with ftvm's QEMU, 50 ms with stock QEMU:
+   * stock 7.2 under TCG loses writes across precopy iterations (fixed by ftvm's patch 0010), and
+   * with 1 ms 3 of 7 of its streams restored into a crashing guest, while 50 ms converged after
+   * the bulk pass and restored 5 of 5 — see packages/coordinator/README.md.
    */
   downtimeLimitMs?: number;
   /**
@@ -117,9 +118,10 @@ export class Checkpointer {
     });
     // QEMU caps migration at 32 MiB/s by default; a checkpoint wants the copy as fast as the link
     // takes it, with the stop decided by downtimeLimitMs.
+    const ftvmQemu = selfResuming || capabilities.some((c) => c.capability === INCREMENTAL_CAPABILITY);
     await qmp.execute('migrate-set-parameters', {
       'max-bandwidth': 8 * 1024 * 1024 * 1024,
-      'downtime-limit': options.downtimeLimitMs ?? 50,
+      'downtime-limit': options.downtimeLimitMs ?? (ftvmQemu ? 5 : 50),
     });
     return new Checkpointer(options, await MigrationSocket.listen(options.socketPath), selfResuming, incremental);
   }

@@ -6,6 +6,8 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { CheckpointStore } from '../src/store/index.js';
 import { ReplicationError, ReplicationSender, runReceiver } from '../src/replication/index.js';
 import type { StreamVerifier } from '../src/store/index.js';
+import { createStreamVerifier } from '../src/stream/index.js';
+import { full, stream } from './fixtures-chain.js';
 
 /** Two pipes joined into the duplex a sender sees, the receiver reading the other ends. */
 function link() {
@@ -37,6 +39,23 @@ describe('replication sender ↔ receiver', () => {
       expect((await store.verify(epoch)).stopNs).toBe(`${epoch}000`);
     }
     expect(await store.epochs()).toEqual([2, 3]);
+    sender.close();
+    await receiving;
+  });
+
+  it('carries an incremental checkpoint\'s base to the store, which refuses one of another lineage', async () => {
+    const store = await new CheckpointStore(dir).open();
+    const { channel, toReceiver, toSender } = link();
+    const receiving = runReceiver(toReceiver, toSender, { store, createVerifier: createStreamVerifier });
+    const sender = new ReplicationSender(channel);
+    const first = await sender.send({ header: header(1), data: Readable.from([stream(full(1))]), trailer: trailer(1) });
+    const increment = stream([{ block: 'pc.ram', index: 3 }]);
+    const foreign = await sender
+      .send({ header: { ...header(2), base: { epoch: 1, sha256: 'f'.repeat(64) } }, data: Readable.from([increment]), trailer: trailer(2) })
+      .catch((e: unknown) => e);
+    expect(foreign).toMatchObject({ code: 'no-base', epoch: 2 });
+    await sender.send({ header: { ...header(2), base: { epoch: 1, sha256: first.sha256 } }, data: Readable.from([increment]), trailer: trailer(2) });
+    expect((await store.metadata(2)).base).toBe(1);
     sender.close();
     await receiving;
   });

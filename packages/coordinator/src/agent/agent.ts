@@ -119,7 +119,7 @@ export class Agent implements AgentControl {
       if (vm.primary !== this.config.host && vm.backup !== this.config.host) continue;
       const xml = fs.readFileSync(vm.domainXml, 'utf8');
       if (!readProtection(xml)) throw new ControlError(`vms[${vm.name}].domainXml (${vm.domainXml}) has no ftvm metadata: make it FT-ready first`);
-      await this.records.create({ name: vm.name, xml, primary: vm.primary, backup: vm.backup, protected: true, checkpointIntervalMs: vm.checkpointIntervalMs, keep: vm.keep, reason: 'config' });
+      await this.records.create({ name: vm.name, xml, primary: vm.primary, backup: vm.backup, protected: true, checkpointIntervalMs: vm.checkpointIntervalMs, keep: vm.keep, fullEvery: vm.fullEvery, reason: 'config' });
     }
     this.unwatchRecords = await this.records.watch(
       (vm, record) => this.onRecord(vm, record),

@@ -71,6 +71,7 @@ export class PrimaryVm {
       socketPath: path.posix.join(protection.runDir, `${options.record.name}.mig`),
       qemuVersion: `${version.qemu.major}.${version.qemu.minor}.${version.qemu.micro}`,
       domainXml: options.record.xml,
+      ...(options.record.fullEvery === undefined ? {} : { fullEvery: options.record.fullEvery }),
       // ftvm's QEMU resumes by itself after a checkpoint: arm the correction before the stop.
       beforeMigrate: async () => {
         if (checkpointer.selfResuming) await hook.arm('checkpoint');

@@ -16,6 +16,8 @@ export const vmRecordSchema = z.object({
   protected: z.boolean(),
   checkpointIntervalMs: z.number().int().positive(),
   keep: z.number().int().positive(),
+  /** A full checkpoint at least every this many (the others are incremental with ftvm's QEMU). */
+  fullEvery: z.number().int().positive().optional(),
   /** Bumped on every change; a writer compares it to avoid lost updates. */
   generation: z.number().int().nonnegative(),
   updatedAt: z.string(),

@@ -34,8 +34,13 @@ const vmSchema = z
     primary: hostName,
     backup: hostName,
     checkpointIntervalMs: ms(50, 3_600_000).default(1_000),
-    /** Committed checkpoints the backup keeps. */
+    /** Committed checkpoints the backup keeps (and every checkpoint they build on). */
     keep: z.number().int().min(1).max(100).default(3),
+    /**
+     * With ftvm's QEMU a checkpoint carries only the pages written since the last one; a full one
+     * comes at least every this many, bounding the chain a failover flattens.
+     */
+    fullEvery: z.number().int().min(1).max(10_000).default(30),
   })
   .strict()
   .refine((vm) => vm.primary !== vm.backup, { message: 'primary and backup must be different hosts', path: ['backup'] });
