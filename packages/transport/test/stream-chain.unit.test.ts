@@ -20,13 +20,13 @@ function verify(bytes: Buffer) {
 }
 
 describe('checkpoint chains', () => {
-  it('flattens a full checkpoint and its increments into one full stream, newest page and device state winning', () => {
+  it('flattens a full checkpoint and its increments into one full stream, newest page and device state winning', async () => {
     const base = full(100);
     const delta1: Page[] = [{ block: 'pc.ram', index: 1, data: pseudoRandom(PAGE, 1) }, { block: 'pc.ram', index: 2, data: pseudoRandom(PAGE, 2) }];
     const delta2: Page[] = [{ block: 'pc.ram', index: 1 }, { block: 'pc.bios', index: 0, data: pseudoRandom(PAGE, 3) }];
     const chain = [stream(base, BLOCKS, 1), stream(delta1, BLOCKS, 2), stream(delta2, BLOCKS, 3)];
 
-    const flat = flattenCheckpointChain(chain);
+    const flat = await flattenCheckpointChain(chain, { sliceBytes: 1000 });
 
     const expected = ramOf(chain[0]!);
     for (const [k, v] of [...ramOf(chain[1]!), ...ramOf(chain[2]!)]) expected.set(k, v);
@@ -42,18 +42,19 @@ describe('checkpoint chains', () => {
     expect(verify(stream([{ block: 'pc.bios', index: 1 }]))).toMatchObject({ fullRam: false, ramGap: { block: 'pc.ram', missingPages: 6 } });
   });
 
-  it('refuses a chain that does not start with a full checkpoint', () => {
-    expect(() => flattenCheckpointChain([stream([{ block: 'pc.ram', index: 0 }]), stream([])])).toThrow(CheckpointChainError);
-    expect(() => flattenCheckpointChain([stream([{ block: 'pc.ram', index: 0 }]), stream([])])).toThrow(/first checkpoint is not full: 5 pages of block 'pc.ram'/);
+  it('refuses a chain that does not start with a full checkpoint', async () => {
+    const chain = [stream([{ block: 'pc.ram', index: 0 }]), stream([])];
+    await expect(flattenCheckpointChain(chain)).rejects.toThrow(CheckpointChainError);
+    await expect(flattenCheckpointChain(chain)).rejects.toThrow(/first checkpoint is not full: 5 pages of block 'pc.ram'/);
   });
 
-  it('refuses increments whose RAM blocks differ from the base', () => {
+  it('refuses increments whose RAM blocks differ from the base', async () => {
     const other = [{ idstr: 'pc.ram', usedLength: 8 * PAGE }, BLOCKS[1]!];
-    expect(() => flattenCheckpointChain([stream(full(1)), stream([], other)])).toThrow(/has RAM blocks pc.ram:32768, pc.bios:8192, its base pc.ram:24576/);
+    await expect(flattenCheckpointChain([stream(full(1)), stream([], other)])).rejects.toThrow(/has RAM blocks pc.ram:32768, pc.bios:8192, its base pc.ram:24576/);
   });
 
-  it('returns a lone full checkpoint as it is', () => {
+  it('returns a lone full checkpoint as it is', async () => {
     const only = stream(full(7));
-    expect(flattenCheckpointChain([only]).equals(only)).toBe(true);
+    expect((await flattenCheckpointChain([only])).equals(only)).toBe(true);
   });
 });

@@ -272,7 +272,7 @@ export class CheckpointStore {
   async read(checkpoint: LoadableCheckpoint): Promise<Buffer> {
     const files = await Promise.all(checkpoint.chain.map((file) => fs.readFile(file)));
     try {
-      return flattenCheckpointChain(files);
+      return await flattenCheckpointChain(files);
     } catch (error) {
       throw new CheckpointStoreError(`checkpoint ${checkpoint.metadata.epoch} cannot be assembled: ${(error as Error).message}`, 'corrupt', checkpoint.metadata.epoch);
     }

@@ -5,7 +5,7 @@
 
 import { DEFAULT_TARGET_PAGE_SIZE, RamFlag } from './constants.js';
 import { configurationPageSize } from './configuration.js';
-import { parseMigrationStream } from './parser.js';
+import { MigrationStreamParser } from './parser.js';
 import type { MigrationRecord, RamBlockInfo, RamPageRecord, RamZeroRecord } from './records.js';
 import { encodeRecords } from './writer.js';
 
@@ -58,73 +58,110 @@ export function sameBlocks(a: readonly RamBlockExtent[] | undefined, b: readonly
 
 type PageRecord = RamPageRecord | RamZeroRecord;
 
+export interface FlattenOptions {
+  /**
+   * Bytes parsed (or records written) between two returns to the event loop. Flattening a
+   * 256 MiB guest is a few hundred ms of CPU; in slices, a daemon doing it at failover still
+   * answers its lease keepalives and heartbeats on time. Default 4 MiB.
+   */
+  sliceBytes?: number;
+}
+
+const yieldToEventLoop = () => new Promise<void>((resolve) => setImmediate(resolve));
+
 /**
  * One full migration stream from a chain (oldest first: a full checkpoint, then incremental ones
  * in order): the newest stream's records, with its RAM pages replaced by the newest copy of every
  * page, all written in its setup section right after the block list. Device state, the EOF and
- * the VM description are the newest stream's, unchanged. Throws CheckpointChainError when the
- * chain does not make one guest: a first stream lacking pages, block lists that differ, or page
- * encodings (compressed, XBZRLE) a merge cannot carry.
+ * the VM description are the newest stream's, unchanged. Rejects with CheckpointChainError when
+ * the chain does not make one guest: a first stream lacking pages, block lists that differ, or
+ * page encodings (compressed, XBZRLE) a merge cannot carry.
  */
-export function flattenCheckpointChain(streams: readonly Uint8Array[]): Buffer {
+export async function flattenCheckpointChain(streams: readonly Uint8Array[], options: FlattenOptions = {}): Promise<Buffer> {
   if (streams.length === 0) throw new CheckpointChainError('an empty checkpoint chain');
   if (streams.length === 1) return Buffer.from(streams[0]!.buffer, streams[0]!.byteOffset, streams[0]!.byteLength);
+  const sliceBytes = options.sliceBytes ?? 4 * 1024 * 1024;
 
-  let blocks: RamBlockInfo[] | undefined;
-  let pageSize = DEFAULT_TARGET_PAGE_SIZE;
-  const pages = new Map<string, (PageRecord | undefined)[]>();
-  let newest: MigrationRecord[] = [];
-
-  streams.forEach((stream, index) => {
-    const records = parseMigrationStream(stream);
-    for (const record of records) {
-      switch (record.type) {
-        case 'configuration':
-          pageSize = configurationPageSize(record) ?? pageSize;
-          break;
-        case 'ram-mem-size':
-          if (blocks === undefined) {
-            blocks = record.blocks;
-            for (const b of blocks) pages.set(b.idstr, new Array<PageRecord | undefined>(Math.ceil(b.usedLength / pageSize)));
-          } else if (!sameBlocks(extents(blocks), extents(record.blocks))) {
-            throw new CheckpointChainError(
-              `checkpoint ${index} of the chain has RAM blocks ${describe(record.blocks)}, its base ${describe(blocks)}`,
-            );
-          }
-          break;
-        case 'ram-page':
-        case 'ram-zero': {
-          const slots = pages.get(record.block);
-          const at = record.addr / pageSize;
-          if (!slots || !Number.isInteger(at) || at >= slots.length) {
-            throw new CheckpointChainError(`checkpoint ${index} of the chain has a page at 0x${record.addr.toString(16)} outside block '${record.block}'`);
-          }
-          slots[at] = record;
-          break;
-        }
-        case 'ram-compressed':
-        case 'ram-xbzrle':
-          throw new CheckpointChainError(`checkpoint ${index} of the chain has ${record.type} pages, which a chain cannot merge`);
-        default:
-          break;
-      }
+  const merger = new ChainMerger();
+  for (const [index, stream] of streams.entries()) {
+    const parser = new MigrationStreamParser();
+    const add = (record: MigrationRecord) => merger.add(index, record, index === streams.length - 1);
+    for (let offset = 0; offset < stream.length; offset += sliceBytes) {
+      parser.push(stream.subarray(offset, offset + sliceBytes), add);
+      await yieldToEventLoop();
     }
-    if (index === 0) {
-      for (const [block, slots] of pages) {
-        const missing = slots.length - slots.filter(Boolean).length;
-        if (missing > 0) throw new CheckpointChainError(`the chain's first checkpoint is not full: ${missing} pages of block '${block}' are missing`);
-      }
-    }
-    if (index === streams.length - 1) newest = records;
-  });
-
-  const merged: MigrationRecord[] = [];
-  for (const record of newest) {
-    if (record.type === 'ram-page' || record.type === 'ram-zero') continue;
-    merged.push(record);
-    if (record.type === 'ram-mem-size') merged.push(...allPages(blocks!, pages));
+    parser.end(add);
+    if (index === 0) merger.checkFull();
   }
-  return encodeRecords(merged);
+
+  const parts: Buffer[] = [];
+  let batch: MigrationRecord[] = [];
+  for (const record of merger.merged()) {
+    batch.push(record);
+    if (batch.length >= sliceBytes / 4096) {
+      parts.push(encodeRecords(batch));
+      batch = [];
+      await yieldToEventLoop();
+    }
+  }
+  parts.push(encodeRecords(batch));
+  return Buffer.concat(parts);
+}
+
+/** The newest copy of every page seen so far, and the newest stream's other records. */
+class ChainMerger {
+  private blocks: RamBlockInfo[] | undefined;
+  private pageSize = DEFAULT_TARGET_PAGE_SIZE;
+  private readonly pages = new Map<string, (PageRecord | undefined)[]>();
+  private readonly newest: MigrationRecord[] = [];
+
+  add(index: number, record: MigrationRecord, isNewest: boolean): void {
+    switch (record.type) {
+      case 'configuration':
+        this.pageSize = configurationPageSize(record) ?? this.pageSize;
+        break;
+      case 'ram-mem-size':
+        if (this.blocks === undefined) {
+          this.blocks = record.blocks;
+          for (const b of record.blocks) this.pages.set(b.idstr, new Array<PageRecord | undefined>(Math.ceil(b.usedLength / this.pageSize)));
+        } else if (!sameBlocks(extents(this.blocks), extents(record.blocks))) {
+          throw new CheckpointChainError(`checkpoint ${index} of the chain has RAM blocks ${describe(record.blocks)}, its base ${describe(this.blocks)}`);
+        }
+        break;
+      case 'ram-page':
+      case 'ram-zero': {
+        const slots = this.pages.get(record.block);
+        const at = record.addr / this.pageSize;
+        if (!slots || !Number.isInteger(at) || at >= slots.length) {
+          throw new CheckpointChainError(`checkpoint ${index} of the chain has a page at 0x${record.addr.toString(16)} outside block '${record.block}'`);
+        }
+        slots[at] = record;
+        return; // pages are written from the table, never from a stream's own order
+      }
+      case 'ram-compressed':
+      case 'ram-xbzrle':
+        throw new CheckpointChainError(`checkpoint ${index} of the chain has ${record.type} pages, which a chain cannot merge`);
+      default:
+        break;
+    }
+    if (isNewest) this.newest.push(record);
+  }
+
+  /** The first stream of a chain must have carried every page. */
+  checkFull(): void {
+    for (const [block, slots] of this.pages) {
+      let missing = 0;
+      for (let i = 0; i < slots.length; i++) if (slots[i] === undefined) missing++;
+      if (missing > 0) throw new CheckpointChainError(`the chain's first checkpoint is not full: ${missing} pages of block '${block}' are missing`);
+    }
+  }
+
+  *merged(): Generator<MigrationRecord> {
+    for (const record of this.newest) {
+      yield record;
+      if (record.type === 'ram-mem-size') yield* allPages(this.blocks!, this.pages);
+    }
+  }
 }
 
 function* allPages(blocks: RamBlockInfo[], pages: Map<string, (PageRecord | undefined)[]>): Generator<PageRecord> {
