@@ -1,8 +1,9 @@
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Checkpointer } from '@ftvm/coordinator';
-import { CheckpointStore, openRemoteReceiver, ReplicationError, type ReplicationSender, type SshConnection } from '@ftvm/transport';
+import { CheckpointStore, openRemoteReceiver, parseMigrationStream, ReplicationError, type ReplicationSender, type SshConnection } from '@ftvm/transport';
 import { execIn, hostInfo, labUp } from '../lab/lab.js';
 import { connectLabSsh } from '../support/lab-ssh.js';
 import { waitForProbe } from '../support/probe-client.js';
@@ -146,4 +147,61 @@ describe('continuous checkpoints, primary → backup over SSH', () => {
       fs.rmSync(path.dirname(flat), { recursive: true, force: true });
     }
   });
+
+  it('flattens a chain to exactly the RAM a full migration of the same stopped guest carries', async () => {
+    await checkpoint(8);
+    // the switchover's kind of checkpoint: incremental, and the VM stays stopped after it
+    const last = await checkpointer.checkpoint(9, receiver.sender, { leaveStopped: true });
+    expect(last.base).toBe(8);
+    expect(await vm.qmp.execute('query-status')).toMatchObject({ running: false });
+    try {
+      const store = await new CheckpointStore(storeOutside(), 3).open();
+      const latest = (await store.latestVerified())!;
+      expect(latest.chain.length).toBeGreaterThanOrEqual(3); // a full one and increments up to 9
+      const chainRam = ramImage(await store.read(latest));
+      // nothing ran since: a plain full migration now must carry the very same memory
+      await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ftvm-incremental', state: false }] });
+      const fullRam = ramImage(await migrateToBuffer());
+      expect([...chainRam.keys()]).toEqual([...fullRam.keys()]);
+      for (const [block, image] of fullRam) expect(chainRam.get(block)!.equals(image), `RAM block ${block}`).toBe(true);
+    } finally {
+      await vm.qmp.execute('cont');
+    }
+  });
 });
+
+/** Every RAM block's content as a stream leaves it (pages written, zero pages zero-filled). */
+function ramImage(stream: Buffer): Map<string, Buffer> {
+  const images = new Map<string, Buffer>();
+  for (const r of parseMigrationStream(stream)) {
+    if (r.type === 'ram-mem-size') for (const b of r.blocks) images.set(b.idstr, Buffer.alloc(b.usedLength));
+    else if (r.type === 'ram-page') r.data.copy(images.get(r.block)!, r.addr);
+    else if (r.type === 'ram-zero') images.get(r.block)!.fill(r.fill, r.addr, r.addr + 4096);
+  }
+  return images;
+}
+
+/** A plain `migrate` of the probe VM into this process. */
+async function migrateToBuffer(): Promise<Buffer> {
+  const socketPath = path.join(hostInfo('primary').runDir, 'ftvm', 'ckpt-compare.mig');
+  fs.rmSync(socketPath, { force: true });
+  const server = net.createServer();
+  const received = new Promise<Buffer>((resolve, reject) => {
+    server.once('connection', (socket) => {
+      const chunks: Buffer[] = [];
+      socket.on('data', (c: Buffer) => chunks.push(c));
+      socket.on('end', () => resolve(Buffer.concat(chunks)));
+      socket.on('error', reject);
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(socketPath, resolve));
+  try {
+    const completed = vm.qmp.waitForEvent<{ status: string }>('MIGRATION', { timeoutMs: 60_000, predicate: (e) => e.data.status === 'completed' });
+    await vm.qmp.execute('migrate', { uri: `unix:${vm.paths.run}/ckpt-compare.mig` });
+    await completed;
+    return await received;
+  } finally {
+    server.close();
+  }
+}
+

@@ -9,6 +9,7 @@ import {
   KVMCLOCK_SECTION_NAME,
   parseMigrationStream,
   TIMER_SECTION_NAME,
+  type AssembledCheckpoint,
   type MigrationRecord,
 } from '@ftvm/transport';
 
@@ -86,6 +87,18 @@ export interface SplitCheckpoint {
   deviceState: DeviceStateSet;
   /** Encodes the (rewritten) device-state part: the stream's remaining bytes. */
   encodeTail(): Buffer;
+}
+
+/**
+ * splitCheckpoint for a checkpoint the store assembled (a chain, in parts): the head stays the
+ * parts as they are, and only the preamble and the device state are parsed — not the RAM.
+ */
+export function splitAssembledCheckpoint(checkpoint: AssembledCheckpoint): Omit<SplitCheckpoint, 'head'> & { head: Buffer[] } {
+  const records = parseMigrationStream(Buffer.concat([checkpoint.preamble, checkpoint.deviceState]));
+  const first = records.findIndex((r) => r.type === 'device-section');
+  if (first < 0) throw new Error('checkpoint has no device state');
+  const deviceState = new DeviceStateSet(records.slice(first));
+  return { head: checkpoint.ram, deviceState, encodeTail: () => encodeRecords(deviceState.records) };
 }
 
 export function splitCheckpoint(stream: Buffer): SplitCheckpoint {

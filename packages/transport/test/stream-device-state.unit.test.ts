@@ -98,6 +98,7 @@ describe('stream verifier (for the checkpoint store)', () => {
       // the synthetic stream carries a handful of pages: an incremental one, to the store
       fullRam: false,
       ramGap: { block: 'pc.ram', missingPages: 251 },
+      layout: { ramSectionId: 2, preambleEnd: s.at.ramStart, ramSetupEnd: s.at.firstPage, deviceStateStart: s.at.devices },
     });
   });
 

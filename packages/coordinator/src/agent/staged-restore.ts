@@ -1,9 +1,9 @@
 import { once } from 'node:events';
 import path from 'node:path';
-import { advanceClockSections, InPlaceActuator, realtimeClock, resumeOnTime, splitCheckpoint, type OnTimeResume } from '@ftvm/kvmclock';
+import { advanceClockSections, InPlaceActuator, realtimeClock, resumeOnTime, splitAssembledCheckpoint, type OnTimeResume } from '@ftvm/kvmclock';
 import type { QmpClient } from '@ftvm/qmp';
 import { PreparedRestore, type LibvirtConnection, type RestoreResult } from '@ftvm/libvirt';
-import { CheckpointStore, type CheckpointMetadata } from '@ftvm/transport';
+import { CheckpointStore, type AssembledCheckpoint, type CheckpointMetadata } from '@ftvm/transport';
 import type { Log } from './types.js';
 import type { VmRecord } from './vm-records.js';
 
@@ -95,12 +95,12 @@ export class StagedRestore {
 
   private constructor(
     readonly metadata: CheckpointMetadata,
-    checkpoint: Buffer,
+    checkpoint: AssembledCheckpoint,
     private readonly options: StagedRestoreOptions,
   ) {
     const clock = realtimeClock();
     const stopNs = BigInt(metadata.stopNs);
-    const split = splitCheckpoint(checkpoint);
+    const split = splitAssembledCheckpoint(checkpoint);
     const released = new Promise<bigint>((resolve, reject) => {
       this.go = resolve;
       this.cancel = reject;
@@ -124,7 +124,8 @@ export class StagedRestore {
       timeoutMs: 600_000,
       writeStream: async (socket) => {
         try {
-          if (!socket.write(split.head)) await once(socket, 'drain', { signal: AbortSignal.timeout(120_000) });
+          const signal = AbortSignal.timeout(120_000);
+          for (const part of split.head) if (!socket.write(part)) await once(socket, 'drain', { signal });
           headSent();
         } catch (error) {
           headFailed(error as Error);
@@ -153,8 +154,9 @@ export class StagedRestore {
     const store = await new CheckpointStore(path.posix.join(options.storeDir, options.record.name), options.record.keep).open();
     const latest = await store.latestVerified((error) => options.log.warn({ err: error.message }, 'skipping a checkpoint that does not verify'));
     if (!latest) throw new NoCheckpointError(`no committed checkpoint of '${options.record.name}' in ${store.dir}`);
-    const data = await store.read(latest);
-    options.log.info({ epoch: latest.metadata.epoch, chain: latest.chain.length, bytes: data.length }, 'staging restore');
+    const data = await store.assemble(latest);
+    const bytes = data.ram.reduce((n, part) => n + part.length, data.deviceState.length);
+    options.log.info({ epoch: latest.metadata.epoch, chain: latest.chain.length, bytes }, 'staging restore');
     return new StagedRestore(latest.metadata, data, options);
   }
 

@@ -3,7 +3,7 @@ import { createReadStream } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
-import { flattenCheckpointChain, sameBlocks, type RamBlockExtent } from '../stream/chain.js';
+import { assembleCheckpointChain, CheckpointChainError, sameBlocks, type AssembledCheckpoint, type CheckpointLayout, type RamBlockExtent } from '../stream/chain.js';
 import { CheckpointStoreError } from './errors.js';
 import { invalidMetadataField, type CheckpointMetadata } from './metadata.js';
 
@@ -25,6 +25,7 @@ export interface StreamShape {
   ramBlocks: RamBlockExtent[] | undefined;
   fullRam: boolean;
   ramGap?: { block: string; missingPages: number };
+  layout?: CheckpointLayout;
 }
 
 /** The checkpoint an incremental one applies on: its epoch and, to prove the lineage, its checksum. */
@@ -147,6 +148,7 @@ export class CheckpointStore {
         committedAt: new Date().toISOString(),
         ...(base ? { base: base.epoch } : {}),
         ...(shape && shape.ramBlocks ? { ramBlocks: shape.ramBlocks } : {}),
+        ...(shape && shape.layout ? { layout: shape.layout } : {}),
       };
       await fs.rename(tmpData, dataPath);
       await this.syncDir(); // the data's name must be durable before the metadata that commits it
@@ -266,16 +268,28 @@ export class CheckpointStore {
   }
 
   /**
-   * A loadable checkpoint as one full migration stream: the file itself for a full checkpoint,
-   * the flattened chain for an incremental one.
+   * A loadable checkpoint as one migration stream, in parts (views, no copy): a full checkpoint
+   * as stored; an incremental one assembled from its chain (see assembleCheckpointChain).
    */
-  async read(checkpoint: LoadableCheckpoint): Promise<Buffer> {
-    const files = await Promise.all(checkpoint.chain.map((file) => fs.readFile(file)));
+  async assemble(checkpoint: LoadableCheckpoint): Promise<AssembledCheckpoint> {
+    const epoch = checkpoint.metadata.epoch;
+    const [files, chain] = await Promise.all([Promise.all(checkpoint.chain.map((file) => fs.readFile(file))), this.chain(epoch)]);
     try {
-      return await flattenCheckpointChain(files);
+      if (chain.length !== files.length) throw new CheckpointChainError(`the chain changed while it was read (${chain.length} checkpoints now, ${files.length} read)`);
+      const layouts = chain.every((m) => m.layout) ? chain.map((m) => m.layout!) : undefined;
+      if (chain.some((m) => !sameBlocks(m.ramBlocks, chain[0]!.ramBlocks) && m.ramBlocks !== undefined)) {
+        throw new CheckpointChainError('its checkpoints have different RAM blocks');
+      }
+      return assembleCheckpointChain(files, layouts);
     } catch (error) {
-      throw new CheckpointStoreError(`checkpoint ${checkpoint.metadata.epoch} cannot be assembled: ${(error as Error).message}`, 'corrupt', checkpoint.metadata.epoch);
+      throw new CheckpointStoreError(`checkpoint ${epoch} cannot be assembled: ${(error as Error).message}`, 'corrupt', epoch);
     }
+  }
+
+  /** assemble() as one Buffer. */
+  async read(checkpoint: LoadableCheckpoint): Promise<Buffer> {
+    const { ram, deviceState } = await this.assemble(checkpoint);
+    return Buffer.concat([...ram, deviceState]);
   }
 
   dataPath(epoch: number): string {
@@ -404,6 +418,9 @@ function checkShape(epoch: number, shape: StreamShape, base: CheckpointMetadata 
   }
   if (base?.ramBlocks && !sameBlocks(base.ramBlocks, shape.ramBlocks)) {
     throw new CheckpointStoreError(`checkpoint ${epoch} has other RAM blocks than its base, checkpoint ${base.epoch}`, 'verify', epoch);
+  }
+  if (base?.layout && shape.layout && base.layout.ramSectionId !== shape.layout.ramSectionId) {
+    throw new CheckpointStoreError(`checkpoint ${epoch} numbers its sections unlike its base, checkpoint ${base.epoch}: not the same QEMU`, 'verify', epoch);
   }
 }
 

@@ -1,4 +1,4 @@
-import type { RamBlockExtent } from '../stream/chain.js';
+import type { CheckpointLayout, RamBlockExtent } from '../stream/chain.js';
 
 /** What the store keeps about each committed checkpoint, next to its data file. */
 export interface CheckpointMetadata {
@@ -20,9 +20,11 @@ export interface CheckpointMetadata {
   base?: number;
   /** The RAM blocks the stream announced (when the store verified it as a migration stream). */
   ramBlocks?: RamBlockExtent[];
+  /** Where the stream's parts begin (idem): a chain is assembled from these without parsing. */
+  layout?: CheckpointLayout;
 }
 
-const REQUIRED: Record<Exclude<keyof CheckpointMetadata, 'base' | 'ramBlocks'>, 'string' | 'number' | 'optional-string'> = {
+const REQUIRED: Record<Exclude<keyof CheckpointMetadata, 'base' | 'ramBlocks' | 'layout'>, 'string' | 'number' | 'optional-string'> = {
   vm: 'string',
   epoch: 'number',
   stopNs: 'string',
@@ -46,6 +48,8 @@ export function invalidMetadataField(value: unknown): string | undefined {
   if (base !== undefined && (!Number.isSafeInteger(base) || (base as number) < 0 || (base as number) >= (record['epoch'] as number))) return 'base';
   const blocks = record['ramBlocks'];
   if (blocks !== undefined && (!Array.isArray(blocks) || !blocks.every((b) => typeof b?.id === 'string' && Number.isSafeInteger(b?.bytes)))) return 'ramBlocks';
+  const layout = record['layout'] as Record<string, unknown> | undefined;
+  if (layout !== undefined && (typeof layout !== 'object' || layout === null || !['ramSectionId', 'preambleEnd', 'ramSetupEnd', 'deviceStateStart'].every((k) => Number.isSafeInteger(layout[k])))) return 'layout';
   if (!Number.isSafeInteger(record['epoch']) || (record['epoch'] as number) < 0) return 'epoch';
   if (!/^[0-9a-f]{64}$/.test(String(record['sha256']))) return 'sha256';
   if (!/^-?\d+$/.test(String(record['stopNs'])) || !/^-?\d+$/.test(String(record['resumeNs']))) return 'stopNs/resumeNs';

@@ -1,13 +1,16 @@
 // Checkpoint chains. With ftvm's QEMU capability x-ftvm-incremental a migration after a completed
 // one carries only the pages written since, so a checkpoint is a full stream followed by zero or
-// more incremental ones. QEMU loads only a full stream: flattenCheckpointChain builds one from a
-// chain, and RamCoverage tells a full stream (every page of every block) from an incremental one.
+// more incremental ones. QEMU loads only one stream, so a chain is assembled into one: the full
+// stream's RAM, then each increment's RAM sections as further precopy iterations (QEMU's loader
+// takes any number of "ram" PART/END sections, and a later page overwrites an earlier one, exactly
+// as in a live precopy), then the newest stream's device state. That is byte slicing at offsets
+// the store recorded when it verified each stream (CheckpointLayout), not a re-parse.
 
-import { DEFAULT_TARGET_PAGE_SIZE, RamFlag } from './constants.js';
+import { DEFAULT_TARGET_PAGE_SIZE } from './constants.js';
 import { configurationPageSize } from './configuration.js';
-import { MigrationStreamParser } from './parser.js';
-import type { MigrationRecord, RamBlockInfo, RamPageRecord, RamZeroRecord } from './records.js';
-import { encodeRecords } from './writer.js';
+import { parseMigrationStream } from './parser.js';
+import type { MigrationRecord } from './records.js';
+import { encodedSize } from './writer.js';
 
 /** A RAM block as the stream's MEM_SIZE list announces it. */
 export interface RamBlockExtent {
@@ -15,31 +18,75 @@ export interface RamBlockExtent {
   bytes: number;
 }
 
+/** Where a migration stream's parts begin (byte offsets), as its verifier saw them. */
+export interface CheckpointLayout {
+  /** Section id of "ram": the same in every stream of one QEMU process. */
+  ramSectionId: number;
+  /** End of header, configuration and commands: the first section starts here. */
+  preambleEnd: number;
+  /** End of the "ram" setup section (block list), i.e. where the page sections begin. */
+  ramSetupEnd: number;
+  /** The first device-state (FULL) section; from here on: device state, EOF, VM description. */
+  deviceStateStart: number;
+}
+
 export class CheckpointChainError extends Error {
   override name = 'CheckpointChainError';
 }
 
-/** Which pages of which blocks a stream carried; fed records in stream order. */
+/** Which pages of which blocks a stream carried, and where its parts begin; fed records in order. */
 export class RamCoverage {
   private pageSize = DEFAULT_TARGET_PAGE_SIZE;
   private blockList: RamBlockExtent[] | undefined;
   private readonly seen = new Map<string, Uint8Array>();
+  private offset = 0;
+  private readonly marks: Partial<CheckpointLayout> = {};
 
   add(record: MigrationRecord): void {
-    if (record.type === 'configuration') this.pageSize = configurationPageSize(record) ?? this.pageSize;
-    else if (record.type === 'ram-mem-size') {
-      this.blockList = record.blocks.map((b) => ({ id: b.idstr, bytes: b.usedLength }));
-      for (const block of record.blocks) this.seen.set(block.idstr, new Uint8Array(Math.ceil(block.usedLength / this.pageSize)));
-    } else if (record.type === 'ram-page' || record.type === 'ram-zero' || record.type === 'ram-compressed' || record.type === 'ram-xbzrle') {
-      const pages = this.seen.get(record.block);
-      const index = record.addr / this.pageSize;
-      if (pages && index < pages.length) pages[index] = 1;
+    const at = this.offset;
+    this.offset += encodedSize(record);
+    switch (record.type) {
+      case 'configuration':
+        this.pageSize = configurationPageSize(record) ?? this.pageSize;
+        break;
+      case 'section-start':
+        this.marks.preambleEnd ??= at;
+        if (record.idstr === 'ram') this.marks.ramSectionId ??= record.sectionId;
+        break;
+      case 'section-footer':
+        if (record.sectionId === this.marks.ramSectionId) this.marks.ramSetupEnd ??= this.offset;
+        break;
+      case 'device-section':
+        this.marks.deviceStateStart ??= at;
+        break;
+      case 'ram-mem-size':
+        this.blockList = record.blocks.map((b) => ({ id: b.idstr, bytes: b.usedLength }));
+        for (const block of record.blocks) this.seen.set(block.idstr, new Uint8Array(Math.ceil(block.usedLength / this.pageSize)));
+        break;
+      case 'ram-page':
+      case 'ram-zero':
+      case 'ram-compressed':
+      case 'ram-xbzrle': {
+        const pages = this.seen.get(record.block);
+        const index = record.addr / this.pageSize;
+        if (pages && index < pages.length) pages[index] = 1;
+        break;
+      }
+      default:
+        break;
     }
   }
 
   /** The MEM_SIZE block list (undefined if the stream had none). */
   get blocks(): RamBlockExtent[] | undefined {
     return this.blockList;
+  }
+
+  /** Where the stream's parts begin; undefined unless it had RAM setup and device state. */
+  get layout(): CheckpointLayout | undefined {
+    const { ramSectionId, preambleEnd, ramSetupEnd, deviceStateStart } = this.marks;
+    if (ramSectionId === undefined || preambleEnd === undefined || ramSetupEnd === undefined || deviceStateStart === undefined) return undefined;
+    return { ramSectionId, preambleEnd, ramSetupEnd, deviceStateStart };
   }
 
   /** The first block with pages the stream never carried, with how many; undefined when complete. */
@@ -56,130 +103,52 @@ export function sameBlocks(a: readonly RamBlockExtent[] | undefined, b: readonly
   return a !== undefined && b !== undefined && a.length === b.length && a.every((x, i) => x.id === b[i]!.id && x.bytes === b[i]!.bytes);
 }
 
-type PageRecord = RamPageRecord | RamZeroRecord;
-
-export interface FlattenOptions {
-  /**
-   * Bytes parsed (or records written) between two returns to the event loop. Flattening a
-   * 256 MiB guest is a few hundred ms of CPU; in slices, a daemon doing it at failover still
-   * answers its lease keepalives and heartbeats on time. Default 4 MiB.
-   */
-  sliceBytes?: number;
+/** A stream's layout by parsing it (when no verifier recorded it). Throws if it has none. */
+export function checkpointLayout(stream: Uint8Array): CheckpointLayout {
+  const coverage = new RamCoverage();
+  for (const record of parseMigrationStream(stream)) coverage.add(record);
+  const layout = coverage.layout;
+  if (!layout) throw new CheckpointChainError('the stream has no "ram" setup section or no device state');
+  return layout;
 }
 
-const yieldToEventLoop = () => new Promise<void>((resolve) => setImmediate(resolve));
+/** An assembled checkpoint: the stream is `ram` (in order) followed by `deviceState`. */
+export interface AssembledCheckpoint {
+  /** Everything QEMU must load before the device state: views into the chain's streams. */
+  ram: Buffer[];
+  /** The newest stream's device state, EOF and VM description. */
+  deviceState: Buffer;
+  /** The newest stream's header, configuration and commands (to parse `deviceState` alone). */
+  preamble: Buffer;
+}
 
 /**
- * One full migration stream from a chain (oldest first: a full checkpoint, then incremental ones
- * in order): the newest stream's records, with its RAM pages replaced by the newest copy of every
- * page, all written in its setup section right after the block list. Device state, the EOF and
- * the VM description are the newest stream's, unchanged. Rejects with CheckpointChainError when
- * the chain does not make one guest: a first stream lacking pages, block lists that differ, or
- * page encodings (compressed, XBZRLE) a merge cannot carry.
+ * One loadable stream from a chain (oldest first: a full checkpoint, then its increments in
+ * order), without copying: the full stream up to its device state, each increment's page
+ * sections, the newest stream's device state. Layouts default to parsing each stream.
  */
-export async function flattenCheckpointChain(streams: readonly Uint8Array[], options: FlattenOptions = {}): Promise<Buffer> {
+export function assembleCheckpointChain(streams: readonly Uint8Array[], layouts?: readonly CheckpointLayout[]): AssembledCheckpoint {
   if (streams.length === 0) throw new CheckpointChainError('an empty checkpoint chain');
-  if (streams.length === 1) return Buffer.from(streams[0]!.buffer, streams[0]!.byteOffset, streams[0]!.byteLength);
-  const sliceBytes = options.sliceBytes ?? 4 * 1024 * 1024;
-
-  const merger = new ChainMerger();
-  for (const [index, stream] of streams.entries()) {
-    const parser = new MigrationStreamParser();
-    const add = (record: MigrationRecord) => merger.add(index, record, index === streams.length - 1);
-    for (let offset = 0; offset < stream.length; offset += sliceBytes) {
-      parser.push(stream.subarray(offset, offset + sliceBytes), add);
-      await yieldToEventLoop();
+  const laid = layouts ?? streams.map((s) => checkpointLayout(s));
+  if (laid.length !== streams.length) throw new CheckpointChainError(`${streams.length} streams but ${laid.length} layouts`);
+  const view = (i: number, from: number, to?: number) => {
+    const s = streams[i]!;
+    if (from > s.length || (to ?? 0) > s.length) throw new CheckpointChainError(`checkpoint ${i} of the chain is shorter (${s.length} bytes) than its layout says`);
+    return Buffer.from(s.buffer, s.byteOffset + from, (to ?? s.length) - from);
+  };
+  const ram = [view(0, 0, laid[0]!.deviceStateStart)];
+  for (let i = 1; i < streams.length; i++) {
+    if (laid[i]!.ramSectionId !== laid[0]!.ramSectionId) {
+      throw new CheckpointChainError(`checkpoint ${i} of the chain has "ram" as section ${laid[i]!.ramSectionId}, its base ${laid[0]!.ramSectionId}: not one QEMU's`);
     }
-    parser.end(add);
-    if (index === 0) merger.checkFull();
+    ram.push(view(i, laid[i]!.ramSetupEnd, laid[i]!.deviceStateStart));
   }
-
-  const parts: Buffer[] = [];
-  let batch: MigrationRecord[] = [];
-  for (const record of merger.merged()) {
-    batch.push(record);
-    if (batch.length >= sliceBytes / 4096) {
-      parts.push(encodeRecords(batch));
-      batch = [];
-      await yieldToEventLoop();
-    }
-  }
-  parts.push(encodeRecords(batch));
-  return Buffer.concat(parts);
+  const newest = streams.length - 1;
+  return { ram, deviceState: view(newest, laid[newest]!.deviceStateStart), preamble: view(newest, 0, laid[newest]!.preambleEnd) };
 }
 
-/** The newest copy of every page seen so far, and the newest stream's other records. */
-class ChainMerger {
-  private blocks: RamBlockInfo[] | undefined;
-  private pageSize = DEFAULT_TARGET_PAGE_SIZE;
-  private readonly pages = new Map<string, (PageRecord | undefined)[]>();
-  private readonly newest: MigrationRecord[] = [];
-
-  add(index: number, record: MigrationRecord, isNewest: boolean): void {
-    switch (record.type) {
-      case 'configuration':
-        this.pageSize = configurationPageSize(record) ?? this.pageSize;
-        break;
-      case 'ram-mem-size':
-        if (this.blocks === undefined) {
-          this.blocks = record.blocks;
-          for (const b of record.blocks) this.pages.set(b.idstr, new Array<PageRecord | undefined>(Math.ceil(b.usedLength / this.pageSize)));
-        } else if (!sameBlocks(extents(this.blocks), extents(record.blocks))) {
-          throw new CheckpointChainError(`checkpoint ${index} of the chain has RAM blocks ${describe(record.blocks)}, its base ${describe(this.blocks)}`);
-        }
-        break;
-      case 'ram-page':
-      case 'ram-zero': {
-        const slots = this.pages.get(record.block);
-        const at = record.addr / this.pageSize;
-        if (!slots || !Number.isInteger(at) || at >= slots.length) {
-          throw new CheckpointChainError(`checkpoint ${index} of the chain has a page at 0x${record.addr.toString(16)} outside block '${record.block}'`);
-        }
-        slots[at] = record;
-        return; // pages are written from the table, never from a stream's own order
-      }
-      case 'ram-compressed':
-      case 'ram-xbzrle':
-        throw new CheckpointChainError(`checkpoint ${index} of the chain has ${record.type} pages, which a chain cannot merge`);
-      default:
-        break;
-    }
-    if (isNewest) this.newest.push(record);
-  }
-
-  /** The first stream of a chain must have carried every page. */
-  checkFull(): void {
-    for (const [block, slots] of this.pages) {
-      let missing = 0;
-      for (let i = 0; i < slots.length; i++) if (slots[i] === undefined) missing++;
-      if (missing > 0) throw new CheckpointChainError(`the chain's first checkpoint is not full: ${missing} pages of block '${block}' are missing`);
-    }
-  }
-
-  *merged(): Generator<MigrationRecord> {
-    for (const record of this.newest) {
-      yield record;
-      if (record.type === 'ram-mem-size') yield* allPages(this.blocks!, this.pages);
-    }
-  }
-}
-
-function* allPages(blocks: RamBlockInfo[], pages: Map<string, (PageRecord | undefined)[]>): Generator<PageRecord> {
-  for (const block of blocks) {
-    let first = true;
-    for (const page of pages.get(block.idstr)!) {
-      const kind = page!.type === 'ram-page' ? RamFlag.PAGE : RamFlag.ZERO;
-      // save_page_header: the block id only on a block's first page, CONTINUE after it.
-      yield { ...page!, flags: first ? kind : kind | RamFlag.CONTINUE };
-      first = false;
-    }
-  }
-}
-
-function extents(blocks: readonly RamBlockInfo[]): RamBlockExtent[] {
-  return blocks.map((b) => ({ id: b.idstr, bytes: b.usedLength }));
-}
-
-function describe(blocks: readonly RamBlockInfo[]): string {
-  return blocks.map((b) => `${b.idstr}:${b.usedLength}`).join(', ');
+/** assembleCheckpointChain as one Buffer (a copy). */
+export function flattenCheckpointChain(streams: readonly Uint8Array[], layouts?: readonly CheckpointLayout[]): Buffer {
+  const { ram, deviceState } = assembleCheckpointChain(streams, layouts);
+  return Buffer.concat([...ram, deviceState]);
 }

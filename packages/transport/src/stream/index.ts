@@ -30,5 +30,15 @@ export {
   DEFAULT_TARGET_PAGE_SIZE,
 } from './constants.js';
 export type * from './records.js';
-export { flattenCheckpointChain, CheckpointChainError, RamCoverage, sameBlocks, type RamBlockExtent } from './chain.js';
+export {
+  assembleCheckpointChain,
+  checkpointLayout,
+  flattenCheckpointChain,
+  CheckpointChainError,
+  RamCoverage,
+  sameBlocks,
+  type AssembledCheckpoint,
+  type CheckpointLayout,
+  type RamBlockExtent,
+} from './chain.js';
 export { createStreamVerifier, MigrationStreamVerifier, type StreamSummary } from './verifier.js';

@@ -2,7 +2,7 @@
 // a stream cut short or garbled is refused before it is committed. Fits the store's StreamVerifier
 // shape: update() never throws (the first error is kept and parsing stops), end() throws it.
 
-import { RamCoverage, type RamBlockExtent } from './chain.js';
+import { RamCoverage, type CheckpointLayout, type RamBlockExtent } from './chain.js';
 import { MigrationStreamParser, type MigrationStreamParserOptions } from './parser.js';
 import type { MigrationRecord } from './records.js';
 
@@ -18,6 +18,8 @@ export interface StreamSummary {
   fullRam: boolean;
   /** When not full: the first block with pages missing, and how many. */
   ramGap?: { block: string; missingPages: number };
+  /** Where its parts begin, for assembling checkpoint chains (when it has RAM and device state). */
+  layout?: CheckpointLayout;
 }
 
 export class MigrationStreamVerifier {
@@ -52,7 +54,14 @@ export class MigrationStreamVerifier {
     if (this.error) throw this.error;
     this.parser.end(this.count);
     const gap = this.coverage.firstGap();
-    return { ...this.stats, ramBlocks: this.coverage.blocks, fullRam: this.coverage.blocks !== undefined && gap === undefined, ...(gap ? { ramGap: gap } : {}) };
+    const layout = this.coverage.layout;
+    return {
+      ...this.stats,
+      ramBlocks: this.coverage.blocks,
+      fullRam: this.coverage.blocks !== undefined && gap === undefined,
+      ...(gap ? { ramGap: gap } : {}),
+      ...(layout ? { layout } : {}),
+    };
   }
 }
 
