@@ -126,7 +126,7 @@ describe('ftvm (child process) against an agent with a fake control', { timeout:
       ftvm(['--socket', socketPath, 'drift', 'vm1']),
       ftvm(['--socket', socketPath, 'unprotect', 'vm1']),
     ]);
-    expect(checkpoint.stdout).toBe('vm1: checkpoint epoch 44 committed, 1.0 MiB, guest pause 9.3ms\n');
+    expect(checkpoint.stdout).toBe('vm1: checkpoint epoch 44 committed (full), 1.0 MiB, guest pause 9.3ms\n');
     expect(drift.stdout.split('\n')[0]).toBe('vm1: predicted guest clock lag 0.4ms');
     expect(unprotect.code).toBe(0);
     expect(unprotect.stdout).toMatch(/^vm1 +primary +running +unprotected +alpha +- /m);

@@ -241,7 +241,13 @@ export class Agent implements AgentControl {
     if (!slot.primary) throw new ControlError(`VM '${vm}' does not run on ${this.config.host}${slot.record ? ` (primary: ${slot.record.primary})` : ''}`, 409);
     if (!slot.record?.protected) throw new ControlError(`VM '${vm}' is not protected: no backup to send a checkpoint to`, 409);
     const result = await slot.primary.checkpointNow();
-    return { vm, epoch: result.epoch, bytes: result.bytes, pauseMs: Math.round(nsToMs(result.resumeNs - result.stopNs) * 100) / 100 };
+    return {
+      vm,
+      epoch: result.epoch,
+      bytes: result.bytes,
+      pauseMs: Math.round(nsToMs(result.resumeNs - result.stopNs) * 100) / 100,
+      ...(result.base === undefined ? {} : { base: result.base }),
+    };
   }
 
   async drift(vm: string): Promise<DriftReport> {

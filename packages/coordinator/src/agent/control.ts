@@ -81,6 +81,8 @@ export interface CheckpointNowResult {
   epoch: number;
   bytes: number;
   pauseMs: number;
+  /** An incremental checkpoint: the epoch it builds on. Absent for a full one. */
+  base?: number;
 }
 
 /** A control request failed; `status` is the HTTP status the API answers with. */

@@ -79,7 +79,8 @@ export function formatSwitchover(result: SwitchoverResult): string {
 }
 
 export function formatCheckpoint(result: CheckpointNowResult): string {
-  return `${result.vm}: checkpoint epoch ${result.epoch} committed, ${formatBytes(result.bytes)}, guest pause ${result.pauseMs.toFixed(1)}ms`;
+  const kind = result.base === undefined ? 'full' : `incremental on ${result.base}`;
+  return `${result.vm}: checkpoint epoch ${result.epoch} committed (${kind}), ${formatBytes(result.bytes)}, guest pause ${result.pauseMs.toFixed(1)}ms`;
 }
 
 export function formatDrift(report: DriftReport): string {
