@@ -5,6 +5,7 @@ import { Duplex, PassThrough, Readable } from 'node:stream';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { CheckpointStore } from '../src/store/index.js';
 import { ReplicationError, ReplicationSender, runReceiver } from '../src/replication/index.js';
+import { encodeFrameHeader, encodeJsonFrame, FrameDecoder, FrameType } from '../src/replication/frames.js';
 import type { StreamVerifier } from '../src/store/index.js';
 import { createStreamVerifier } from '../src/stream/index.js';
 import { full, stream } from './fixtures-chain.js';
@@ -25,6 +26,48 @@ afterEach(async () => fs.rm(dir, { recursive: true, force: true }));
 
 const header = (epoch: number) => ({ vm: 'probe', epoch, qemuVersion: '7.2.22' });
 const trailer = (epoch: number) => async () => ({ stopNs: `${epoch}000`, resumeNs: `${epoch}005` });
+
+describe('FrameDecoder', () => {
+  const frames = [
+    encodeJsonFrame(FrameType.Header, { vm: 'probe', epoch: 7, qemuVersion: '7.2' }),
+    Buffer.concat([encodeFrameHeader(FrameType.Data, 70_000), Buffer.alloc(70_000, 1)]),
+    Buffer.concat([encodeFrameHeader(FrameType.Data, 3), Buffer.from([2, 3, 4])]),
+    encodeJsonFrame(FrameType.Trailer, { stopNs: '1', resumeNs: '2' }),
+    encodeJsonFrame(FrameType.Abort, {}),
+  ];
+  const wire = Buffer.concat(frames);
+
+  it('gives the same frames and data for any chunking, data as views of the input', () => {
+    for (let seed = 1; seed <= 200; seed++) {
+      const decoder = new FrameDecoder();
+      const out: { type: number; payload: Buffer }[] = [];
+      let random = seed;
+      for (let at = 0; at < wire.length; ) {
+        random = (random * 1103515245 + 12345) % 2 ** 31;
+        const size = 1 + (random % (seed % 3 === 0 ? 7 : 20_000));
+        out.push(...decoder.push(Buffer.from(wire.subarray(at, at + size))));
+        at += size;
+      }
+      expect(decoder.pendingBytes).toBe(0);
+      const json = out.filter((f) => f.type !== FrameType.Data).map((f) => [f.type, JSON.parse(f.payload.toString())]);
+      expect(json).toEqual([[FrameType.Header, { vm: 'probe', epoch: 7, qemuVersion: '7.2' }], [FrameType.Trailer, { stopNs: '1', resumeNs: '2' }], [FrameType.Abort, {}]]);
+      const data = Buffer.concat(out.filter((f) => f.type === FrameType.Data).map((f) => f.payload));
+      expect(data.equals(Buffer.concat([Buffer.alloc(70_000, 1), Buffer.from([2, 3, 4])]))).toBe(true);
+      // data comes out before the trailer that follows it
+      expect(out.findIndex((f) => f.type === FrameType.Trailer)).toBe(out.length - 2);
+    }
+  });
+
+  it('names what is wrong, with the offset', () => {
+    const bad = Buffer.concat([frames[0]!, Buffer.from([9, 0, 0, 0, 1, 0])]);
+    expect(() => new FrameDecoder().push(bad)).toThrow(`unknown frame type 9 at stream offset ${frames[0]!.length}`);
+    const huge = Buffer.from([FrameType.Data, 0xff, 0xff, 0xff, 0xff]);
+    expect(() => new FrameDecoder().push(huge)).toThrow(/frame of 4294967295 bytes at stream offset 0 exceeds/);
+    const cut = new FrameDecoder();
+    cut.push(wire.subarray(0, frames[0]!.length + 100));
+    expect(cut.pendingBytes).toBe(70_000 - 95);
+  });
+});
 
 describe('replication sender ↔ receiver', () => {
   it('commits a sequence of checkpoints, each acknowledged only once durable', async () => {

@@ -58,34 +58,74 @@ export class FrameError extends Error {
   override name = 'FrameError';
 }
 
-/** Incremental frame parser: push chunks, get whole frames. */
+/**
+ * Incremental frame parser: push chunks, get frames. DATA is passed through as it arrives — one
+ * frame may come out as several DATA pieces, each a view of an input chunk, so the migration
+ * stream is never copied here (this runs over every byte of every checkpoint on the backup).
+ * HEADER, TRAILER and ABORT are small and come out whole.
+ */
 export class FrameDecoder {
-  private buffer: Buffer = Buffer.alloc(0);
+  /** Bytes of the DATA frame still to pass through. */
+  private dataLeft = 0;
+  /** A frame header, or a whole small frame, split across chunks. */
+  private partial: Buffer[] = [];
+  private partialBytes = 0;
   private offset = 0;
 
   push(chunk: Buffer): Frame[] {
-    this.buffer = this.buffer.length === 0 ? chunk : Buffer.concat([this.buffer, chunk]);
     const frames: Frame[] = [];
-    for (;;) {
-      if (this.buffer.length < FRAME_HEADER_BYTES) break;
-      const type = this.buffer.readUInt8(0);
-      const length = this.buffer.readUInt32BE(1);
-      if (type < FrameType.Header || type > FrameType.Abort) {
-        throw new FrameError(`unknown frame type ${type} at stream offset ${this.offset}`);
+    let at = 0;
+    while (at < chunk.length) {
+      if (this.dataLeft > 0) {
+        const n = Math.min(this.dataLeft, chunk.length - at);
+        frames.push({ type: FrameType.Data, payload: chunk.subarray(at, at + n) });
+        this.dataLeft -= n;
+        this.offset += n;
+        at += n;
+        continue;
       }
-      if (length > MAX_FRAME_PAYLOAD) {
-        throw new FrameError(`frame of ${length} bytes at stream offset ${this.offset} exceeds ${MAX_FRAME_PAYLOAD}`);
+      const rest = chunk.subarray(at);
+      const joined = this.partialBytes > 0 ? Buffer.concat([...this.partial, rest]) : rest;
+      if (joined.length < FRAME_HEADER_BYTES) return this.keep(frames, rest);
+      const type = joined.readUInt8(0);
+      const length = joined.readUInt32BE(1);
+      this.checkHeader(type, length);
+      const headerFromChunk = FRAME_HEADER_BYTES - this.partialBytes;
+      if (type === FrameType.Data) {
+        this.partial = [];
+        this.partialBytes = 0;
+        this.offset += FRAME_HEADER_BYTES;
+        this.dataLeft = length;
+        at += headerFromChunk;
+        continue;
       }
-      if (this.buffer.length < FRAME_HEADER_BYTES + length) break;
-      frames.push({ type: type as FrameType, payload: this.buffer.subarray(FRAME_HEADER_BYTES, FRAME_HEADER_BYTES + length) });
-      this.buffer = this.buffer.subarray(FRAME_HEADER_BYTES + length);
+      if (joined.length < FRAME_HEADER_BYTES + length) return this.keep(frames, rest);
+      frames.push({ type: type as FrameType, payload: Buffer.from(joined.subarray(FRAME_HEADER_BYTES, FRAME_HEADER_BYTES + length)) });
+      at += FRAME_HEADER_BYTES + length - this.partialBytes;
       this.offset += FRAME_HEADER_BYTES + length;
+      this.partial = [];
+      this.partialBytes = 0;
     }
     return frames;
   }
 
-  /** Bytes of an unfinished frame still buffered (non-zero at end of input means truncation). */
+  /** Bytes of an unfinished frame (non-zero at the end of the input means it was cut short). */
   get pendingBytes(): number {
-    return this.buffer.length;
+    return this.partialBytes + this.dataLeft;
+  }
+
+  private keep(frames: Frame[], rest: Buffer): Frame[] {
+    this.partial.push(rest);
+    this.partialBytes += rest.length;
+    return frames;
+  }
+
+  private checkHeader(type: number, length: number): void {
+    if (type < FrameType.Header || type > FrameType.Abort) {
+      throw new FrameError(`unknown frame type ${type} at stream offset ${this.offset}`);
+    }
+    if (length > MAX_FRAME_PAYLOAD) {
+      throw new FrameError(`frame of ${length} bytes at stream offset ${this.offset} exceeds ${MAX_FRAME_PAYLOAD}`);
+    }
   }
 }

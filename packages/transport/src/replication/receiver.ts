@@ -38,7 +38,8 @@ export async function runReceiver(input: Readable, output: Writable, options: Re
   const reply = (message: ReceiverReply) => output.write(`${JSON.stringify(message)}\n`);
 
   const begin = (header: CheckpointHeader): InFlight => {
-    const data = new PassThrough({ highWaterMark: 4 * 1024 * 1024 });
+    // objectMode: chunks are handed on as they came; a byte-mode read() would join what is buffered (a copy)
+    const data = new PassThrough({ objectMode: true, highWaterMark: 64 });
     let trailer!: (value: CheckpointTrailer) => void;
     let abort!: (reason: Error) => void;
     const trailerPromise = new Promise<CheckpointTrailer>((resolve, reject) => {
@@ -96,7 +97,8 @@ export async function runReceiver(input: Readable, output: Writable, options: Re
             if (current.failed) break; // already nacked: drain the sender's remaining data
             // Honour the store's pace: wait for drain rather than buffering without bound, but
             // stop waiting if the commit fails meanwhile (it will not read again).
-            if (!current.data.write(Buffer.from(frame.payload))) {
+            // a view of the input chunk: Node never reuses a stream chunk's memory
+            if (!current.data.write(frame.payload)) {
               await Promise.race([onceDrained(current.data).catch(() => undefined), current.done]);
             }
             break;
