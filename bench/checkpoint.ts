@@ -17,6 +17,7 @@
  */
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { Checkpointer, type CheckpointResult } from '@ftvm/coordinator';
 import type { QmpClient } from '@ftvm/qmp';
@@ -39,9 +40,14 @@ const EMULATOR = process.env.FTVM_BENCH_EMULATOR === 'stock' ? undefined : (proc
 const RESULT_NAME = process.env.FTVM_BENCH_RESULT ?? 'checkpoint.json';
 const DOWNTIME_LIMIT_MS = process.env.FTVM_BENCH_DOWNTIME_MS === undefined ? undefined : Number(process.env.FTVM_BENCH_DOWNTIME_MS);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const sshArgs = (ip: string, command: string) => ['-i', labSshKey(), '-o', `UserKnownHostsFile=${labKnownHosts()}`, '-o', 'StrictHostKeyChecking=yes', '-o', 'BatchMode=yes', `root@${ip}`, command];
 const pauseMs = (r: CheckpointResult) => Number(r.resumeNs - r.stopNs) / 1e6;
 const mbPerS = (results: { bytes: number; durationMs: number }[]) =>
   results.reduce((n, r) => n + r.bytes, 0) / 1e6 / (results.reduce((n, r) => n + r.durationMs, 0) / 1000);
+
+// The checkpointer runs inside the agent, which runs at nice -10 (agent config `nice`): so here.
+const NICE = Number(process.env.FTVM_BENCH_NICE ?? -10);
+os.setPriority(NICE);
 
 await labUp();
 const vm = await startProbeVm({ host: 'primary', name: VM, memoryMiB: 256, workloadMiBps: WORKLOAD_MIBPS, ...(EMULATOR ? { emulator: EMULATOR } : {}) });
@@ -89,7 +95,7 @@ try {
   const increments = continuous.filter((r) => r.base !== undefined);
 
   // --- phase 2: full checkpoints against raw ssh, alternating ------------------------------
-  const throughputRuns: { checkpoint_mb_per_s: number; raw_ssh_mb_per_s: number; raw_ssh_connect_ms: number; bytes: number }[] = [];
+  const throughputRuns: { checkpoint_mb_per_s: number; raw_ssh_mb_per_s: number; raw_ssh_connect_ms: number; raw_ssh_with_connect_mb_per_s: number; bytes: number }[] = [];
   const fullForThroughput: CheckpointResult[] = [];
   const rawRuns: { bytes: number; durationMs: number }[] = [];
   for (let i = 0; i < FULL_RUNS; i++) {
@@ -99,7 +105,13 @@ try {
     await sleep(INTERVAL_MS);
     const raw = await rawSshTransfer(hostInfo('backup').ip, result.bytes);
     rawRuns.push(raw);
-    throughputRuns.push({ checkpoint_mb_per_s: round(mbPerS([result])), raw_ssh_mb_per_s: round(mbPerS([raw])), raw_ssh_connect_ms: round(raw.connectMs), bytes: result.bytes });
+    throughputRuns.push({
+      checkpoint_mb_per_s: round(mbPerS([result])),
+      raw_ssh_mb_per_s: round(mbPerS([raw])),
+      raw_ssh_connect_ms: round(raw.connectMs),
+      raw_ssh_with_connect_mb_per_s: round(mbPerS([{ bytes: raw.bytes, durationMs: raw.durationMs + raw.connectMs }])),
+      bytes: result.bytes,
+    });
     console.error(`full checkpoint ${result.epoch}: ${mbPerS([result]).toFixed(1)} MB/s; raw ssh ${mbPerS([raw]).toFixed(1)} MB/s`);
     await sleep(INTERVAL_MS);
   }
@@ -108,6 +120,8 @@ try {
   ssh.close();
   const checkpointMBps = mbPerS(fullForThroughput);
   const rawMBps = mbPerS(rawRuns);
+  // the literal `ssh backup 'cat > /dev/null'`, connection set-up included (ftvm's channel is open already)
+  const rawWithConnectMBps = mbPerS(rawRuns.map((r) => ({ bytes: r.bytes, durationMs: r.durationMs + r.connectMs })));
 
   // --- baseline: QEMU's own migrate to a local file (plain QEMU: ftvm's capabilities off) ---
   const ftvmCapabilities = (await vm.qmp.execute<{ capability: string }[]>('query-migrate-capabilities'))
@@ -122,6 +136,7 @@ try {
     self_resuming: checkpointer.selfResuming,
     incremental: checkpointer.incremental,
     downtime_limit_ms: downtimeLimitMs,
+    checkpointer_nice: NICE,
     guest: { memory_mib: 256, workload_mib_per_s: WORKLOAD_MIBPS, image: vm.image.dir, cmdline: vm.image.cmdline },
     checkpoints: { requested: CHECKPOINTS, committed: continuous.length, full: full.length, incremental: increments.length, failed: failures, interval_ms: INTERVAL_MS },
     // phase 1: every checkpoint of the continuous run, full and incremental
@@ -141,6 +156,8 @@ try {
     raw_ssh_mb_per_s: round(rawMBps),
     throughput_vs_raw_ssh: round(checkpointMBps / rawMBps),
     throughput_basis: 'full checkpoints (bytes ÷ migrate-to-ack time) vs raw ssh of as many bytes (minus its connect time), alternating',
+    raw_ssh_with_connect_mb_per_s: round(rawWithConnectMBps),
+    throughput_vs_raw_ssh_with_connect: round(checkpointMBps / rawWithConnectMBps),
     throughput_runs: throughputRuns,
     full_checkpoint_pause_ms: summarize([...full, ...fullForThroughput].map(pauseMs)),
     baseline: { local_migrate_pause_ms: summarize(localPausesMs), runs: BASELINE_RUNS },
@@ -182,8 +199,6 @@ async function localMigratePauses(qmp: QmpClient, runDir: string, runs: number):
   fs.rmSync('/tmp/ftvm-bench-local.mig', { force: true });
   return pauses;
 }
-
-const sshArgs = (ip: string, command: string) => ['-i', labSshKey(), '-o', `UserKnownHostsFile=${labKnownHosts()}`, '-o', 'StrictHostKeyChecking=yes', '-o', 'BatchMode=yes', `root@${ip}`, command];
 
 /**
  * OpenSSH `ssh backup 'cat > /dev/null'` fed `bytes` bytes, from the primary host. The checkpoint
