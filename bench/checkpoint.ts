@@ -97,7 +97,7 @@ try {
   // --- phase 2: full checkpoints against raw ssh, alternating ------------------------------
   const throughputRuns: { checkpoint_mb_per_s: number; raw_ssh_mb_per_s: number; raw_ssh_connect_ms: number; raw_ssh_with_connect_mb_per_s: number; bytes: number }[] = [];
   const fullForThroughput: CheckpointResult[] = [];
-  const rawRuns: { bytes: number; durationMs: number }[] = [];
+  const rawRuns: { bytes: number; durationMs: number; connectMs: number }[] = [];
   for (let i = 0; i < FULL_RUNS; i++) {
     const result = await take({ full: true });
     if (!result) continue;
