@@ -57,6 +57,16 @@ describe('CheckpointStore with incremental checkpoints', () => {
     expect(await store.epochs()).toEqual([4, 5]);
   });
 
+  it('prunes nothing while a kept checkpoint\'s chain cannot be followed', async () => {
+    const store = await new CheckpointStore(dir, 2).open();
+    const m1 = await commit(store, 1, stream(full(1)));
+    await commit(store, 2, delta(0, 2), { epoch: 1, sha256: m1.sha256 });
+    await fs.writeFile(path.join(dir, '1.json'), '{ torn');
+    await commit(store, 3, stream(full(3)));
+    expect(await store.epochs()).toEqual([1, 2, 3]); // 1 is evidence of what happened to 2
+    expect((await store.latestVerified())?.metadata.epoch).toBe(3);
+  });
+
   it('refuses an increment that does not extend the newest committed checkpoint of the same lineage', async () => {
     const store = await new CheckpointStore(dir).open();
     const m1 = await commit(store, 1, stream(full(1)));

@@ -320,8 +320,10 @@ export class CheckpointStore {
     const epochs = await this.epochs();
     const needed = new Set<number>();
     for (const epoch of epochs.slice(-this.keep)) {
-      for (const meta of await this.chain(epoch).catch(() => [])) needed.add(meta.epoch);
-      needed.add(epoch);
+      // a chain that cannot be followed (unreadable metadata): prune nothing, lose nothing
+      const chain = await this.chain(epoch).catch(() => undefined);
+      if (!chain) return;
+      for (const meta of chain) needed.add(meta.epoch);
     }
     for (const epoch of epochs.filter((e) => !needed.has(e))) {
       await fs.rm(this.metaPath(epoch), { force: true });
