@@ -85,7 +85,7 @@ export async function startProbeVm(options: ProbeVmOptions): Promise<ProbeVm> {
   }
   await virsh('start', name, ...(options.incoming ? ['--paused'] : []));
 
-  const qmp = await connectWhenReady(outside(`${name}.qmp`), 30_000);
+  const qmp = await QmpClient.connectWhenReady({ path: outside(`${name}.qmp`) }, { timeoutMs: 30_000, connectTimeoutMs: 2_000, retryMs: 100 });
   const probe = { host: host.ip, port: probePort };
   const vm: ProbeVm = {
     name,
@@ -145,14 +145,3 @@ async function waitForGuest(vm: ProbeVm, timeoutMs: number, sync: boolean): Prom
   }
 }
 
-async function connectWhenReady(socketPath: string, timeoutMs: number): Promise<QmpClient> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    try {
-      return await QmpClient.connect({ path: socketPath }, { connectTimeoutMs: 2_000 });
-    } catch (error) {
-      if (Date.now() > deadline) throw new Error(`no QMP on ${socketPath} within ${timeoutMs} ms: ${(error as Error).message}`);
-      await new Promise((r) => setTimeout(r, 100));
-    }
-  }
-}

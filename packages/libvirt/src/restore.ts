@@ -154,7 +154,7 @@ export class PreparedRestore {
       await conn.start(name, { paused: true, timeoutMs: remaining() });
       stage = 'QMP';
       const tQmp = mark();
-      qmp = await connectQmp(hostPath(protection.qmpSocket), remaining());
+      qmp = await QmpClient.connectWhenReady({ path: hostPath(protection.qmpSocket) }, { timeoutMs: remaining(), retryMs: 20 });
       await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] }, { timeoutMs: remaining() });
       await qmp.execute('migrate-incoming', { uri: `unix:${incomingOnHost}` }, { timeoutMs: remaining() });
       const tReady = mark();
@@ -296,18 +296,6 @@ export async function restoreFromCheckpoint(options: RestoreOptions): Promise<Re
 }
 
 const round = (ms: number) => Math.round(ms * 10) / 10;
-
-async function connectQmp(socketPath: string, timeoutMs: number): Promise<QmpClient> {
-  const deadline = performance.now() + timeoutMs;
-  for (;;) {
-    try {
-      return await QmpClient.connect({ path: socketPath }, { connectTimeoutMs: Math.min(5_000, Math.max(1, deadline - performance.now())) });
-    } catch (error) {
-      if (performance.now() > deadline) throw new Error(`no QMP on ${socketPath} within ${timeoutMs} ms: ${(error as Error).message}`);
-      await new Promise((r) => setTimeout(r, 20));
-    }
-  }
-}
 
 async function connectSocket(socketPath: string, timeoutMs: number): Promise<net.Socket> {
   const deadline = performance.now() + timeoutMs;

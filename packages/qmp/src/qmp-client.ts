@@ -81,6 +81,26 @@ export class QmpClient {
     socket.once('close', () => this.fail(new QmpConnectionClosedError(undefined, 'peer closed the socket')));
   }
 
+  /**
+   * `connect` for a QEMU that is still starting: while its socket is missing or refuses, tries
+   * again every `retryMs` (default 50) until `timeoutMs` is spent, each attempt bounded by what is
+   * left (and by `connectTimeoutMs`, default 5 s).
+   */
+  static async connectWhenReady(target: SocketTarget, options: QmpConnectOptions & { timeoutMs: number; retryMs?: number }): Promise<QmpClient> {
+    const deadline = Date.now() + options.timeoutMs;
+    for (;;) {
+      const left = deadline - Date.now();
+      try {
+        return await QmpClient.connect(target, { ...options, connectTimeoutMs: Math.max(1, Math.min(options.connectTimeoutMs ?? 5_000, left)) });
+      } catch (error) {
+        if (Date.now() + (options.retryMs ?? 50) > deadline) {
+          throw new QmpClientError(`no QMP on ${describeTarget(target)} within ${options.timeoutMs} ms: ${(error as Error).message}`);
+        }
+        await new Promise((resolve) => setTimeout(resolve, options.retryMs ?? 50));
+      }
+    }
+  }
+
   /** Connects, reads the greeting and negotiates capabilities (oob when offered and wanted). */
   static async connect(target: SocketTarget, options: QmpConnectOptions = {}): Promise<QmpClient> {
     const connectTimeoutMs = options.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;

@@ -38,9 +38,8 @@ export class FakePeer {
     });
   }
 
-  static async listen(): Promise<FakePeer> {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ftvm-qmp-'));
-    const peer = new FakePeer(path.join(dir, 'qmp.sock'));
+  static async listen(socketPath = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'ftvm-qmp-')), 'qmp.sock')): Promise<FakePeer> {
+    const peer = new FakePeer(socketPath);
     await new Promise<void>((resolve) => peer.server.listen(peer.path, resolve));
     return peer;
   }

@@ -1,3 +1,6 @@
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { QmpClient } from '../src/qmp-client.js';
 import {
@@ -90,6 +93,21 @@ describe('QmpClient against a scripted peer', () => {
     await expect(resume).resolves.toMatchObject({ event: 'RESUME', timestampNs: 5_000_006_000n });
     await expect(client.waitForEvent('SHUTDOWN', { timeoutMs: 30 })).rejects.toBeInstanceOf(QmpTimeoutError);
     await client.close();
+  });
+
+  it('connects once a starting QEMU listens, and gives up at the deadline with the reason', async () => {
+    const socketPath = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'ftvm-qmp-')), 'late.sock');
+    const connecting = QmpClient.connectWhenReady({ path: socketPath }, { timeoutMs: 5_000, retryMs: 20 });
+    await new Promise((r) => setTimeout(r, 200)); // QEMU is still starting: no socket yet
+    peer = await FakePeer.listen(socketPath);
+    actLikeQemu(peer);
+    const client = await connecting;
+    expect(peer.received[0]).toMatchObject({ execute: 'qmp_capabilities' });
+    await client.close();
+
+    await expect(QmpClient.connectWhenReady({ path: '/nonexistent/qmp.sock' }, { timeoutMs: 300 })).rejects.toThrow(
+      /no QMP on .*\/nonexistent\/qmp.sock within 300 ms: .*ENOENT/,
+    );
   });
 
   it('gives a clear error when nothing listens', async () => {

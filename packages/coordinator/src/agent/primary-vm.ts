@@ -23,7 +23,6 @@ export interface PrimaryVmOptions {
   ledger?: DriftLedger;
 }
 
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 const nsToMs = (ns: bigint) => Number(ns) / 1e6;
 
 /**
@@ -57,7 +56,7 @@ export class PrimaryVm {
   static async start(options: PrimaryVmOptions): Promise<PrimaryVm> {
     const protection = readProtection(options.record.xml);
     if (!protection) throw new Error(`VM '${options.record.name}': its domain XML has no ftvm metadata`);
-    const qmp = options.qmp ?? (await connectQmp(protection.qmpSocket, 30_000));
+    const qmp = options.qmp ?? (await QmpClient.connectWhenReady({ path: protection.qmpSocket }, { timeoutMs: 30_000, connectTimeoutMs: 2_000 }));
     const ledger = options.ledger ?? new DriftLedger(options.record.name);
     const log = options.log;
     const hook = await ClockHook.create({ qmp, ledger, log: (message) => log.info({ clock: true }, message) });
@@ -238,17 +237,5 @@ export class PrimaryVm {
     this.stopHealthChecks();
     this.options.log.error({ reason }, 'VM failed');
     this.options.onFailure(reason);
-  }
-}
-
-export async function connectQmp(socketPath: string, timeoutMs: number): Promise<QmpClient> {
-  const deadline = performance.now() + timeoutMs;
-  for (;;) {
-    try {
-      return await QmpClient.connect({ path: socketPath }, { connectTimeoutMs: 2_000 });
-    } catch (error) {
-      if (performance.now() > deadline) throw new Error(`no QMP on ${socketPath} within ${timeoutMs} ms: ${(error as Error).message}`);
-      await sleep(50);
-    }
   }
 }
