@@ -88,8 +88,11 @@ type MigrationStatus = 'setup' | 'active' | 'device' | 'completed' | 'failed' | 
  */
 export class Checkpointer {
   private tip: ChainTip | undefined;
-  /** QEMU may be keeping a dirty log since a completed migration the backup never acknowledged. */
-  private qemuMayHoldBase = false;
+  /**
+   * QEMU may be keeping a dirty log since a completed migration the backup never acknowledged —
+   * or one an earlier user of this QEMU took: so the first checkpoint drops it too.
+   */
+  private qemuMayHoldBase: boolean;
 
   private constructor(
     private readonly options: CheckpointerOptions,
@@ -98,17 +101,15 @@ export class Checkpointer {
     readonly selfResuming: boolean,
     /** Checkpoints after the first carry only what changed (ftvm's patch). */
     readonly incremental: boolean,
-  ) {}
+  ) {
+    this.qemuMayHoldBase = incremental;
+  }
 
   static async create(options: CheckpointerOptions): Promise<Checkpointer> {
     const { qmp } = options;
     const capabilities = await qmp.execute<{ capability: string }[]>('query-migrate-capabilities');
     const selfResuming = capabilities.some((c) => c.capability === SELF_RESUME_CAPABILITY);
     const incremental = (options.incremental ?? true) && capabilities.some((c) => c.capability === INCREMENTAL_CAPABILITY);
-    if (incremental) {
-      // Off first: whatever an earlier user of this QEMU left, the first checkpoint is full.
-      await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: INCREMENTAL_CAPABILITY, state: false }] });
-    }
     await qmp.execute('migrate-set-capabilities', {
       capabilities: [
         { capability: 'events', state: true },

@@ -1,3 +1,4 @@
+import fsSync from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -43,9 +44,10 @@ describe('CheckpointStore with incremental checkpoints', () => {
 
     const latest = (await store.latestVerified())!;
     expect(latest.metadata.epoch).toBe(3);
-    expect(latest.chain).toEqual([1, 2, 3].map((e) => store.dataPath(e)));
+    expect(latest.chain.map((m) => m.epoch)).toEqual([1, 2, 3]);
+    expect(latest.data.map((d, i) => d.equals(fsSync.readFileSync(store.dataPath(i + 1))))).toEqual([true, true, true]);
     // the full stream's 8 pages, then each increment's page as a later iteration would send it
-    const pages = parseMigrationStream(await store.read(latest)).filter((r) => r.type === 'ram-page' || r.type === 'ram-zero');
+    const pages = parseMigrationStream(store.read(latest)).filter((r) => r.type === 'ram-page' || r.type === 'ram-zero');
     expect(pages).toHaveLength(8 + 1 + 1);
     const page = (addr: number) => pages.findLast((r) => r.type === 'ram-page' && r.block === 'pc.ram' && r.addr === addr);
     expect(page(0)).toMatchObject({ data: pseudoRandom(PAGE, 20) });

@@ -154,7 +154,7 @@ export class StagedRestore {
     const store = await new CheckpointStore(path.posix.join(options.storeDir, options.record.name), options.record.keep).open();
     const latest = await store.latestVerified((error) => options.log.warn({ err: error.message }, 'skipping a checkpoint that does not verify'));
     if (!latest) throw new NoCheckpointError(`no committed checkpoint of '${options.record.name}' in ${store.dir}`);
-    const data = await store.assemble(latest);
+    const data = store.assemble(latest);
     const bytes = data.ram.reduce((n, part) => n + part.length, data.deviceState.length);
     options.log.info({ epoch: latest.metadata.epoch, chain: latest.chain.length, bytes }, 'staging restore');
     return new StagedRestore(latest.metadata, data, options);

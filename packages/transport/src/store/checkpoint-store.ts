@@ -1,9 +1,9 @@
 import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
-import { assembleCheckpointChain, CheckpointChainError, sameBlocks, type AssembledCheckpoint, type CheckpointLayout, type RamBlockExtent } from '../stream/chain.js';
+import { assembleCheckpointChain, sameBlocks, type AssembledCheckpoint } from '../stream/chain.js';
+import type { StreamSummary } from '../stream/verifier.js';
 import { CheckpointStoreError } from './errors.js';
 import { invalidMetadataField, type CheckpointMetadata } from './metadata.js';
 
@@ -21,12 +21,7 @@ export interface StreamVerifier {
   end(): void | StreamShape;
 }
 
-export interface StreamShape {
-  ramBlocks: RamBlockExtent[] | undefined;
-  fullRam: boolean;
-  ramGap?: { block: string; missingPages: number };
-  layout?: CheckpointLayout;
-}
+export type StreamShape = Pick<StreamSummary, 'ramBlocks' | 'fullRam' | 'ramGap' | 'layout'>;
 
 /** The checkpoint an incremental one applies on: its epoch and, to prove the lineage, its checksum. */
 export interface CheckpointBase {
@@ -34,11 +29,13 @@ export interface CheckpointBase {
   sha256: string;
 }
 
-/** The newest loadable checkpoint and the files that make it, oldest (a full one) first. */
+/** The newest loadable checkpoint and what makes it, read and verified once. */
 export interface LoadableCheckpoint {
   metadata: CheckpointMetadata;
-  path: string;
-  chain: string[];
+  /** It and every checkpoint it builds on, oldest (a full one) first. */
+  chain: CheckpointMetadata[];
+  /** Their data, in the same order, each matching its checksum. */
+  data: Buffer[];
 }
 
 export interface CommitInput {
@@ -59,6 +56,7 @@ export interface CommitInput {
 const DATA_SUFFIX = '.ckpt';
 const META_SUFFIX = '.json';
 const TMP_SUFFIX = '.tmp';
+const HASH_SLICE_BYTES = 4 * 1024 * 1024;
 
 /**
  * A directory of committed checkpoints, on the backup.
@@ -71,7 +69,7 @@ const TMP_SUFFIX = '.tmp';
  *
  * Incremental checkpoints (only the pages written since their base) are committed the same way,
  * only on top of the newest committed checkpoint, named with its checksum; pruning keeps every
- * checkpoint a kept one depends on, and reading flattens the chain into one full stream.
+ * checkpoint a kept one depends on, and reading assembles the chain into one loadable stream.
  */
 export class CheckpointStore {
   constructor(
@@ -201,25 +199,7 @@ export class CheckpointStore {
   /** Re-reads the data and checks size and checksum against the metadata. */
   async verify(epoch: number): Promise<CheckpointMetadata> {
     const meta = await this.metadata(epoch);
-    const hash = createHash('sha256');
-    let bytes = 0;
-    try {
-      for await (const chunk of createReadStream(this.dataPath(epoch)) as AsyncIterable<Buffer>) {
-        hash.update(chunk);
-        bytes += chunk.length;
-      }
-    } catch (error) {
-      throw new CheckpointStoreError(`checkpoint ${epoch} data unreadable: ${(error as Error).message}`, 'corrupt', epoch);
-    }
-    const sha256 = hash.digest('hex');
-    if (bytes !== meta.bytes || sha256 !== meta.sha256) {
-      throw new CheckpointStoreError(
-        `checkpoint ${epoch} is corrupt: ${bytes} bytes sha256 ${sha256.slice(0, 12)}…, committed ${meta.bytes} bytes ${meta.sha256.slice(0, 12)}…`,
-        'corrupt',
-        epoch,
-        this.dataPath(epoch),
-      );
-    }
+    await this.readVerified(meta);
     return meta;
   }
 
@@ -240,25 +220,28 @@ export class CheckpointStore {
 
   /**
    * The newest checkpoint whose data, and that of every checkpoint it builds on, still matches
-   * its checksum. Corrupt ones are reported through `onCorrupt` and skipped (never deleted: they
-   * are evidence), so an older intact one is used.
+   * its checksum — each file read once, and kept for loading. Corrupt ones are reported through
+   * `onCorrupt` and skipped (never deleted: they are evidence), so an older intact one is used.
    */
   async latestVerified(onCorrupt?: (error: CheckpointStoreError) => void): Promise<LoadableCheckpoint | undefined> {
-    const verified = new Map<number, Promise<CheckpointMetadata>>();
-    const verifyOnce = (epoch: number) => {
-      if (!verified.has(epoch)) verified.set(epoch, this.verify(epoch));
-      return verified.get(epoch)!;
+    const verified = new Map<number, Promise<Buffer>>();
+    const readOnce = (meta: CheckpointMetadata) => {
+      if (!verified.has(meta.epoch)) verified.set(meta.epoch, this.readVerified(meta));
+      return verified.get(meta.epoch)!;
     };
     for (const epoch of (await this.epochs()).reverse()) {
       try {
         const chain = await this.chain(epoch);
+        const data: Buffer[] = [];
         for (const link of chain) {
-          await verifyOnce(link.epoch).catch((error: unknown) => {
-            if (link.epoch === epoch || !(error instanceof CheckpointStoreError)) throw error;
-            throw new CheckpointStoreError(`checkpoint ${epoch} builds on checkpoint ${link.epoch}: ${error.message}`, 'corrupt', epoch, error.path);
-          });
+          data.push(
+            await readOnce(link).catch((error: unknown) => {
+              if (link.epoch === epoch || !(error instanceof CheckpointStoreError)) throw error;
+              throw new CheckpointStoreError(`checkpoint ${epoch} builds on checkpoint ${link.epoch}: ${error.message}`, 'corrupt', epoch, error.path);
+            }),
+          );
         }
-        return { metadata: chain.at(-1)!, path: this.dataPath(epoch), chain: chain.map((m) => this.dataPath(m.epoch)) };
+        return { metadata: chain.at(-1)!, chain, data };
       } catch (error) {
         if (!(error instanceof CheckpointStoreError)) throw error;
         onCorrupt?.(error);
@@ -271,24 +254,19 @@ export class CheckpointStore {
    * A loadable checkpoint as one migration stream, in parts (views, no copy): a full checkpoint
    * as stored; an incremental one assembled from its chain (see assembleCheckpointChain).
    */
-  async assemble(checkpoint: LoadableCheckpoint): Promise<AssembledCheckpoint> {
-    const epoch = checkpoint.metadata.epoch;
-    const [files, chain] = await Promise.all([Promise.all(checkpoint.chain.map((file) => fs.readFile(file))), this.chain(epoch)]);
+  assemble(checkpoint: LoadableCheckpoint): AssembledCheckpoint {
+    const { chain } = checkpoint;
+    const layouts = chain.every((m) => m.layout) ? chain.map((m) => m.layout!) : undefined;
     try {
-      if (chain.length !== files.length) throw new CheckpointChainError(`the chain changed while it was read (${chain.length} checkpoints now, ${files.length} read)`);
-      const layouts = chain.every((m) => m.layout) ? chain.map((m) => m.layout!) : undefined;
-      if (chain.some((m) => !sameBlocks(m.ramBlocks, chain[0]!.ramBlocks) && m.ramBlocks !== undefined)) {
-        throw new CheckpointChainError('its checkpoints have different RAM blocks');
-      }
-      return assembleCheckpointChain(files, layouts);
+      return assembleCheckpointChain(checkpoint.data, layouts);
     } catch (error) {
-      throw new CheckpointStoreError(`checkpoint ${epoch} cannot be assembled: ${(error as Error).message}`, 'corrupt', epoch);
+      throw new CheckpointStoreError(`checkpoint ${checkpoint.metadata.epoch} cannot be assembled: ${(error as Error).message}`, 'corrupt', checkpoint.metadata.epoch);
     }
   }
 
   /** assemble() as one Buffer. */
-  async read(checkpoint: LoadableCheckpoint): Promise<Buffer> {
-    const { ram, deviceState } = await this.assemble(checkpoint);
+  read(checkpoint: LoadableCheckpoint): Buffer {
+    const { ram, deviceState } = this.assemble(checkpoint);
     return Buffer.concat([...ram, deviceState]);
   }
 
@@ -298,6 +276,34 @@ export class CheckpointStore {
 
   private metaPath(epoch: number): string {
     return path.join(this.dir, `${epoch}${META_SUFFIX}`);
+  }
+
+  /**
+   * A checkpoint's data, checked against its metadata's size and checksum. Hashed in slices: a
+   * backup agent does this at failover and must go on answering its lease keepalives meanwhile.
+   */
+  private async readVerified(meta: CheckpointMetadata): Promise<Buffer> {
+    let data: Buffer;
+    try {
+      data = await fs.readFile(this.dataPath(meta.epoch));
+    } catch (error) {
+      throw new CheckpointStoreError(`checkpoint ${meta.epoch} data unreadable: ${(error as Error).message}`, 'corrupt', meta.epoch);
+    }
+    const hash = createHash('sha256');
+    for (let offset = 0; offset < data.length; offset += HASH_SLICE_BYTES) {
+      hash.update(data.subarray(offset, offset + HASH_SLICE_BYTES));
+      await new Promise<void>((resolve) => setImmediate(resolve));
+    }
+    const sha256 = hash.digest('hex');
+    if (data.length !== meta.bytes || sha256 !== meta.sha256) {
+      throw new CheckpointStoreError(
+        `checkpoint ${meta.epoch} is corrupt: ${data.length} bytes sha256 ${sha256.slice(0, 12)}…, committed ${meta.bytes} bytes ${meta.sha256.slice(0, 12)}…`,
+        'corrupt',
+        meta.epoch,
+        this.dataPath(meta.epoch),
+      );
+    }
+    return data;
   }
 
   /** An incremental checkpoint may only extend the newest committed one, of the same lineage. */
