@@ -70,7 +70,7 @@ async function run(accel: 'kvm' | 'tcg') {
       const completed = qmp.waitForEvent<{ status: string }>('MIGRATION', { timeoutMs: 60_000, predicate: (e) => e.data.status === 'completed' });
       await qmp.execute('migrate', { uri: `unix:${sock}` });
       await completed;
-      const bytes = await received;
+      const bytes = await Promise.race([received, sleep(30_000).then(() => Promise.reject(new Error('the migration stream did not end within 30 s')))]);
       server.close();
       const verifier = createStreamVerifier();
       verifier.update(bytes);
