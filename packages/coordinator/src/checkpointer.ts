@@ -144,11 +144,16 @@ export class Checkpointer {
     const migration = new Promise<{ ok: true } | { ok: false; reason: string }>((resolve) => (settle = resolve));
     let resumed!: () => void;
     const resumedPromise = new Promise<void>((resolve) => (resumed = resolve));
+    let stopped!: () => void;
+    const stoppedPromise = new Promise<void>((resolve) => (stopped = resolve));
     const base = options.full ? undefined : this.baseFor(sender);
     this.tip = undefined; // until this one is acknowledged, nothing may build on anything
 
     const unsubscribe = qmp.onEvent((event: QmpEvent) => {
-      if (event.event === 'STOP') stopNs = event.timestampNs;
+      if (event.event === 'STOP') {
+        stopNs = event.timestampNs;
+        stopped();
+      }
       else if (event.event === 'RESUME' && stopNs !== undefined) {
         resumeNs = event.timestampNs;
         resumed();
@@ -208,6 +213,8 @@ export class Checkpointer {
           return { stopNs: String(frozeAt), resumeNs: String(resumeNs) };
         },
         ackTimeoutMs: timeoutMs,
+        // QEMU's final phase: what it still writes is pause, so the link no longer paces it
+        unthrottle: stoppedPromise,
       });
       sending.catch(() => undefined); // observed below; may settle before we get there
       const outcome = await migration;

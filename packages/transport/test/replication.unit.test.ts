@@ -86,6 +86,34 @@ describe('replication sender ↔ receiver', () => {
     await receiving;
   });
 
+  it('stops reading the source once maxBufferedBytes are queued, until the link drains or the send is unthrottled', async () => {
+    // a channel nobody reads: everything written stays queued
+    const stalled = new PassThrough({ highWaterMark: 1024 });
+    const channel = Duplex.from({ readable: new PassThrough(), writable: stalled });
+    const sender = new ReplicationSender(channel, 64 * 1024);
+    let pulled = 0;
+    const source = Readable.from(
+      (function* () {
+        for (let i = 0; i < 64; i++) {
+          pulled++;
+          yield Buffer.alloc(16 * 1024, i);
+        }
+      })(),
+      { highWaterMark: 1 },
+    );
+    let unthrottle!: () => void;
+    const sending = sender.send({ header: header(1), data: source, trailer: trailer(1), unthrottle: new Promise<void>((r) => (unthrottle = r)) });
+    sending.catch(() => undefined);
+    await new Promise((r) => setTimeout(r, 50));
+    // 64 KiB queued = 4 chunks, plus what the source's own buffer read ahead
+    expect(pulled).toBeGreaterThanOrEqual(4);
+    expect(pulled).toBeLessThan(10);
+    unthrottle(); // QEMU stopped: the rest must go through without waiting for the link
+    await new Promise((r) => setTimeout(r, 50));
+    expect(pulled).toBe(64);
+    sender.close();
+  });
+
   it('carries an incremental checkpoint\'s base to the store, which refuses one of another lineage', async () => {
     const store = await new CheckpointStore(dir).open();
     const { channel, toReceiver, toSender } = link();

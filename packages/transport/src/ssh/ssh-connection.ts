@@ -1,4 +1,6 @@
+import net from 'node:net';
 import { Client, type ClientChannel, type ConnectConfig } from 'ssh2';
+import { coalesceWrites } from './coalesced-writes.js';
 import { fingerprintOfKeyBlob } from './host-key.js';
 
 export interface SshEndpoint {
@@ -51,7 +53,10 @@ export class SshConnection {
   static connect(endpoint: SshEndpoint, timeouts: SshTimeouts = {}): Promise<SshConnection> {
     const client = new Client();
     let hostKeyMismatch: string | undefined;
+    // ssh2 waits for the socket's connect under its readyTimeout, as for a socket of its own
+    const socket = coalesceWrites(net.connect({ host: endpoint.host, port: endpoint.port ?? 22 }));
     const config: ConnectConfig = {
+      sock: socket,
       host: endpoint.host,
       port: endpoint.port ?? 22,
       username: endpoint.username,
@@ -73,6 +78,7 @@ export class SshConnection {
       });
       client.once('error', (error: Error & { level?: string }) => {
         client.end();
+        socket.destroy();
         if (hostKeyMismatch) reject(new SshError(hostKeyMismatch, 'host-key', endpoint.host));
         else if (error.level === 'client-authentication') reject(new SshError(`authentication refused: ${error.message}`, 'auth', endpoint.host));
         else reject(new SshError(error.message, 'connect', endpoint.host));
@@ -81,6 +87,7 @@ export class SshConnection {
         client.connect(config);
       } catch (error) {
         // ssh2 throws synchronously for a key it cannot parse.
+        socket.destroy();
         reject(new SshError(`bad private key: ${(error as Error).message}`, 'auth', endpoint.host));
       }
     });
