@@ -187,9 +187,11 @@ async function localMigratePauses(qmp: QmpClient, runDir: string, runs: number):
     fs.rmSync(sockOutside, { force: true });
     await new Promise<void>((r) => sink.listen(sockOutside, r));
     sink.on('connection', (s) => s.pipe(fs.createWriteStream('/tmp/ftvm-bench-local.mig')));
+    completed.catch(() => undefined); // awaited below; a failure before then must not go unhandled
+    resumed.catch(() => undefined);
     await qmp.execute('migrate', { uri: `unix:${runDir}/baseline.mig` });
     await completed;
-    await qmp.execute('cont');
+    await contWhenFinalized(qmp);
     const resume = await resumed;
     off();
     sink.close();
@@ -198,6 +200,22 @@ async function localMigratePauses(qmp: QmpClient, runDir: string, runs: number):
   }
   fs.rmSync('/tmp/ftvm-bench-local.mig', { force: true });
   return pauses;
+}
+
+/**
+ * `cont` as soon as QEMU takes it: it emits MIGRATION completed a moment before it finalizes, and
+ * a `cont` in between is refused with "Migration is not finalized yet".
+ */
+async function contWhenFinalized(qmp: QmpClient): Promise<void> {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      await qmp.execute('cont');
+      return;
+    } catch (error) {
+      if (attempt >= 50 || !/not finalized/i.test((error as Error).message)) throw error;
+      await sleep(1);
+    }
+  }
 }
 
 /**

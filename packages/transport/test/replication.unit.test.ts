@@ -81,6 +81,7 @@ describe('replication sender ↔ receiver', () => {
       expect(ack).toMatchObject({ type: 'ack', epoch, bytes: payload.length });
       expect((await store.verify(epoch)).stopNs).toBe(`${epoch}000`);
     }
+    await store.pruned();
     expect(await store.epochs()).toEqual([2, 3]);
     sender.close();
     await receiving;

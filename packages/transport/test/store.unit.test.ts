@@ -25,10 +25,32 @@ describe('CheckpointStore', () => {
   it('commits checkpoints with metadata and keeps only the newest K', async () => {
     const store = await new CheckpointStore(dir, 2).open();
     for (const epoch of [1, 2, 3]) await store.commit(input(epoch, Buffer.from(`checkpoint ${epoch}`)));
+    // pruning follows the commit (the ack does not wait for it)
+    await store.pruned();
     expect(await store.epochs()).toEqual([2, 3]);
     const meta = await store.verify(3);
     expect(meta).toMatchObject({ vm: 'probe', epoch: 3, bytes: 12, stopNs: '1003', resumeNs: '2003' });
     expect(await fs.readFile(store.dataPath(3), 'utf8')).toBe('checkpoint 3');
+  });
+
+  it('prunes only after the commit has resolved, and reports a prune that fails without failing a commit', async () => {
+    const errors: Error[] = [];
+    const store = await new CheckpointStore(dir, 1, { onPruneError: (e) => errors.push(e) }).open();
+    await store.commit(input(1, Buffer.from('one')));
+    await store.commit(input(2, Buffer.from('two')));
+    expect(await store.epochs()).toEqual([1, 2]); // 1 is still there when the commit of 2 resolves
+    await store.pruned();
+    expect(await store.epochs()).toEqual([2]);
+    // a data file that cannot be removed (here: a directory in its place)
+    await fs.rm(store.dataPath(2));
+    await fs.mkdir(path.join(store.dataPath(2), 'x'), { recursive: true });
+    const meta = await store.commit(input(3, Buffer.from('three')));
+    expect(meta.epoch).toBe(3);
+    await store.pruned();
+    expect(errors).toHaveLength(1);
+    expect(errors[0]).toBeInstanceOf(CheckpointStoreError);
+    expect(await store.epochs()).toEqual([3]);
+    expect((await store.latestVerified())?.metadata.epoch).toBe(3);
   });
 
   it('never commits a stream the verifier rejects, and keeps the previous checkpoint', async () => {

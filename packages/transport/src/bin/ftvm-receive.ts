@@ -25,9 +25,12 @@ if (!values.store) fail('--store DIR is required');
 const keep = Number(values.keep);
 if (!Number.isInteger(keep) || keep < 1) fail(`--keep must be an integer ≥ 1, got ${JSON.stringify(values.keep)}`);
 
-const store = await new CheckpointStore(values.store, keep).open().catch((error: Error) => fail(error.message));
+const log = (message: string) => process.stderr.write(`ftvm-receive: ${message}\n`);
+const store = await new CheckpointStore(values.store, keep, { onPruneError: (error) => log(`old checkpoints not pruned: ${error.message}`) })
+  .open()
+  .catch((error: Error) => fail(error.message));
 await runReceiver(process.stdin, process.stdout, {
   store,
   createVerifier: createStreamVerifier,
-  log: (message) => process.stderr.write(`ftvm-receive: ${message}\n`),
+  log,
 }).catch((error: Error) => fail(error.message));
