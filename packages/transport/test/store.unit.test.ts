@@ -76,6 +76,16 @@ describe('CheckpointStore', () => {
     expect((await store.latestVerified())?.metadata.epoch).toBe(1);
   });
 
+  it('refuses a source that failed before the store got to read it, without an uncaught error', async () => {
+    const store = await new CheckpointStore(dir).open();
+    await store.commit(input(1, Buffer.from('good')));
+    const dead = new Readable({ read() {} });
+    const committing = store.commit(input(2, dead)); // waits for the prune after epoch 1 first
+    dead.destroy(new Error('ssh channel closed'));
+    await expect(committing).rejects.toThrow('ssh channel closed');
+    expect(await store.epochs()).toEqual([1]);
+  });
+
   it('detects a flipped byte and falls back to the previous intact checkpoint', async () => {
     const store = await new CheckpointStore(dir).open();
     await store.commit(input(1, Buffer.from('first checkpoint')));

@@ -105,6 +105,10 @@ export class CheckpointStore {
    * the primary is waiting for the ack. `pruned()` waits for it.
    */
   async commit(input: CommitInput): Promise<CheckpointMetadata> {
+    // The source may fail before it is read (the link dies while this waits for the last prune or
+    // the disk): its error then surfaces from the read loop below — an errored stream throws when
+    // iterated — instead of as an uncaught 'error' event that would take the receiver down.
+    input.data.on('error', ignoreHere);
     await this.pruning; // one change to the directory at a time
     const { epoch } = input;
     if (!Number.isSafeInteger(epoch) || epoch < 0) {
@@ -447,6 +451,8 @@ function checkShape(epoch: number, shape: StreamShape, base: CheckpointMetadata 
     throw new CheckpointStoreError(`checkpoint ${epoch} numbers its sections unlike its base, checkpoint ${base.epoch}: not the same QEMU`, 'verify', epoch);
   }
 }
+
+function ignoreHere(): void {}
 
 async function exists(file: string): Promise<boolean> {
   return fs.access(file).then(
