@@ -30,6 +30,7 @@ import {
   deleteBridge,
   deleteHostNetwork,
   ensureBridge,
+  ensureSocketBufferLimit,
   hostNetworkPresent,
   linkExists,
   linkUp,
@@ -87,6 +88,7 @@ export async function labUp(options: LabUpOptions = {}): Promise<LabUpResult> {
   const log = options.log ?? (() => undefined);
   const elapsed = () => Math.round(performance.now() - started);
   assertRoot();
+  await ensureSocketBufferLimit();
   const newKeys = await ensureKeys();
   if (!newKeys && (await labHealthy())) {
     await ensureWitnessEtcd();

@@ -18,6 +18,19 @@ export async function netnsExists(host: LabHost): Promise<boolean> {
   return fs.existsSync(netnsFile(host));
 }
 
+/**
+ * ftvm's QEMU asks for a 4 MiB send buffer on checkpoint sockets (patch 0014) so the stopped phase
+ * never waits for the agent; the kernel caps it at net.core.wmem_max (Debian's default: 208 KiB).
+ * ansible's kvm_host role raises it on a real host; the lab's hosts share this machine's kernel,
+ * and a network namespace cannot set it, so the lab does it here. Only ever raised.
+ */
+export async function ensureSocketBufferLimit(): Promise<void> {
+  const current = Number((await sh`sysctl -n net.core.wmem_max`).stdout.trim());
+  if (current < CHECKPOINT_SOCKET_BUFFER) await sh`sysctl -qw net.core.wmem_max=${CHECKPOINT_SOCKET_BUFFER}`;
+}
+
+const CHECKPOINT_SOCKET_BUFFER = 4 * 1024 * 1024;
+
 /** The bridge, up, with exactly the lab's root-side address. */
 export async function ensureBridge(): Promise<void> {
   if (!(await linkExists(LAB_BRIDGE))) {

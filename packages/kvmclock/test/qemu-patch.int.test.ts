@@ -1,5 +1,6 @@
 import { execFile, spawn } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -7,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { QmpClient, QmpCommandError } from '@ftvm/qmp';
 import { bootGuest, buildGuest, type BootedGuest } from '../../../test/guest/boot-qemu.js';
 import { clockOffset, syncGuestClock, type ClockOffset } from '../../../test/support/probe-client.js';
+import { ensureSocketBufferLimit } from '../../../test/lab/network.js';
 import { InPlaceActuator } from '../src/index.js';
 
 // ftvm's QEMU patch (packages/kvmclock/qemu) under TCG, with the real test guest (clocksource=tsc,
@@ -245,6 +247,69 @@ describe('x-ftvm-clock-compensate (patched QEMU, TCG)', () => {
     } finally {
       await client.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ftvm-resume-source', state: false }] });
     }
+  });
+});
+
+describe('checkpoint socket send buffer (patched QEMU, 0014)', () => {
+  /**
+   * The send buffer of QEMU's migration socket during the stopped phase: the reader stops reading
+   * at STOP, and a high downtime-limit leaves ~100 MB for that phase, so QEMU stays blocked in it
+   * (holding the BQL: no QMP command is answered meanwhile) while `ss` looks. Then the reader
+   * drains the rest, the migration completes and the VM is resumed.
+   */
+  async function sendBufferWhileStopped(client: QmpClient, qemuPid: number, incremental: boolean): Promise<number> {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ftvm-sndbuf-'));
+    const socketPath = path.join(dir, 'migration.sock');
+    const accepted: net.Socket[] = [];
+    const server = net.createServer((socket) => {
+      accepted.push(socket);
+      socket.on('data', () => undefined);
+    });
+    await new Promise<void>((resolve) => server.listen(socketPath, resolve));
+    const off = client.onEvent((event) => {
+      if (event.event === 'STOP') for (const socket of accepted) socket.pause();
+    });
+    await client.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ftvm-incremental', state: incremental }] });
+    await client.execute('migrate-set-parameters', { 'downtime-limit': 2000, 'max-bandwidth': 8 * 1024 * 1024 * 1024 });
+    try {
+      const stopped = client.waitForEvent('STOP', { timeoutMs: 60_000 });
+      await client.execute('migrate', { uri: `unix:${socketPath}` });
+      await stopped;
+      await sleep(300);
+      const out = await new Promise<string>((resolve, reject) =>
+        execFile('ss', ['-xmpH'], (error, stdout) => (error ? reject(error) : resolve(stdout))),
+      );
+      const sizes = out
+        .split('\n')
+        .filter((line) => line.includes(`pid=${qemuPid},`))
+        .map((line) => Number(/skmem:\(r\d+,rb\d+,t\d+,tb(\d+)/.exec(line)?.[1] ?? 0));
+      return Math.max(...sizes);
+    } finally {
+      off();
+      for (const socket of accepted) socket.resume(); // let the stopped phase finish
+      const deadline = Date.now() + 120_000;
+      while ((await client.execute<{ status?: string }>('query-migrate', undefined, { timeoutMs: 60_000 })).status !== 'completed') {
+        if (Date.now() > deadline) throw new Error('the migration did not complete once the reader read again');
+        await sleep(20);
+      }
+      await client.execute('cont');
+      await client.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ftvm-incremental', state: false }] });
+      await client.execute('migrate-set-parameters', { 'downtime-limit': 300 });
+      for (const socket of accepted) socket.destroy();
+      server.close();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  }
+
+  it('gives an x-ftvm-incremental migration socket a 4 MiB send buffer once the VM is stopped, a plain one keeps 208 KiB', async () => {
+    await ensureSocketBufferLimit(); // the kernel caps SO_SNDBUF at net.core.wmem_max (what ansible raises)
+    const client = qmp!;
+    const plain = await sendBufferWhileStopped(client, guest!.pid, false);
+    const checkpoint = await sendBufferWhileStopped(client, guest!.pid, true);
+    console.log(`migration socket send buffer in the stopped phase: plain ${plain} bytes, x-ftvm-incremental ${checkpoint} bytes`);
+    expect(plain).toBeLessThan(1024 * 1024);
+    expect(checkpoint).toBeGreaterThanOrEqual(8 * 1024 * 1024); // Linux doubles what it grants
+    expect((await client.execute<{ running: boolean }>('query-status')).running).toBe(true);
   });
 });
 
