@@ -115,6 +115,20 @@ describe('replication sender ↔ receiver', () => {
     sender.close();
   });
 
+  it('gives up a send parked behind a channel that no longer drains once its source is destroyed', async () => {
+    const stalled = new PassThrough({ highWaterMark: 1024 }); // open, never read
+    const channel = Duplex.from({ readable: new PassThrough(), writable: stalled });
+    const sender = new ReplicationSender(channel, 64 * 1024);
+    const source = new Readable({ read() {} });
+    for (let i = 0; i < 8; i++) source.push(Buffer.alloc(16 * 1024, i));
+    const sending = sender.send({ header: header(1), data: source, trailer: async () => { throw new Error('migration failed'); } });
+    sending.catch(() => undefined);
+    await new Promise((r) => setTimeout(r, 50));
+    source.destroy(new Error('checkpoint deadline')); // what the checkpointer does on failure
+    await expect(sending).rejects.toThrow(/checkpoint deadline|migration failed/);
+    sender.close();
+  });
+
   it('carries an incremental checkpoint\'s base to the store, which refuses one of another lineage', async () => {
     const store = await new CheckpointStore(dir).open();
     const { channel, toReceiver, toSender } = link();

@@ -87,7 +87,7 @@ export class ReplicationSender {
           this.channel.write(encodeFrameHeader(FrameType.Data, slice.length));
           this.channel.write(slice);
         }
-        if (throttled && this.channel.writableLength > this.maxBufferedBytes) await this.drained(epoch, lifted);
+        if (throttled && this.channel.writableLength > this.maxBufferedBytes) await this.drained(epoch, data, lifted);
         if (this.closedReason !== undefined) throw new ReplicationError(this.closedReason, epoch, 'closed');
       }
     } catch (error) {
@@ -112,17 +112,23 @@ export class ReplicationSender {
     this.channel.end();
   }
 
-  /** Waits for the channel's queue to empty, or until `lifted` settles. */
-  private drained(epoch: number, lifted: Promise<void> | undefined): Promise<void> {
+  /**
+   * Waits for the channel's queue to empty, until `lifted` settles, or until the source is
+   * destroyed: a checkpoint given up (its deadline, a failed migration) must not stay parked here
+   * behind a channel that is open but no longer drains (a stalled receiver).
+   */
+  private drained(epoch: number, source: Readable, lifted: Promise<void> | undefined): Promise<void> {
     return new Promise((resolve, reject) => {
       const cleanup = () => {
         this.channel.off('drain', done);
         this.channel.off('close', onClose);
+        source.off('close', done);
       };
       const done = () => (cleanup(), resolve());
       const onClose = () => (cleanup(), reject(new ReplicationError('receiver channel closed', epoch, 'closed')));
       this.channel.once('drain', done);
       this.channel.once('close', onClose);
+      source.once('close', done);
       void lifted?.then(done);
     });
   }
