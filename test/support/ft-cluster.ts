@@ -12,7 +12,7 @@ import { ControlClient, type AgentStatus, type VmStatus } from '@ftvm/coordinato
 import { ftReadyFromSpec } from '@ftvm/libvirt';
 import { Etcd3 } from 'etcd3';
 import { stringify as toYaml } from 'yaml';
-import { buildGuest } from '../guest/boot-qemu.js';
+import { probeGuestYaml } from '../guest/probe-spec.js';
 import { hostInfo, labEtcdEndpoint, labKnownHosts, labSshKey, labUp, restartHost, spawnDaemonIn, type LabHostName } from '../lab/lab.js';
 import { allPids, isAlive } from '../lab/procs.js';
 import { sleep } from '../lab/wait.js';
@@ -108,22 +108,13 @@ const virsh = (host: LabHostName, ...args: string[]) => run('virsh', ['-c', host
 /** FT-ready XML of the probe guest (probe port forwarded on every address, so it follows the VM). */
 export async function probeVmXml(options: ClusterOptions = {}): Promise<{ name: string; xml: string }> {
   const name = options.vm ?? 'ft-probe';
-  const image = await buildGuest();
-  const yaml = `
-name: ${name}
-type: qemu
-memoryMiB: 256
-boot:
-  kernel: ${image.kernel}
-  initrd: ${image.initrd}
-  cmdline: "${image.cmdline}"
-serialLog: /run/ftvm/${name}.serial.log
-ftvm:
-  peer: { host: backup }
-  checkpointIntervalMs: ${options.checkpointIntervalMs ?? 1000}
-probe:
-  listen: { address: 0.0.0.0, port: ${PROBE_PORT} }
-${options.workloadMiBps ? `  workloadMiBps: ${options.workloadMiBps}\n` : ''}`;
+  const yaml = await probeGuestYaml({
+    name,
+    peer: { host: 'backup' },
+    checkpointIntervalMs: options.checkpointIntervalMs ?? 1000,
+    probeListen: { address: '0.0.0.0', port: PROBE_PORT },
+    ...(options.workloadMiBps ? { workloadMiBps: options.workloadMiBps } : {}),
+  });
   const ready = ftReadyFromSpec(yaml, options.emulator ? { emulator: { path: options.emulator, require: true } } : {});
   return { name, xml: ready.xml };
 }

@@ -1,0 +1,32 @@
+/** The clock-probe test guest as an ftvm domain spec (YAML, as `ftReadyFromSpec` reads it). */
+import { buildGuest } from './boot-qemu.js';
+
+export interface ProbeGuestSpec {
+  name: string;
+  /** The peer host in the spec's `ftvm` block, and its libvirt URI when the test needs one. */
+  peer: { host: string; uri?: string };
+  checkpointIntervalMs: number;
+  /** Where the guest's probe listens (forwarded from the host, so it follows the VM). */
+  probeListen: { address: string; port: number };
+  workloadMiBps?: number;
+}
+
+export async function probeGuestYaml(spec: ProbeGuestSpec): Promise<string> {
+  const image = await buildGuest();
+  const peer = spec.peer.uri === undefined ? `{ host: ${spec.peer.host} }` : `{ host: ${spec.peer.host}, uri: "${spec.peer.uri}" }`;
+  return `
+name: ${spec.name}
+type: qemu
+memoryMiB: 256
+boot:
+  kernel: ${image.kernel}
+  initrd: ${image.initrd}
+  cmdline: "${image.cmdline}"
+serialLog: /run/ftvm/${spec.name}.serial.log
+ftvm:
+  peer: ${peer}
+  checkpointIntervalMs: ${spec.checkpointIntervalMs}
+probe:
+  listen: { address: ${spec.probeListen.address}, port: ${spec.probeListen.port} }
+${spec.workloadMiBps ? `  workloadMiBps: ${spec.workloadMiBps}\n` : ''}`;
+}
