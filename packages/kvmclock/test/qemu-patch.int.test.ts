@@ -7,7 +7,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { QmpClient, QmpCommandError } from '@ftvm/qmp';
 import { bootGuest, buildGuest, type BootedGuest } from '../../../test/guest/boot-qemu.js';
-import { clockOffset, syncGuestClock, type ClockOffset } from '../../../test/support/probe-client.js';
+import { clockOffset, startWorkload, syncGuestClock, type ClockOffset } from '../../../test/support/probe-client.js';
 import { ensureSocketBufferLimit } from '../../../test/lab/network.js';
 import { InPlaceActuator } from '../src/index.js';
 
@@ -253,7 +253,8 @@ describe('x-ftvm-clock-compensate (patched QEMU, TCG)', () => {
 describe('checkpoint socket send buffer (patched QEMU, 0014)', () => {
   /**
    * The send buffer of QEMU's migration socket during the stopped phase: the reader stops reading
-   * at STOP, and a high downtime-limit leaves ~100 MB for that phase, so QEMU stays blocked in it
+   * at STOP, and a high downtime-limit leaves the rest of the bulk pass (with the guest's workload
+   * dirtying 64 MiB, far more than 8 MiB) for that phase, so QEMU stays blocked in it
    * (holding the BQL: no QMP command is answered meanwhile) while `ss` looks. Then the reader
    * drains the rest, the migration completes and the VM is resumed.
    */
@@ -277,7 +278,7 @@ describe('checkpoint socket send buffer (patched QEMU, 0014)', () => {
       await stopped;
       await sleep(300);
       const out = await new Promise<string>((resolve, reject) =>
-        execFile('ss', ['-xmpH'], (error, stdout) => (error ? reject(error) : resolve(stdout))),
+        execFile('ss', ['-xmpH'], { timeout: 10_000 }, (error, stdout) => (error ? reject(error) : resolve(stdout))),
       );
       const sizes = out
         .split('\n')
@@ -304,8 +305,16 @@ describe('checkpoint socket send buffer (patched QEMU, 0014)', () => {
   it('gives an x-ftvm-incremental migration socket a 4 MiB send buffer once the VM is stopped, a plain one keeps 208 KiB', async () => {
     await ensureSocketBufferLimit(); // the kernel caps SO_SNDBUF at net.core.wmem_max (what ansible raises)
     const client = qmp!;
-    const plain = await sendBufferWhileStopped(client, guest!.pid, false);
-    const checkpoint = await sendBufferWhileStopped(client, guest!.pid, true);
+    // The stopped phase must outgrow 8 MiB whatever ran before: dirty 64 MiB and keep dirtying
+    await startWorkload(guest!.probe, 64, { timeoutMs: 10_000 });
+    let plain: number, checkpoint: number;
+    try {
+      await sleep(1500);
+      plain = await sendBufferWhileStopped(client, guest!.pid, false);
+      checkpoint = await sendBufferWhileStopped(client, guest!.pid, true);
+    } finally {
+      await startWorkload(guest!.probe, 0, { timeoutMs: 10_000 });
+    }
     console.log(`migration socket send buffer in the stopped phase: plain ${plain} bytes, x-ftvm-incremental ${checkpoint} bytes`);
     expect(plain).toBeLessThan(1024 * 1024);
     expect(checkpoint).toBeGreaterThanOrEqual(8 * 1024 * 1024); // Linux doubles what it grants
