@@ -19,6 +19,7 @@ export default defineConfig({
           name: 'unit',
           include: ['packages/*/test/**/*.unit.test.ts', 'test/**/*.unit.test.ts'],
           testTimeout: 10_000,
+          sequence: { groupOrder: 0 },
         },
       },
       {
@@ -31,6 +32,9 @@ export default defineConfig({
           hookTimeout: 300_000,
           fileParallelism: false,
           maxWorkers: 1,
+          // After the unit tests, not beside them (vitest runs projects in parallel by default):
+          // clock tests measure QEMU stamps to a fraction of a ms, and a busy CPU moves them by ms.
+          sequence: { groupOrder: 1 },
         },
       },
     ],

@@ -41,6 +41,13 @@ interface RunResult {
   offsetChangeMs: number;
   ledgerPredictedLagMs: number;
   ledgerErrorRatio: number;
+  /**
+   * Pauses the ledger counted from the freeze derived from the stream (stopInstantFromClock), and
+   * why the others were not (the first has no reference; with in-place correction the clock a
+   * checkpoint resumes with is moved, so the derivation is refused and QEMU's measure is used).
+   */
+  stopsDatedFromStream: number;
+  streamDatingRejected: string[];
   pauseMs: ReturnType<typeof summarize>;
   correctionMs: ReturnType<typeof summarize>;
   series: { x: number; y: number }[];
@@ -66,6 +73,8 @@ async function run(name: ActuatorName, emulator: string | undefined): Promise<Ru
   const tracker = hook?.tracker ?? new PauseTracker(vm.qmp, ledger);
   const agent = name === 'agent' ? new GuestAgentActuator(await GuestAgentClient.connect({ path: vm.agentPath }, { connectTimeoutMs: 30_000 })) : undefined;
   const correctionMs: number[] = [];
+  const streamDatingRejected: string[] = [];
+  let stopsDatedFromStream = 0;
   const checkpointer = await Checkpointer.create({
     vm: vmName,
     qmp: vm.qmp,
@@ -98,6 +107,10 @@ async function run(name: ActuatorName, emulator: string | undefined): Promise<Ru
       try {
         const result = await checkpointer.checkpoint(epoch, receiver.sender);
         pauses.push(ms(result.resumeNs - result.stopNs));
+        if (result.frozeAt.source !== 'stream') {
+          if (epoch > 1) streamDatingRejected.push(result.frozeAt.rejected ?? 'no timer section in the stream');
+        } else if (ledger.redateStop(result.stopNs, result.frozeAt.stopNs)) stopsDatedFromStream++;
+        else streamDatingRejected.push('no ledger entry with that STOP stamp');
       } catch (error) {
         console.error(`${name}: checkpoint ${epoch} failed: ${(error as Error).message}`);
         if (!receiver.sender.isOpen) receiver = await openRemoteReceiver(ssh, { storeDir: storeInside, keep: 2 });
@@ -129,6 +142,8 @@ async function run(name: ActuatorName, emulator: string | undefined): Promise<Ru
       offsetChangeMs: round(ms(changeNs)),
       ledgerPredictedLagMs: round(ms(predicted)),
       ledgerErrorRatio: predicted === 0n ? Number.NaN : round(Number(measuredLagNs - predicted) / Number(predicted), 4),
+      stopsDatedFromStream,
+      streamDatingRejected: [...new Set(streamDatingRejected.map((r) => r.replace(/\d+/g, 'N')))],
       pauseMs: summarize(pauses),
       correctionMs: summarize(correctionMs.length ? correctionMs : [0]),
       series,

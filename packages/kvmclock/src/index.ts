@@ -11,6 +11,7 @@ export {
 export {
   checkpointStopInstant,
   checkpointVirtualClockNs,
+  stopInstantFromClock,
   type StopInstant,
   type StopInstantOptions,
   type VirtualClockReference,

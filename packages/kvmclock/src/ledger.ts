@@ -23,6 +23,8 @@ export interface PauseEntry {
   resumeNs: bigint;
   pausedNs: bigint;
   correction?: Correction;
+  /** QEMU's STOP stamp, when `stopNs` was re-dated to the freeze found otherwise (see redateStop). */
+  stopEventNs?: bigint;
 }
 
 export interface ResidualMeasurement {
@@ -66,6 +68,22 @@ export class DriftLedger {
     if (!entry) throw new Error(`no pause of ${this.vm} to attach a ${correction.actuator} correction to`);
     entry.correction = correction;
     if (correction.frozenNs !== undefined) entry.pausedNs = correction.frozenNs;
+  }
+
+  /**
+   * The pause QEMU stamped STOP at `stopEventNs` froze the guest clock at `frozeAtNs` (derived from
+   * the checkpoint's stream, see stopInstantFromClock): its length is counted from there. A pause
+   * whose frozen time the VMM measured itself (correction.frozenNs) keeps that. Returns the entry,
+   * or undefined when no pause has that STOP stamp.
+   */
+  redateStop(stopEventNs: bigint, frozeAtNs: bigint): PauseEntry | undefined {
+    const entry = this.entries.findLast((e) => (e.stopEventNs ?? e.stopNs) === stopEventNs);
+    if (!entry) return undefined;
+    if (frozeAtNs > entry.resumeNs) throw new RangeError(`pause of ${this.vm} re-dated to freeze (${frozeAtNs}) after its resume (${entry.resumeNs})`);
+    entry.stopEventNs = stopEventNs;
+    entry.stopNs = frozeAtNs;
+    if (entry.correction?.frozenNs === undefined) entry.pausedNs = entry.resumeNs - frozeAtNs;
+    return entry;
   }
 
   recordResidual(measuredLagNs: bigint, atNs: bigint): ResidualMeasurement {

@@ -92,8 +92,13 @@ describe('restore-time clock rewrite (failover path, stock QEMU)', () => {
     expect(entry.pausedNs).toBeGreaterThan(1_500_000_000n);
     expect(load.overrun).toBe(false);
     expect(Math.abs(Number(measuredLagNs))).toBeLessThanOrEqual(5_000_000);
-    // The ledger's prediction (stopped time not given back) agrees with the measurement.
-    expect(Math.abs(Number(measuredLagNs - ledger.predictedLagNs))).toBeLessThanOrEqual(2_000_000);
+    // The ledger's prediction (stopped time not given back) agrees with the measurement, to within
+    // what the stamps and the probe allow. Both ends are dated by QEMU's RESUME stamp (the freeze
+    // through the primary's reference resume), which QEMU takes before it writes the event to its
+    // monitors and only then starts the clock: 0.10–1.34 ms earlier (uprobes on the 7.2 build,
+    // 15 resumes), one end making the guest ahead of the prediction, the other behind.
+    const probeErrorNs = before.errorNs + after.errorNs;
+    expect(Math.abs(Number(measuredLagNs - ledger.predictedLagNs))).toBeLessThanOrEqual(2_000_000 + Number(probeErrorNs));
     // And it stays there: the guest runs at the host's rate after the restore.
     expect(Math.abs(Number(later.offsetNs - after.offsetNs))).toBeLessThanOrEqual(1_000_000);
     expect(hostInfo('backup').ip).toBe(backup.probe.host);

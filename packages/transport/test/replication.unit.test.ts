@@ -134,7 +134,10 @@ describe('replication sender ↔ receiver', () => {
     const { channel, toReceiver, toSender } = link();
     const receiving = runReceiver(toReceiver, toSender, { store, createVerifier: createStreamVerifier });
     const sender = new ReplicationSender(channel);
-    const first = await sender.send({ header: header(1), data: Readable.from([stream(full(1))]), trailer: trailer(1) });
+    const first = await sender.send({ header: header(1), data: Readable.from([stream(full(1), undefined, 1)]), trailer: trailer(1) });
+    // The receiver read the VM's clock at the freeze from the timer section (bytes 16..23) and says it.
+    expect(first.guestClockNs).toBe(0x0101010101010101n.toString());
+    expect((await store.metadata(1)).guestClockNs).toBe(first.guestClockNs);
     const increment = stream([{ block: 'pc.ram', index: 3 }]);
     const foreign = await sender
       .send({ header: { ...header(2), base: { epoch: 1, sha256: 'f'.repeat(64) } }, data: Readable.from([increment]), trailer: trailer(2) })

@@ -11,7 +11,7 @@ import {
   encodeTimerSection,
   parseMigrationStream,
 } from '../src/stream/index.js';
-import { syntheticStream } from './fixtures-synthetic.js';
+import { syntheticDevices, syntheticStream } from './fixtures-synthetic.js';
 
 describe('DeviceStateSet', () => {
   const s = syntheticStream();
@@ -99,7 +99,23 @@ describe('stream verifier (for the checkpoint store)', () => {
       fullRam: false,
       ramGap: { block: 'pc.ram', missingPages: 251 },
       layout: { ramSectionId: 2, preambleEnd: s.at.ramStart, ramSetupEnd: s.at.firstPage, deviceStateStart: s.at.devices },
+      // the timer section's cpu_clock_offset: the VM's virtual clock at the freeze
+      guestClockNs: 3_143_675_557n,
     });
+  });
+
+  it('reports no guest clock without a timer section, or with one of a layout it does not know, and still accepts the stream', () => {
+    for (const devices of [
+      syntheticDevices().filter((d) => d.idstr !== 'timer'),
+      syntheticDevices().map((d) => (d.idstr === 'timer' ? { ...d, versionId: 3, desc: { ...d.desc, version: 3 } } : d)),
+    ]) {
+      const stream = syntheticStream({ devices });
+      const v = createStreamVerifier();
+      v.update(stream.bytes);
+      const summary = v.end();
+      expect(summary.deviceSections).toBe(devices.length);
+      expect(summary.guestClockNs).toBeUndefined();
+    }
   });
 
   it('never throws from update(); end() reports a cut or garbled stream', () => {

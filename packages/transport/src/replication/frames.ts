@@ -30,7 +30,8 @@ export interface CheckpointTrailer {
 }
 
 export type ReceiverReply =
-  | { type: 'ack'; epoch: number; bytes: number; sha256: string }
+  /** guestClockNs: the checkpoint's virtual clock at the freeze, when the receiver parsed a timer section. */
+  | { type: 'ack'; epoch: number; bytes: number; sha256: string; guestClockNs?: string }
   | { type: 'nack'; epoch: number; code: string; message: string };
 
 export const FRAME_HEADER_BYTES = 5;

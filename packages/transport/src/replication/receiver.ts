@@ -67,7 +67,13 @@ export async function runReceiver(input: Readable, output: Writable, options: Re
       .then(
         (meta) => {
           log(`committed epoch ${meta.epoch}: ${meta.bytes} bytes${meta.base === undefined ? '' : ` on epoch ${meta.base}`}`);
-          reply({ type: 'ack', epoch: meta.epoch, bytes: meta.bytes, sha256: meta.sha256 });
+          reply({
+            type: 'ack',
+            epoch: meta.epoch,
+            bytes: meta.bytes,
+            sha256: meta.sha256,
+            ...(meta.guestClockNs === undefined ? {} : { guestClockNs: meta.guestClockNs }),
+          });
         },
         (error: unknown) => {
           flight.failed = true;

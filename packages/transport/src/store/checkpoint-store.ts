@@ -21,7 +21,7 @@ export interface StreamVerifier {
   end(): void | StreamShape;
 }
 
-export type StreamShape = Pick<StreamSummary, 'ramBlocks' | 'fullRam' | 'ramGap' | 'layout'>;
+export type StreamShape = Pick<StreamSummary, 'ramBlocks' | 'fullRam' | 'ramGap' | 'layout' | 'guestClockNs'>;
 
 /** The checkpoint an incremental one applies on: its epoch and, to prove the lineage, its checksum. */
 export interface CheckpointBase {
@@ -160,6 +160,7 @@ export class CheckpointStore {
         ...(base ? { base: base.epoch } : {}),
         ...(shape && shape.ramBlocks ? { ramBlocks: shape.ramBlocks } : {}),
         ...(shape && shape.layout ? { layout: shape.layout } : {}),
+        ...(shape && shape.guestClockNs !== undefined ? { guestClockNs: shape.guestClockNs.toString() } : {}),
       };
       await fs.rename(tmpData, dataPath);
       await this.syncDir(); // the data's name must be durable before the metadata that commits it

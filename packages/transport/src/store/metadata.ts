@@ -22,9 +22,11 @@ export interface CheckpointMetadata {
   ramBlocks?: RamBlockExtent[];
   /** Where the stream's parts begin (idem): a chain is assembled from these without parsing. */
   layout?: CheckpointLayout;
+  /** The VM's virtual clock at the freeze, ns, decimal (idem; the `timer` section's cpu_clock_offset). */
+  guestClockNs?: string;
 }
 
-const REQUIRED: Record<Exclude<keyof CheckpointMetadata, 'base' | 'ramBlocks' | 'layout'>, 'string' | 'number' | 'optional-string'> = {
+const REQUIRED: Record<Exclude<keyof CheckpointMetadata, 'base' | 'ramBlocks' | 'layout' | 'guestClockNs'>, 'string' | 'number' | 'optional-string'> = {
   vm: 'string',
   epoch: 'number',
   stopNs: 'string',
@@ -53,5 +55,6 @@ export function invalidMetadataField(value: unknown): string | undefined {
   if (!Number.isSafeInteger(record['epoch']) || (record['epoch'] as number) < 0) return 'epoch';
   if (!/^[0-9a-f]{64}$/.test(String(record['sha256']))) return 'sha256';
   if (!/^-?\d+$/.test(String(record['stopNs'])) || !/^-?\d+$/.test(String(record['resumeNs']))) return 'stopNs/resumeNs';
+  if (record['guestClockNs'] !== undefined && !/^\d+$/.test(String(record['guestClockNs']))) return 'guestClockNs';
   return undefined;
 }

@@ -4,7 +4,8 @@
 
 import { RamCoverage, type CheckpointLayout, type RamBlockExtent } from './chain.js';
 import { MigrationStreamParser, type MigrationStreamParserOptions } from './parser.js';
-import type { MigrationRecord } from './records.js';
+import type { DeviceSectionRecord, MigrationRecord } from './records.js';
+import { decodeTimerSection, TIMER_SECTION_NAME } from './timer-section.js';
 
 export interface StreamSummary {
   bytes: number;
@@ -20,6 +21,12 @@ export interface StreamSummary {
   ramGap?: { block: string; missingPages: number };
   /** Where its parts begin, for assembling checkpoint chains (when it has RAM and device state). */
   layout?: CheckpointLayout;
+  /**
+   * The VM's virtual clock when it stopped for this stream: the `timer` section's cpu_clock_offset
+   * (ns of running time since QEMU started; it stands still while the VM is stopped). Absent when
+   * the stream has no timer section.
+   */
+  guestClockNs?: bigint;
 }
 
 export class MigrationStreamVerifier {
@@ -27,12 +34,15 @@ export class MigrationStreamVerifier {
   private error: Error | undefined;
   private readonly stats = { bytes: 0, records: 0, ramPages: 0, deviceSections: 0, hasDescription: false };
   private readonly coverage = new RamCoverage();
+  private guestClockNs: bigint | undefined;
   private readonly count = (r: MigrationRecord): void => {
     this.stats.records++;
     this.coverage.add(r);
     if (r.type === 'ram-page' || r.type === 'ram-zero' || r.type === 'ram-compressed' || r.type === 'ram-xbzrle') this.stats.ramPages++;
-    else if (r.type === 'device-section') this.stats.deviceSections++;
-    else if (r.type === 'vm-description') this.stats.hasDescription = true;
+    else if (r.type === 'device-section') {
+      this.stats.deviceSections++;
+      if (r.idstr === TIMER_SECTION_NAME) this.guestClockNs = guestClockOf(r);
+    } else if (r.type === 'vm-description') this.stats.hasDescription = true;
   };
 
   constructor(options?: MigrationStreamParserOptions) {
@@ -61,7 +71,17 @@ export class MigrationStreamVerifier {
       fullRam: this.coverage.blocks !== undefined && gap === undefined,
       ...(gap ? { ramGap: gap } : {}),
       ...(layout ? { layout } : {}),
+      ...(this.guestClockNs !== undefined ? { guestClockNs: this.guestClockNs } : {}),
     };
+  }
+}
+
+/** The timer section's clock; undefined for a layout this codec does not know (not a reason to refuse the stream). */
+function guestClockOf(section: DeviceSectionRecord): bigint | undefined {
+  try {
+    return decodeTimerSection(section).cpuClockOffsetNs;
+  } catch {
+    return undefined;
   }
 }
 
