@@ -69,6 +69,9 @@ export interface CheckpointResult {
    * read from the stream and the previous checkpoint's RESUME (stopInstantFromClock) — QEMU's STOP
    * stamp comes 0.65–1.3 ms after the freeze (uprobes, TCG) — or the STOP stamp when no such
    * reference fits (the first checkpoint, one after a failure or an unannounced pause).
+   * Only for a VM whose clock nothing moves at resume: an in-place correction at the previous
+   * resume makes the derived freeze late by that correction (mostly refused against the STOP
+   * stamp, not always) — there, QEMU's own frozen interval is the measure.
    */
   frozeAt: StopInstant;
 }
