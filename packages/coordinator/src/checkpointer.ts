@@ -114,6 +114,8 @@ export class Checkpointer {
     readonly selfResuming: boolean,
     /** Checkpoints after the first carry only what changed (ftvm's patch). */
     readonly incremental: boolean,
+    /** QEMU is ftvm's build (its migration capabilities are there), with the TCG dirty-tracking fix 0010. */
+    readonly ftvmQemu: boolean,
   ) {
     this.qemuMayHoldBase = incremental;
   }
@@ -137,7 +139,7 @@ export class Checkpointer {
       'max-bandwidth': 8 * 1024 * 1024 * 1024,
       'downtime-limit': options.downtimeLimitMs ?? (ftvmQemu ? 5 : 50),
     });
-    return new Checkpointer(options, await MigrationSocket.listen(options.socketPath), selfResuming, incremental);
+    return new Checkpointer(options, await MigrationSocket.listen(options.socketPath), selfResuming, incremental, ftvmQemu);
   }
 
   /**
