@@ -44,7 +44,7 @@ interface RunResult {
   /**
    * Pauses the ledger counted from the freeze derived from the stream (stopInstantFromClock), and
    * why the others were not (the first has no reference; with in-place correction the clock a
-   * checkpoint resumes with is moved, so the derivation is refused and QEMU's measure is used).
+   * checkpoint resumes with is moved, so it is not attempted and QEMU's measure is used).
    */
   stopsDatedFromStream: number;
   streamDatingRejected: string[];
@@ -81,6 +81,7 @@ async function run(name: ActuatorName, emulator: string | undefined): Promise<Ru
     socketPath: vm.paths.migrationOutside,
     qemuSocketPath: vm.paths.migration,
     qemuVersion: '7.2',
+    clockMovesAtResume: hook !== undefined,
     ...(hook
       ? {
           // With ftvm's QEMU the checkpoint resumes by itself: arm before the stop, adding nothing
@@ -107,12 +108,10 @@ async function run(name: ActuatorName, emulator: string | undefined): Promise<Ru
       try {
         const result = await checkpointer.checkpoint(epoch, receiver.sender);
         pauses.push(ms(result.resumeNs - result.stopNs));
-        if (hook) {
-          // in-place correction: the ledger has QEMU's frozen time; the stream dating does not apply
-        } else if (result.frozeAt.source !== 'stream') {
-          if (epoch > 1) streamDatingRejected.push(result.frozeAt.rejected ?? 'no timer section in the stream');
-        } else if (ledger.redateStop(result.stopNs, result.frozeAt.stopNs)) stopsDatedFromStream++;
-        else streamDatingRejected.push('no ledger entry with that STOP stamp');
+        if (result.frozeAt.source === 'stream') {
+          if (ledger.redateStop(result.stopNs, result.frozeAt.stopNs)) stopsDatedFromStream++;
+          else streamDatingRejected.push('no ledger entry with that STOP stamp');
+        } else if (epoch > 1) streamDatingRejected.push(result.frozeAt.rejected ?? 'no reference');
       } catch (error) {
         console.error(`${name}: checkpoint ${epoch} failed: ${(error as Error).message}`);
         if (!receiver.sender.isOpen) receiver = await openRemoteReceiver(ssh, { storeDir: storeInside, keep: 2 });

@@ -41,6 +41,12 @@ export interface CheckpointerOptions {
    */
   stopInstant?: (stamps: { stopNs: bigint; resumeNs: bigint }) => Promise<bigint>;
   /**
+   * Something moves the guest clock when the VM resumes after a checkpoint (ftvm's in-place
+   * correction): the checkpoint's virtual clock is then not the one the VM resumed with, so it
+   * cannot date the next freeze, and `frozeAt` stays QEMU's STOP stamp.
+   */
+  clockMovesAtResume?: boolean;
+  /**
    * Incremental checkpoints (default: on when QEMU has ftvm's x-ftvm-incremental): after a
    * checkpoint the backup acknowledged, the next carries only the pages written since, applied
    * on top of it in the backup's store. Anything that fails makes the next one full again.
@@ -68,10 +74,8 @@ export interface CheckpointResult {
    * When the guest clock froze for this checkpoint, best known: with the virtual clock the backup
    * read from the stream and the previous checkpoint's RESUME (stopInstantFromClock) — QEMU's STOP
    * stamp comes 0.65–1.3 ms after the freeze (uprobes, TCG) — or the STOP stamp when no such
-   * reference fits (the first checkpoint, one after a failure or an unannounced pause).
-   * Only for a VM whose clock nothing moves at resume: an in-place correction at the previous
-   * resume makes the derived freeze late by that correction (mostly refused against the STOP
-   * stamp, not always) — there, QEMU's own frozen interval is the measure.
+   * reference fits (the first checkpoint, one after a failure or an unannounced pause, or any
+   * with `clockMovesAtResume`).
    */
   frozeAt: StopInstant;
 }
@@ -244,12 +248,11 @@ export class Checkpointer {
       const ack = await sending;
       if (this.incremental) this.tip = { epoch, sha256: ack.sha256, sender, length: (base?.length ?? 0) + 1 };
       const guestClockNs = ack.guestClockNs === undefined ? undefined : BigInt(ack.guestClockNs);
-      const frozeAt =
-        guestClockNs === undefined
-          ? { stopNs: stopNs!, source: 'stop-event' as const }
-          : stopInstantFromClock(guestClockNs, { stopEventNs: stopNs!, ...(reference ? { reference } : {}) });
+      const frozeAt = this.frozeAt(stopNs!, guestClockNs, reference);
       // The VM resumed from exactly this state: its clock went on from guestClockNs at RESUME.
-      if (guestClockNs !== undefined && resumeNs !== undefined) this.lastResume = { resumeNs, virtualClockNs: guestClockNs };
+      if (guestClockNs !== undefined && resumeNs !== undefined && !this.options.clockMovesAtResume) {
+        this.lastResume = { resumeNs, virtualClockNs: guestClockNs };
+      }
       return {
         epoch,
         stopNs: stopNs!,
@@ -278,6 +281,13 @@ export class Checkpointer {
 
   async close(): Promise<void> {
     await this.socket.close();
+  }
+
+  /** When this checkpoint's clock froze (see CheckpointResult.frozeAt). */
+  private frozeAt(stopEventNs: bigint, guestClockNs: bigint | undefined, reference: VirtualClockReference | undefined): StopInstant {
+    if (this.options.clockMovesAtResume) return { stopNs: stopEventNs, source: 'stop-event', rejected: 'the clock is moved at resume (in-place correction)' };
+    if (guestClockNs === undefined) return { stopNs: stopEventNs, source: 'stop-event', rejected: 'the backup found no timer section in the stream' };
+    return stopInstantFromClock(guestClockNs, { stopEventNs, ...(reference ? { reference } : {}) });
   }
 
   /** The checkpoint this one may build on: the last one acknowledged, over the same channel. */

@@ -71,6 +71,7 @@ export class PrimaryVm {
       qemuVersion: `${version.qemu.major}.${version.qemu.minor}.${version.qemu.micro}`,
       domainXml: options.record.xml,
       ...(options.record.fullEvery === undefined ? {} : { fullEvery: options.record.fullEvery }),
+      clockMovesAtResume: inPlace !== undefined,
       // ftvm's QEMU resumes by itself after a checkpoint: arm the correction before the stop.
       beforeMigrate: async () => {
         if (checkpointer.selfResuming) await hook.arm('checkpoint');
@@ -187,9 +188,8 @@ export class PrimaryVm {
     this.hook.expect('checkpoint');
     try {
       const result = await this.checkpointer.checkpoint(epoch, sender, { leaveStopped });
-      // The ledger counted the pause from QEMU's STOP stamp, which comes ~1 ms after the freeze
-      // (with in-place correction it has QEMU's measure of the frozen time instead).
-      if (result.frozeAt.source === 'stream' && !this.hook.canCorrectInPlace) this.ledger.redateStop(result.stopNs, result.frozeAt.stopNs);
+      // The ledger counted the pause from QEMU's STOP stamp, which comes ~1 ms after the freeze.
+      if (result.frozeAt.source === 'stream') this.ledger.redateStop(result.stopNs, result.frozeAt.stopNs);
       const pauseMs = nsToMs(result.resumeNs - result.stopNs);
       this.lastCheckpoint = { epoch, bytes: result.bytes, pauseMs, ageMs: 0, at: Date.now() };
       this.options.metrics.checkpointCommitted(this.name, { bytes: result.bytes, pauseMs, at: Date.now() });
