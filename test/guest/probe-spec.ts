@@ -1,4 +1,5 @@
 /** The clock-probe test guest as an ftvm domain spec (YAML, as `ftReadyFromSpec` reads it). */
+import { stringify } from 'yaml';
 import { buildGuest } from './boot-qemu.js';
 
 export interface ProbeGuestSpec {
@@ -13,20 +14,13 @@ export interface ProbeGuestSpec {
 
 export async function probeGuestYaml(spec: ProbeGuestSpec): Promise<string> {
   const image = await buildGuest();
-  const peer = spec.peer.uri === undefined ? `{ host: ${spec.peer.host} }` : `{ host: ${spec.peer.host}, uri: "${spec.peer.uri}" }`;
-  return `
-name: ${spec.name}
-type: qemu
-memoryMiB: 256
-boot:
-  kernel: ${image.kernel}
-  initrd: ${image.initrd}
-  cmdline: "${image.cmdline}"
-serialLog: /run/ftvm/${spec.name}.serial.log
-ftvm:
-  peer: ${peer}
-  checkpointIntervalMs: ${spec.checkpointIntervalMs}
-probe:
-  listen: { address: ${spec.probeListen.address}, port: ${spec.probeListen.port} }
-${spec.workloadMiBps ? `  workloadMiBps: ${spec.workloadMiBps}\n` : ''}`;
+  return stringify({
+    name: spec.name,
+    type: 'qemu',
+    memoryMiB: 256,
+    boot: { kernel: image.kernel, initrd: image.initrd, cmdline: image.cmdline },
+    serialLog: `/run/ftvm/${spec.name}.serial.log`,
+    ftvm: { peer: spec.peer, checkpointIntervalMs: spec.checkpointIntervalMs },
+    probe: { listen: spec.probeListen, ...(spec.workloadMiBps ? { workloadMiBps: spec.workloadMiBps } : {}) },
+  });
 }
