@@ -72,16 +72,23 @@ export class SshConnection {
       },
     };
     return new Promise((resolve, reject) => {
-      client.once('ready', () => {
-        client.removeAllListeners('error');
-        resolve(new SshConnection(client, endpoint, timeouts.channelTimeoutMs ?? 10_000));
-      });
-      client.once('error', (error: Error & { level?: string }) => {
+      // Not `once`: tearing a failed attempt down makes ssh2 emit again ("Connection lost before
+      // handshake"), and an 'error' with no listener would take the whole process down. The
+      // first error decides; the rest of a discarded client's are dropped.
+      let failed = false;
+      const onError = (error: Error & { level?: string }) => {
+        if (failed) return;
+        failed = true;
         client.end();
         socket.destroy();
         if (hostKeyMismatch) reject(new SshError(hostKeyMismatch, 'host-key', endpoint.host));
         else if (error.level === 'client-authentication') reject(new SshError(`authentication refused: ${error.message}`, 'auth', endpoint.host));
         else reject(new SshError(error.message, 'connect', endpoint.host));
+      };
+      client.on('error', onError);
+      client.once('ready', () => {
+        client.off('error', onError);
+        resolve(new SshConnection(client, endpoint, timeouts.channelTimeoutMs ?? 10_000));
       });
       try {
         client.connect(config);
