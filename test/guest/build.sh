@@ -65,6 +65,14 @@ root=$work/root
 mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,run,tmp,var,lib/modules,lib64}
 ln -s ../run "$root/var/run"
 install -m 0755 "$here/init" "$root/init"
+# qemu-ga's guest-shutdown (what `virsh shutdown` asks the agent for) runs /sbin/shutdown, which
+# busybox lacks: power off (or reboot) at once, as a real guest's init would after its services.
+printf '%s\n' '#!/bin/sh' 'case " $* " in *" -r "*) exec /bin/busybox reboot -f ;; *) exec /bin/busybox poweroff -f ;; esac' >"$root/sbin/shutdown"
+chmod 0755 "$root/sbin/shutdown"
+# `virsh shutdown` (ACPI) presses the power button: busybox acpid run-parts /etc/acpi/PWRF/00000080/.
+mkdir -p "$root/etc/acpi/PWRF/00000080"
+printf '%s\n' '#!/bin/sh' 'exec /bin/busybox poweroff -f' >"$root/etc/acpi/PWRF/00000080/poweroff"
+chmod 0755 "$root/etc/acpi/PWRF/00000080/poweroff"
 
 install -m 0755 "$pkg/bin/busybox" "$root/bin/busybox"
 # Applet links made now from the busybox we ship (it is static, so it runs on the build host).
@@ -95,7 +103,7 @@ add_module() {
   order+=("$name")
 }
 for m in virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci \
-  failover net_failover virtio_net virtio_console; do
+  failover net_failover virtio_net virtio_console evdev button; do
   add_module "$m"
 done
 printf '%s\n' "${order[@]}" >"$root/etc/modules.order"

@@ -10,6 +10,10 @@ export interface ProbeGuestSpec {
   /** Where the guest's probe listens (forwarded from the host, so it follows the VM). */
   probeListen: { address: string; port: number };
   workloadMiBps?: number;
+  /** Guest memory (default 256 MiB). */
+  memoryMiB?: number;
+  /** Give the guest its qemu-ga channel (`virsh shutdown` through the agent, guest-exec). */
+  agent?: boolean;
 }
 
 export async function probeGuestYaml(spec: ProbeGuestSpec): Promise<string> {
@@ -17,10 +21,10 @@ export async function probeGuestYaml(spec: ProbeGuestSpec): Promise<string> {
   return stringify({
     name: spec.name,
     type: 'qemu',
-    memoryMiB: 256,
+    memoryMiB: spec.memoryMiB ?? 256,
     boot: { kernel: image.kernel, initrd: image.initrd, cmdline: image.cmdline },
     serialLog: `/run/ftvm/${spec.name}.serial.log`,
-    ftvm: { peer: spec.peer, checkpointIntervalMs: spec.checkpointIntervalMs },
+    ftvm: { peer: spec.peer, checkpointIntervalMs: spec.checkpointIntervalMs, ...(spec.agent ? { agent: true } : {}) },
     probe: { listen: spec.probeListen, ...(spec.workloadMiBps ? { workloadMiBps: spec.workloadMiBps } : {}) },
   });
 }

@@ -3,7 +3,7 @@
  * failover time (backup's last heartbeat from the primary → QEMU's RESUME on the backup), the
  * guest−host clock offset before and after, workload continuity, and whether two copies ever ran.
  */
-import { Etcd3 } from 'etcd3';
+import { ClusterStore, VmRecords, type VmRecord } from '@ftvm/coordinator';
 import { cutLink, killHost, labEtcdEndpoint, restoreLink } from '../lab/lab.js';
 import { isAlive } from '../lab/procs.js';
 import { sleep } from '../lab/wait.js';
@@ -87,13 +87,13 @@ function sampleCounter(from: AgentHost): { stop(): Promise<CounterSample[]> } {
   };
 }
 
-async function readRecord(vm: string): Promise<{ lastMove?: { epoch: number; stopNs: string; resumeNs: string; lastBeatNs?: string; to: string } }> {
-  const etcd = new Etcd3({ hosts: [labEtcdEndpoint()] });
+/** The VM's record as the agents wrote it (empty if there is none), read with a deadline. */
+export async function readRecord(vm: string): Promise<Partial<VmRecord>> {
+  const store = ClusterStore.open({ endpoints: [labEtcdEndpoint()], requestTimeoutMs: 2_000 });
   try {
-    const text = await etcd.get(`${ETCD_PREFIX}/vms/${vm}/spec`).string();
-    return text ? JSON.parse(text) : {};
+    return (await new VmRecords(store, ETCD_PREFIX).get(vm)) ?? {};
   } finally {
-    etcd.close();
+    await store.close();
   }
 }
 

@@ -39,6 +39,13 @@ export interface ClusterOptions {
   emulator?: string;
   workloadMiBps?: number;
   checkpointIntervalMs?: number;
+  memoryMiB?: number;
+  /** the guest's qemu-ga channel (`virsh shutdown` through the agent) */
+  agent?: boolean;
+  /** Host UDP port the probe is forwarded from (default 5555); each VM of a host needs its own. */
+  probePort?: number;
+  /** The peer named in the domain's ftvm metadata (default `backup`). */
+  peer?: AgentHost;
 }
 
 export function agentLog(host: AgentHost): string {
@@ -101,19 +108,21 @@ export function tail(file: string, bytes = 3000): string {
   }
 }
 
-export const probeOn = (host: AgentHost): ProbeTarget => ({ host: hostInfo(host).ip, port: PROBE_PORT });
+export const probeOn = (host: AgentHost, port = PROBE_PORT): ProbeTarget => ({ host: hostInfo(host).ip, port });
 
-const virsh = (host: LabHostName, ...args: string[]) => run('virsh', ['-c', hostInfo(host).libvirtUri, ...args], { timeout: 60_000 }).then((r) => r.stdout);
+export const virsh = (host: LabHostName, ...args: string[]) => run('virsh', ['-c', hostInfo(host).libvirtUri, ...args], { timeout: 60_000 }).then((r) => r.stdout);
 
 /** FT-ready XML of the probe guest (probe port forwarded on every address, so it follows the VM). */
 export async function probeVmXml(options: ClusterOptions = {}): Promise<{ name: string; xml: string }> {
   const name = options.vm ?? 'ft-probe';
   const yaml = await probeGuestYaml({
     name,
-    peer: { host: 'backup' },
+    peer: { host: options.peer ?? 'backup' },
     checkpointIntervalMs: options.checkpointIntervalMs ?? 1000,
-    probeListen: { address: '0.0.0.0', port: PROBE_PORT },
+    probeListen: { address: '0.0.0.0', port: options.probePort ?? PROBE_PORT },
     ...(options.workloadMiBps ? { workloadMiBps: options.workloadMiBps } : {}),
+    ...(options.memoryMiB ? { memoryMiB: options.memoryMiB } : {}),
+    ...(options.agent ? { agent: true } : {}),
   });
   const ready = ftReadyFromSpec(yaml, options.emulator ? { emulator: { path: options.emulator, require: true } } : {});
   return { name, xml: ready.xml };
@@ -146,8 +155,8 @@ export async function startCluster(options: ClusterOptions = {}): Promise<Cluste
   fs.writeFileSync(xmlFile, xml);
   await virsh('primary', 'define', xmlFile);
   await virsh('primary', 'start', name);
-  await waitForProbe(probeOn('primary'), 60_000);
-  await syncGuestClock(probeOn('primary'));
+  await waitForProbe(probeOn('primary', options.probePort), 60_000);
+  await syncGuestClock(probeOn('primary', options.probePort));
   // a fresh cluster: no record or owner key left from an earlier run
   const etcd = new Etcd3({ hosts: [labEtcdEndpoint()] });
   try {
@@ -158,6 +167,40 @@ export async function startCluster(options: ClusterOptions = {}): Promise<Cluste
   const agentPids = { primary: await startAgent('primary'), backup: await startAgent('backup') };
   await controlClient('primary').protect({ vm: name, backup: 'backup', checkpointIntervalMs: options.checkpointIntervalMs ?? 1000 }, () => undefined);
   return { vm: name, primary: 'primary', agentPids };
+}
+
+/**
+ * Another probe guest in a running cluster: booted on `options.primary` and protected through that
+ * host's agent with the other host as its backup (returns once its first checkpoint is committed).
+ * Give each VM its own `probePort`: every copy of a VM on a host (running or standby) holds it.
+ */
+export async function addProtectedVm(cluster: Cluster, options: ClusterOptions & { vm: string; primary: AgentHost }): Promise<void> {
+  const backup = other(options.primary);
+  const { name, xml } = await probeVmXml({ ...options, peer: backup });
+  if (name === cluster.vm) throw new Error(`${name} is the cluster's first VM already`);
+  await removeVm(name);
+  const xmlFile = path.join(CLUSTER_DIR, `${name}.xml`);
+  fs.writeFileSync(xmlFile, xml);
+  await virsh(options.primary, 'define', xmlFile);
+  await virsh(options.primary, 'start', name);
+  await waitForProbe(probeOn(options.primary, options.probePort), 60_000);
+  await syncGuestClock(probeOn(options.primary, options.probePort));
+  await controlClient(options.primary).protect({ vm: name, backup, checkpointIntervalMs: options.checkpointIntervalMs ?? 1000 }, () => undefined);
+}
+
+/** A VM gone from the lab: its domain on both hosts, their checkpoint stores, its etcd keys. */
+export async function removeVm(name: string): Promise<void> {
+  for (const host of AGENT_HOSTS) {
+    await virsh(host, 'destroy', name).catch(() => undefined);
+    await virsh(host, 'undefine', name).catch(() => undefined);
+    fs.rmSync(path.join(hostInfo(host).libvirtLibDir, 'ftvm', 'checkpoints', name), { recursive: true, force: true });
+  }
+  const etcd = new Etcd3({ hosts: [labEtcdEndpoint()] });
+  try {
+    await etcd.delete().prefix(`${ETCD_PREFIX}/vms/${name}/`);
+  } finally {
+    etcd.close();
+  }
 }
 
 export async function vmStatus(host: AgentHost, vm: string): Promise<VmStatus | undefined> {

@@ -15,6 +15,7 @@ export const vmStatus = (name: string, extra: Partial<VmStatus> = {}): VmStatus 
   backupHost: 'beta',
   leaseHolder: 'alpha',
   phase: 'protected',
+  reason: 'checkpointed into beta',
   lastCheckpoint: { epoch: 41, ageMs: 730, bytes: 268_435_456, pauseMs: 12.5 },
   clockResidualMs: -0.42,
   ...extra,

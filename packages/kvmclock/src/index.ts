@@ -1,4 +1,4 @@
-export { DriftLedger, PauseTracker, type PauseCause, type PauseEntry, type Actuator, type Correction, type LedgerSummary, type ResidualMeasurement } from './ledger.js';
+export { DriftLedger, PauseTracker, type PauseCause, type PauseEntry, type UncorrectedReason, type Actuator, type Correction, type LedgerSummary, type ResidualMeasurement } from './ledger.js';
 export {
   loadWithLateClockRewrite,
   loadAndResumeOnTime,
@@ -19,5 +19,5 @@ export {
 export { realtimeClock, realtimeAnchorNs, type RealtimeClock } from './realtime.js';
 export { advanceClockSections, splitAssembledCheckpoint, splitCheckpoint, type ClockSectionAdvance, type SplitCheckpoint } from './stream-rewrite.js';
 export { InPlaceActuator, GuestAgentActuator, COMPENSATE_COMMAND, QUERY_COMPENSATION_COMMAND, type AppliedCompensation } from './actuators.js';
-export { ClockHook, type ClockHookOptions } from './clock-hook.js';
+export { ClockHook, ClockCorrectionImpossibleError, type ClockHookOptions } from './clock-hook.js';
 export { parsePolicy, validatePolicy, PolicyError, DEFAULT_POLICY, type ClockPolicy, type OnImpossible } from './policy.js';

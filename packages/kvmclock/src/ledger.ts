@@ -3,6 +3,13 @@ import type { QmpClient, QmpEvent } from '@ftvm/qmp';
 /** Why the VM was stopped. */
 export type PauseCause = 'checkpoint' | 'user' | 'migration' | 'failover';
 export type Actuator = 'inplace' | 'stream-rewrite' | 'agent';
+/**
+ * Why a pause's stopped time was not given back: the policy does not compensate its cause
+ * (`not-in-policy`), it was longer than the policy's `maxStepMs` (`max-step`), this QEMU cannot
+ * correct in place and the policy says record or fail (`impossible`), or the guest agent the
+ * policy falls back to did not answer (`agent-failed`).
+ */
+export type UncorrectedReason = 'not-in-policy' | 'max-step' | 'impossible' | 'agent-failed';
 
 export interface Correction {
   actuator: Actuator;
@@ -25,6 +32,8 @@ export interface PauseEntry {
   correction?: Correction;
   /** QEMU's STOP stamp, when `stopNs` was re-dated to the freeze found otherwise (see redateStop). */
   stopEventNs?: bigint;
+  /** The clock hook decided not to (or could not) give this pause back, and why. */
+  uncorrected?: { reason: UncorrectedReason; detail?: string };
 }
 
 export interface ResidualMeasurement {
@@ -42,6 +51,8 @@ export interface LedgerSummary {
   /** What the guest clock should lag real time by: stopped time not given back. */
   predictedLagNs: bigint;
   byCause: Record<PauseCause, { pauses: number; pausedNs: bigint }>;
+  /** Pauses the clock hook left uncorrected (see PauseEntry.uncorrected), by reason. */
+  uncorrected: Partial<Record<UncorrectedReason, { pauses: number; pausedNs: bigint }>>;
   lastResidual?: ResidualMeasurement;
 }
 
@@ -68,6 +79,20 @@ export class DriftLedger {
     if (!entry) throw new Error(`no pause of ${this.vm} to attach a ${correction.actuator} correction to`);
     entry.correction = correction;
     if (correction.frozenNs !== undefined) entry.pausedNs = correction.frozenNs;
+  }
+
+  /**
+   * Marks a pause (the last one by default) as left uncorrected, and why. `frozenNs`, when the
+   * VMM measured the frozen interval (ftvm's QEMU does at every resume), replaces the stamps'.
+   */
+  recordUncorrected(
+    reason: UncorrectedReason,
+    entry: PauseEntry | undefined = this.entries.at(-1),
+    options: { frozenNs?: bigint; detail?: string } = {},
+  ): void {
+    if (!entry) throw new Error(`no pause of ${this.vm} to mark uncorrected (${reason})`);
+    entry.uncorrected = options.detail === undefined ? { reason } : { reason, detail: options.detail };
+    if (options.frozenNs !== undefined && options.frozenNs > 0n && entry.correction === undefined) entry.pausedNs = options.frozenNs;
   }
 
   /**
@@ -111,6 +136,13 @@ export class DriftLedger {
         return [cause, { pauses: of.length, pausedNs: of.reduce((s, e) => s + e.pausedNs, 0n) }];
       }),
     ) as LedgerSummary['byCause'];
+    const uncorrected: LedgerSummary['uncorrected'] = {};
+    for (const e of this.entries) {
+      if (!e.uncorrected) continue;
+      const sum = (uncorrected[e.uncorrected.reason] ??= { pauses: 0, pausedNs: 0n });
+      sum.pauses++;
+      sum.pausedNs += e.pausedNs;
+    }
     const lastResidual = this.residuals.at(-1);
     return {
       vm: this.vm,
@@ -119,6 +151,7 @@ export class DriftLedger {
       correctedNs: this.correctedNs,
       predictedLagNs: this.predictedLagNs,
       byCause,
+      uncorrected,
       ...(lastResidual ? { lastResidual } : {}),
     };
   }
@@ -149,6 +182,11 @@ export class PauseTracker {
   /** The next stop is for this cause. */
   expect(cause: PauseCause): void {
     this.nextCause = cause;
+  }
+
+  /** The cause announced for the next (or current) pause; undefined: a stop now is the user's. */
+  get expectedCause(): PauseCause | undefined {
+    return this.nextCause;
   }
 
   onPause(listener: (entry: PauseEntry) => void): () => void {

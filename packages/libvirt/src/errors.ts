@@ -116,3 +116,25 @@ export function withDeadline<T>(
     );
   });
 }
+
+/**
+ * A restore failed; `stage` says where (prepare, define, start paused, QMP, stream, resume). Before
+ * the VM resumed, the domain was destroyed and undefined again; a restore never destroys a domain
+ * that may have run (see PreparedRestore.load). `qemuReason` is what QEMU itself said — its error
+ * lines in libvirt's per-domain log since the step began, or `query-migrate`'s error-desc — and is
+ * part of the message too.
+ */
+export class RestoreError extends Error {
+  override name = 'RestoreError';
+  readonly qemuReason: string | undefined;
+  constructor(
+    readonly domain: string,
+    readonly stage: string,
+    message: string,
+    options?: { cause?: unknown; qemuReason?: string | undefined },
+  ) {
+    const reason = options?.qemuReason;
+    super(`restore of '${domain}' failed at ${stage}: ${message}${reason && !message.includes(reason) ? ` (QEMU: ${reason})` : ''}`, options);
+    this.qemuReason = reason;
+  }
+}

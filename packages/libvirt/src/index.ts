@@ -1,4 +1,12 @@
-export { LibvirtConnection, type ConnectOptions, type CallOptions, type DomainInfo, type DomainStateName } from './connection.js';
+export {
+  LibvirtConnection,
+  type ConnectOptions,
+  type CallOptions,
+  type DomainInfo,
+  type DomainStateName,
+  type BrokenEvent,
+  type ReconnectEvent,
+} from './connection.js';
 export {
   LibvirtError,
   DomainNotFoundError,

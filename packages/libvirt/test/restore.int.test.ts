@@ -8,8 +8,10 @@ import net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { QmpClient } from '@ftvm/qmp';
-import { LibvirtConnection, restoreFromCheckpoint, type RestoreResult, type StreamWriter } from '@ftvm/libvirt';
+import { LibvirtConnection, restoreFromCheckpoint, type RestoreError, type RestoreResult, type StreamWriter } from '@ftvm/libvirt';
+import { encodeRecords, parseMigrationStream, type MigrationRecord } from '@ftvm/transport';
 import { hostInfo, labUp } from '../../../test/lab/lab.js';
+import { once } from 'node:events';
 import { waitForProbe } from '../../../test/support/probe-client.js';
 import { labProbeGuest } from './lab-guest.js';
 
@@ -147,5 +149,151 @@ describe('restore through libvirt on backup', () => {
     } finally {
       fs.rmSync(bad, { force: true });
     }
+  });
+
+  /** The checkpoint with one record changed, as a file. */
+  function craft(label: string, change: (records: MigrationRecord[]) => void): string {
+    const records = parseMigrationStream(fs.readFileSync(checkpointFile));
+    change(records);
+    const file = path.join('/tmp', `lv-ckpt-${label}-${process.pid}.mig`);
+    fs.writeFileSync(file, encodeRecords(records));
+    return file;
+  }
+
+  /**
+   * Writes like the agent's staged restore: socket.write, waiting for 'drain' (or the socket's end),
+   * then socket.end with the tail. Nothing listens for the socket's 'error' once it has returned.
+   */
+  const agentLikeWriter: StreamWriter = async (socket, file) => {
+    const data = fs.readFileSync(file);
+    const closed = new Promise<never>((_, reject) => {
+      if (socket.destroyed) reject(new Error('closed'));
+      else socket.once('close', () => reject(new Error('closed')));
+    });
+    closed.catch(() => undefined);
+    const CHUNK = 1024 * 1024;
+    let at = 0;
+    for (; at + CHUNK < data.length; at += CHUNK) {
+      if (!socket.write(data.subarray(at, at + CHUNK))) await Promise.race([once(socket, 'drain'), closed]);
+    }
+    socket.end(data.subarray(at));
+  };
+
+  /** Lets late socket errors land while the test still runs (vitest fails on an unhandled one). */
+  const settle = () => new Promise((r) => setTimeout(r, 1500));
+
+  const qemuLogDir = () => path.join(hostInfo('backup').logDir, 'libvirt', 'qemu');
+
+  it("a section the target does not have (a device hot-plugged on the primary): rejected with QEMU's reason, the process survives", async () => {
+    const target = await labProbeGuest('backup', NAME, PORT);
+    const bad = craft('unknown-section', (records) => {
+      const device = records.find((r) => r.type === 'device-section');
+      if (device?.type !== 'device-section') throw new Error('the checkpoint has no device section');
+      device.idstr = 'xyz';
+      device.instanceId = 0;
+    });
+    try {
+      const error = (await restoreFromCheckpoint({ connection: backup, xml: target.xml, checkpoint: bad, hostPath: target.outside, qemuLogDir: qemuLogDir(), writeStream: agentLikeWriter, replace: true, timeoutMs: 60_000 }).catch((e: unknown) => e)) as RestoreError;
+      await settle();
+      console.log(`refused (unknown section): ${error.message}`);
+      expect(error.name).toBe('RestoreError');
+      expect(error.stage).toBe('stream');
+      expect(error.qemuReason).toMatch(/Unknown savevm section or instance 'xyz' 0/);
+      expect(error.message).toMatch(new RegExp(`^restore of '${NAME}' failed at stream: .*Unknown savevm section or instance 'xyz' 0`));
+      expect(await backup.exists(NAME)).toBe(false);
+    } finally {
+      fs.rmSync(bad, { force: true });
+    }
+  });
+
+  it("another machine type, refused while the stream is still going in: QEMU's reason, with the agent-like writer and the default one", async () => {
+    const target = await labProbeGuest('backup', NAME, PORT);
+    let machine = '';
+    const bad = craft('machine', (records) => {
+      const config = records.find((r) => r.type === 'configuration');
+      if (config?.type !== 'configuration') throw new Error('the checkpoint has no configuration section');
+      machine = config.machineType;
+      config.machineType = 'pc-ftvm-none';
+    });
+    try {
+      for (const writeStream of [agentLikeWriter, undefined]) {
+        const t0 = performance.now();
+        const error = (await restoreFromCheckpoint({ connection: backup, xml: target.xml, checkpoint: bad, hostPath: target.outside, qemuLogDir: qemuLogDir(), ...(writeStream ? { writeStream } : {}), replace: true, timeoutMs: 60_000 }).catch((e: unknown) => e)) as RestoreError;
+        const ms = Math.round(performance.now() - t0);
+        await settle();
+        console.log(`refused (machine type, ${writeStream ? 'agent-like' : 'default'} writer) in ${ms} ms: ${error.message}`);
+        expect(error.name).toBe('RestoreError');
+        expect(error.stage).toBe('stream');
+        expect(error.qemuReason).toContain(`Machine type received is 'pc-ftvm-none' and local is '${machine}'`);
+        expect(error.message).toContain(`Machine type received is 'pc-ftvm-none' and local is '${machine}'`);
+        expect(ms).toBeLessThan(30_000); // not the restore's deadline: the refusal ends the wait
+        expect(await backup.exists(NAME)).toBe(false);
+      }
+    } finally {
+      fs.rmSync(bad, { force: true });
+    }
+  });
+
+  it('a writer that fails on its own: its error is the reason, without waiting for QEMU', async () => {
+    const target = await labProbeGuest('backup', NAME, PORT);
+    const failing: StreamWriter = async (socket, file) => {
+      const data = fs.readFileSync(file);
+      await new Promise<void>((resolve, reject) => socket.write(data.subarray(0, 8 * 1024 * 1024), (e) => (e ? reject(e) : resolve())));
+      throw new Error('the clock rewrite failed');
+    };
+    const t0 = performance.now();
+    const error = (await restoreFromCheckpoint({ connection: backup, xml: target.xml, checkpoint: checkpointFile, hostPath: target.outside, qemuLogDir: qemuLogDir(), writeStream: failing, replace: true, timeoutMs: 60_000 }).catch((e: unknown) => e)) as RestoreError;
+    const ms = Math.round(performance.now() - t0);
+    await settle();
+    console.log(`writer failed, restore rejected in ${ms} ms: ${error.message}`);
+    expect(error.name).toBe('RestoreError');
+    expect(error.stage).toBe('stream');
+    expect(error.message).toBe(`restore of '${NAME}' failed at stream: the stream writer failed: the clock rewrite failed`);
+    expect(error.qemuReason).toBeUndefined();
+    expect(ms).toBeLessThan(30_000);
+    expect(await backup.exists(NAME)).toBe(false);
+  });
+
+  it('the point of no return: a resume function that throws after QEMU ran cont leaves the VM running, with a warning', async () => {
+    const target = await labProbeGuest('backup', NAME, PORT);
+    const result = await restoreFromCheckpoint({
+      connection: backup,
+      xml: target.xml,
+      checkpoint: checkpointFile,
+      hostPath: target.outside,
+      replace: true,
+      resume: async (qmp) => {
+        await qmp.execute('cont');
+        throw new Error('the scheduler broke after cont');
+      },
+    });
+    try {
+      expect(result.warnings).toEqual([expect.stringContaining('the scheduler broke after cont')]);
+      expect(result.resumedNs).toBeDefined(); // QEMU's RESUME, seen during the resume step
+      expect(await backup.state(NAME)).toBe('running');
+      expect(await result.qmp.execute('query-status')).toMatchObject({ status: 'running' });
+      await waitForProbe(target.probe, 30_000);
+      expect(await backup.xml(NAME, { inactive: true })).not.toContain("<qemu:arg value='-incoming'/>");
+    } finally {
+      await result.qmp.close();
+    }
+  });
+
+  it('a resume function that throws before the VM ran: the domain is removed, stage resume', async () => {
+    const target = await labProbeGuest('backup', NAME, PORT);
+    const error = (await restoreFromCheckpoint({
+      connection: backup,
+      xml: target.xml,
+      checkpoint: checkpointFile,
+      hostPath: target.outside,
+      replace: true,
+      resume: async () => {
+        throw new Error('no lease');
+      },
+    }).catch((e: unknown) => e)) as RestoreError;
+    expect(error.name).toBe('RestoreError');
+    expect(error.stage).toBe('resume');
+    expect(error.message).toMatch(new RegExp(`^restore of '${NAME}' failed at resume: no lease`));
+    expect(await backup.exists(NAME)).toBe(false);
   });
 });

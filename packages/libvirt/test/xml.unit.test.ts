@@ -97,11 +97,22 @@ function stripFtvm(xml: string): string {
   const root = doc.documentElement!;
   for (const el of Array.from(root.getElementsByTagNameNS('https://ftvm.dev/xmlns/1', 'protection'))) el.parentNode!.removeChild(el);
   const args = Array.from(root.getElementsByTagNameNS('http://libvirt.org/schemas/domain/qemu/1.0', 'arg'));
+  const ftvmValue = /(id|chardev|netdev|bus)=ftvm-|"(id|chardev|netdev)":"ftvm-/;
   args.forEach((a, i) => {
     const v = a.getAttribute('value') ?? '';
     const next = args[i + 1]?.getAttribute('value') ?? '';
-    if (/(id|chardev|netdev|bus)=ftvm-/.test(v) || (/^-/.test(v) && /(id|chardev|netdev|bus)=ftvm-/.test(next))) a.parentNode!.removeChild(a);
+    if (ftvmValue.test(v) || (/^-/.test(v) && ftvmValue.test(next))) a.parentNode!.removeChild(a);
   });
+  // native devices (by their ua-ftvm- alias) and their <qemu:override> entries
+  for (const alias of Array.from(root.getElementsByTagName('alias'))) {
+    if ((alias.getAttribute('name') ?? '').startsWith('ua-ftvm-')) alias.parentNode!.parentNode!.removeChild(alias.parentNode!);
+  }
+  for (const d of Array.from(root.getElementsByTagNameNS('http://libvirt.org/schemas/domain/qemu/1.0', 'device'))) {
+    if ((d.getAttribute('alias') ?? '').startsWith('ua-ftvm-')) d.parentNode!.removeChild(d);
+  }
+  for (const o of Array.from(root.getElementsByTagNameNS('http://libvirt.org/schemas/domain/qemu/1.0', 'override'))) {
+    if (!Array.from(o.childNodes).some((c) => c.nodeType === 1)) o.parentNode!.removeChild(o);
+  }
   return serializeXml(doc);
 }
 
@@ -246,6 +257,120 @@ describe('what ftvm cannot protect', () => {
     expect(refusal(domain("<tpm model='tpm-tis'><backend type='passthrough'><device path='/dev/tpm0'/></backend></tpm>"))[0]?.element).toBe('/domain/devices/tpm');
     expect(refusal(domain("<input type='passthrough' bus='virtio'><source evdev='/dev/input/event1'/></input>"))[0]?.element).toBe('/domain/devices/input');
     expect(refusal("<domain type='xen'><name>x</name><memory>1</memory><os><type>hvm</type></os></domain>")[0]?.reason).toMatch(/QEMU domains only/);
+  });
+});
+
+const PROBE = { listen: { address: '10.0.0.5', port: 6000 } };
+const Q35_XML = USER_XML.replace("machine='pc-i440fx-7.2'", "machine='pc-q35-7.2'").replace(
+  '  </devices>',
+  `    <controller type='pci' index='0' model='pcie-root'/>
+    <controller type='pci' index='1' model='pcie-root-port'/>
+    <controller type='pci' index='2' model='pcie-root-port'/>
+  </devices>`,
+);
+
+/** The elements of <devices> as "name type index alias bus" strings (for what ftvm added). */
+function devicesOf(xml: string): string[] {
+  const devices = parseDomainXml(xml).documentElement!.getElementsByTagName('devices')[0]!;
+  return Array.from(devices.childNodes)
+    .filter((n): n is Element => n.nodeType === 1)
+    .map((e) => {
+      const alias = e.getElementsByTagName('alias')[0]?.getAttribute('name');
+      const address = Array.from(e.childNodes).find((c): c is Element => c.nodeType === 1 && (c as Element).localName === 'address');
+      return [e.localName, e.getAttribute('type'), e.getAttribute('index') && `index=${e.getAttribute('index')}`, e.getAttribute('model'), alias, address && `bus=${address.getAttribute('bus')},slot=${address.getAttribute('slot')}`]
+        .filter(Boolean)
+        .join(' ');
+    });
+}
+
+const qemuArgs = (xml: string) => Array.from(parseDomainXml(xml).documentElement!.getElementsByTagNameNS('http://libvirt.org/schemas/domain/qemu/1.0', 'arg')).map((a) => a.getAttribute('value'));
+
+describe("ftvm's devices are native libvirt XML (libvirt knows their PCI slots)", () => {
+  it('pc (i440fx): a virtio-serial controller and a user-mode NIC, no addresses (libvirt picks slots on pci.0); no raw PCI -device', () => {
+    const { xml } = makeFtReady(USER_XML, { ...OPTIONS, agent: true, probe: PROBE });
+    expect(devicesOf(xml).slice(-2)).toEqual(['controller virtio-serial index=1 ua-ftvm-serial', 'interface user ua-ftvm-probe']);
+    expect(xml).toContain('<mac address="52:54:00:12:34:56"/>');
+    expect(xml).toContain('<rom enabled="no"/>');
+    const args = qemuArgs(xml);
+    expect(args.filter((a) => /pci/.test(a ?? ''))).toEqual([]);
+    // the agent port on ftvm's controller, as JSON (created after libvirt's JSON devices)
+    const port = args[args.indexOf('-device') + 1]!;
+    expect(JSON.parse(port)).toEqual({ driver: 'virtserialport', id: 'ftvm-qga-port', bus: 'ua-ftvm-serial.0', nr: 1, chardev: 'ftvm-qga', name: 'org.qemu.guest_agent.0' });
+    expect(args).toContain('user,id=ftvm-probe,hostfwd=udp:10.0.0.5:6000-:5555');
+    // the NIC's frontend takes ftvm's netdev (the one with hostfwd)
+    expect(xml).toMatch(/<qemu:override>\s*<qemu:device alias="ua-ftvm-probe">\s*<qemu:frontend>\s*<qemu:property name="netdev" type="string" value="ftvm-probe"\/>/);
+    expect(xml).not.toContain('pcie-root-port');
+  });
+
+  it('q35: each on a root port of its own, above the pci controllers the user has; the user\'s spare root ports stay free', () => {
+    const { xml } = makeFtReady(Q35_XML, { ...OPTIONS, agent: true, probe: PROBE });
+    expect(devicesOf(xml).slice(-7)).toEqual([
+      'controller pci index=0 pcie-root',
+      'controller pci index=1 pcie-root-port',
+      'controller pci index=2 pcie-root-port',
+      'controller pci index=3 pcie-root-port ua-ftvm-port0',
+      'controller virtio-serial index=1 ua-ftvm-serial bus=0x03,slot=0x00',
+      'controller pci index=4 pcie-root-port ua-ftvm-port1',
+      'interface user ua-ftvm-probe bus=0x04,slot=0x00',
+    ]);
+    // no pci controllers in the input: root ports from index 1 (libvirt adds pcie-root as 0)
+    const bare = makeFtReady(USER_XML.replace("machine='pc-i440fx-7.2'", "machine='q35'"), { ...OPTIONS, probe: PROBE }).xml;
+    expect(devicesOf(bare).slice(-2)).toEqual(['controller pci index=1 pcie-root-port ua-ftvm-port0', 'interface user ua-ftvm-probe bus=0x01,slot=0x00']);
+  });
+
+  it('the virtio-serial controller goes above the user\'s own (libvirt fills the lowest with its channels)', () => {
+    const withSerial = USER_XML.replace('  </devices>', "    <controller type='virtio-serial' index='0'/>\n    <controller type='virtio-serial' index='2'/>\n  </devices>");
+    expect(devicesOf(makeFtReady(withSerial, { ...OPTIONS, agent: true }).xml).at(-1)).toBe('controller virtio-serial index=3 ua-ftvm-serial');
+  });
+
+  for (const [machine, input] of [['pc', USER_XML], ['q35', Q35_XML]] as const) {
+    it(`${machine}: idempotent, removable, and valid`, async () => {
+      const options = { ...OPTIONS, agent: true, probe: PROBE, incoming: true };
+      const first = makeFtReady(input, options).xml;
+      expect(makeFtReady(first, options).xml).toBe(first);
+      expect(canonical(stripFtvm(setIncomingDefer(first, false)))).toEqual(canonical(input));
+      // without agent and probe again, their devices and the override go
+      const plain = makeFtReady(first, OPTIONS).xml;
+      expect(plain).not.toMatch(/ua-ftvm-|qemu:override|ftvm-qga|ftvm-probe/);
+      expect(canonical(plain)).toEqual(canonical(makeFtReady(input, OPTIONS).xml));
+      const result = await validateDomainXml(first);
+      expect(result, result.output).toMatchObject({ valid: true });
+    });
+  }
+
+  it("keeps the user's own <qemu:override> entries", () => {
+    const withOverride = USER_XML.replace(
+      '</qemu:commandline>',
+      "</qemu:commandline>\n  <qemu:override>\n    <qemu:device alias='ua-mine'>\n      <qemu:frontend>\n        <qemu:property name='x' type='bool' value='true'/>\n      </qemu:frontend>\n    </qemu:device>\n  </qemu:override>",
+    );
+    const { xml } = makeFtReady(withOverride, { ...OPTIONS, probe: PROBE });
+    expect(xml).toContain('<qemu:device alias="ua-mine">');
+    expect(xml).toContain('<qemu:device alias="ua-ftvm-probe">');
+    expect(xml.match(/<qemu:override>/g)).toHaveLength(1);
+    expect(canonical(makeFtReady(xml, OPTIONS).xml)).toEqual(canonical(makeFtReady(withOverride, OPTIONS).xml));
+  });
+
+  it('fixFtvmPaths keeps the device layout a domain was defined with (a migration needs the same devices)', () => {
+    const { xml } = makeFtReady(USER_XML, { ...OPTIONS, agent: true, probe: PROBE });
+    const fixed = fixFtvmPaths(xml.replace('<name>web1</name>', '<name>web2</name>')).xml;
+    expect(devicesOf(fixed)).toEqual(devicesOf(xml));
+    expect(qemuArgs(fixed).filter((a) => /pci/.test(a ?? ''))).toEqual([]);
+    // a domain defined by an earlier version (raw virtio-serial-pci / virtio-net-pci) keeps those
+    const legacy = xml
+      .replace(/\s*<controller type="virtio-serial"[\s\S]*?<\/controller>/, '')
+      .replace(/\s*<interface type="user">[\s\S]*?<\/interface>/, '')
+      .replace(/\s*<qemu:override>[\s\S]*?<\/qemu:override>/, '')
+      .replace(/<qemu:arg value="\{[^"]*"\/>/, '<qemu:arg value="virtio-serial-pci,id=ftvm-serial"/><qemu:arg value="-device"/><qemu:arg value="virtserialport,bus=ftvm-serial.0,chardev=ftvm-qga,name=org.qemu.guest_agent.0"/>')
+      .replace(/(<qemu:arg value="user,id=ftvm-probe[^"]*"\/>)/, '$1<qemu:arg value="-device"/><qemu:arg value="virtio-net-pci,netdev=ftvm-probe,romfile="/>');
+    const legacyFixed = fixFtvmPaths(legacy.replace('<name>web1</name>', '<name>web2</name>'));
+    expect(legacyFixed.changed).toBe(true);
+    expect(qemuArgs(legacyFixed.xml).filter((a) => /pci|virtserialport/.test(a ?? ''))).toEqual([
+      'virtio-serial-pci,id=ftvm-serial',
+      'virtserialport,bus=ftvm-serial.0,chardev=ftvm-qga,name=org.qemu.guest_agent.0',
+      'virtio-net-pci,netdev=ftvm-probe,romfile=',
+    ]);
+    expect(legacyFixed.xml).toContain('path=/run/ftvm/web2.qga');
+    expect(fixFtvmPaths(legacyFixed.xml).changed).toBe(false);
   });
 });
 

@@ -1,9 +1,8 @@
 import fs from 'node:fs';
 import { DriftLedger } from '@ftvm/kvmclock';
-import { LibvirtConnection, readProtection, type PreparedRestore } from '@ftvm/libvirt';
+import { LibvirtConnection, readProtection } from '@ftvm/libvirt';
 import type { QmpClient } from '@ftvm/qmp';
-import { CheckpointStore } from '@ftvm/transport';
-import { Etcd3 } from 'etcd3';
+import type { HookEvent } from '../api/hook-listener.js';
 import { fenceAfterMs, type AgentConfig } from '../config/agent-config.js';
 import { HeartbeatService } from '../heartbeat/index.js';
 import { HostLease } from '../lease/index.js';
@@ -19,69 +18,75 @@ import {
   type VmRole,
   type VmStatus,
 } from './control.js';
-import { fenceLocal, fenceRemote } from './fence.js';
+import { dropStandby, keepStandby, newestEpoch, stage, type BackupHost } from './backup-side.js';
+import { decide, type Action, type VmSnapshot } from './decide.js';
+import { fenceLocal } from './fence.js';
+import { keepLease } from './lease-keeper.js';
 import { PrimaryVm } from './primary-vm.js';
-import { SshPool, sshEndpointOf } from './ssh-pool.js';
-import { NoCheckpointError, StagedRestore, prepareStandby } from './staged-restore.js';
+import { SshPool } from './ssh-pool.js';
 import type { Log, MetricsSink } from './types.js';
+import { takeOver, type TakeOverContext } from './take-over.js';
 import { VmRecords, type VmRecord } from './vm-records.js';
-
-/** What this agent holds for one VM it is a host of. */
-interface VmSlot {
-  name: string;
-  record: VmRecord | undefined;
-  owner: string | undefined;
-  primary: PrimaryVm | undefined;
-  staged: StagedRestore | undefined;
-  /** Backup only: the VM's domain started paused, waiting for a checkpoint stream (warm standby). */
-  standby: Promise<PreparedRestore> | undefined;
-  /** This host stopped the VM because it could not keep its lease or the VM failed: it never restarts it by itself. */
-  fenced: boolean;
-  phase: string;
-  /** Serializes every change of this VM's role. */
-  queue: Promise<void>;
-  promotionLoop: boolean;
-  unwatchOwner: (() => Promise<void>) | undefined;
-  log: Log;
-}
+import { newSlot, type VmSlot } from './vm-slot.js';
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 const nsToMs = (ns: bigint) => Number(ns) / 1e6;
+/** Decisions executed in one cycle before it yields (each normally changes what the next sees). */
+const MAX_STEPS = 12;
+/** An agent stop hands each VM over within this, or suspends its protection. */
+const HANDOVER_TIMEOUT_MS = 20_000;
 
 /**
- * The ftvm agent of one host. Roles follow etcd: the host whose lease holds a VM's owner key runs
- * it (primary); the record's other host keeps its checkpoints (backup) and takes the key when the
- * primary's lease is gone. A primary that cannot renew its lease stops its VMs before the lease
- * can expire; a host that is not the owner never lets a copy of the VM run.
+ * The ftvm agent of one host: the executor of `decide` (decide.ts). Every event (a record or
+ * owner key changing, a peer's heartbeat coming or going, the local VM failing or being stopped,
+ * a 1 s sweep) runs one cycle per VM: snapshot → decision → action, again until there is nothing
+ * to do. Roles follow etcd: the host whose lease holds a VM's owner key runs it; the record's
+ * other host keeps its checkpoints and takes the key when the primary is gone.
  */
 export class Agent implements AgentControl {
   private readonly slots = new Map<string, VmSlot>();
   private readonly ssh: SshPool;
-  private sshKeeper: NodeJS.Timeout | undefined;
-  private ticks = 0;
+  private sweeper: NodeJS.Timeout | undefined;
   private closed = false;
+  /** stop() has begun: cycles decide nothing while the VMs are handed over */
+  private stopping = false;
   private unwatchRecords: (() => Promise<void>) | undefined;
+  private readonly takeOverContext: TakeOverContext;
+  private readonly backupHost: BackupHost;
 
   private constructor(
     private readonly config: AgentConfig,
     private readonly log: Log,
     private readonly metrics: MetricsSink,
     private readonly conn: LibvirtConnection,
-    private readonly etcd: Etcd3,
     private readonly records: VmRecords,
     private readonly lease: HostLease,
     private readonly heartbeat: HeartbeatService,
   ) {
     this.ssh = new SshPool(config);
+    this.backupHost = { conn, storeDir: config.storeDir };
+    this.takeOverContext = {
+      config,
+      lease,
+      heartbeat,
+      conn,
+      metrics,
+      stage: (slot) => stage(slot, this.backupHost),
+      newestEpoch: (slot) => newestEpoch(slot, this.backupHost),
+      runningHere: (vm) => this.runningHere(vm),
+      finishMove: (slot) => this.finishMove(slot),
+      becomePrimary: (slot, handover) => this.becomePrimary(slot, handover),
+    };
   }
 
   static async start(config: AgentConfig, options: { log: Log; metrics: MetricsSink }): Promise<Agent> {
     const { log, metrics } = options;
     const self = config.hosts[config.host]!;
     const conn = await LibvirtConnection.connect(self.libvirtUri, { timeoutMs: 30_000 });
-    const etcd = new Etcd3({ hosts: config.etcd.endpoints, dialTimeout: config.etcd.requestTimeoutMs });
-    const records = new VmRecords(etcd, config.etcd.prefix, config.etcd.requestTimeoutMs * 4);
     const lease = await openLease(config, log);
+    // The records ride on the lease's etcd connection; their writes wait on etcd's disk, so they
+    // get a longer deadline than the lease's keepalives.
+    const records = VmRecords.onLease(lease, { timeoutMs: config.etcd.requestTimeoutMs * 4 });
     let agent: Agent | undefined;
     const heartbeat = await HeartbeatService.start({
       host: config.host,
@@ -91,28 +96,38 @@ export class Agent implements AgentControl {
       payload: () => agent?.heartbeatPayload() ?? {},
       log: (level, message, fields) => log[level]({ ...fields }, message),
     });
-    agent = new Agent(config, log, metrics, conn, etcd, records, lease, heartbeat);
+    agent = new Agent(config, log, metrics, conn, records, lease, heartbeat);
     await agent.init();
     return agent;
   }
 
   private async init(): Promise<void> {
-    this.watchLease(this.lease);
-    // keep an SSH connection to every peer: the second heartbeat path and the fencing route
-    this.sshKeeper = setInterval(() => {
+    keepLease(this.lease, {
+      log: this.log,
+      metrics: this.metrics,
+      closed: () => this.closed,
+      fenceAll: (reason) => {
+        for (const slot of this.slots.values()) if (slot.primary) void this.fenceOwn(slot, `lease: ${reason}`, 50);
+      },
+      renewed: () => {
+        for (const slot of this.slots.values()) this.cycleSoon(slot);
+      },
+    });
+    this.sweeper = setInterval(() => {
+      // keep an SSH connection to every peer: the second heartbeat path and the fencing route
       for (const host of this.peerHosts()) if (!this.ssh.current(host)) void this.ssh.get(host).catch(() => undefined);
-      // a slow sweep catches what no event reported (a standby QEMU that died, a missed watch)
-      if (++this.ticks % 5 === 0) for (const slot of this.slots.values()) if (!slot.staged && !slot.promotionLoop) this.reconcileSoon(slot);
+      // a sweep catches what no event reported (a standby QEMU that died, a missed watch)
+      for (const slot of this.slots.values()) this.cycleSoon(slot);
     }, 1_000);
     this.heartbeat.onPeerDown((peer) => {
       this.metrics.peerAlive(peer, false);
       this.log.warn({ peer }, 'peer down (no heartbeat on either path)');
-      for (const slot of this.slots.values()) if (slot.record?.primary === peer) this.enqueue(slot, () => this.onPrimaryPeerDown(slot));
+      for (const slot of this.slots.values()) if (slot.record?.primary === peer || slot.record?.backup === peer) this.cycleSoon(slot);
     });
     this.heartbeat.onPeerUp((peer) => {
       this.metrics.peerAlive(peer, true);
       this.log.info({ peer }, 'peer up');
-      for (const slot of this.slots.values()) if (slot.record?.primary === peer || slot.record?.backup === peer) this.reconcileSoon(slot);
+      for (const slot of this.slots.values()) if (slot.record?.primary === peer || slot.record?.backup === peer) this.cycleSoon(slot);
     });
     // VMs named in the config are protected the first time any of their hosts starts.
     for (const vm of this.config.vms) {
@@ -125,7 +140,6 @@ export class Agent implements AgentControl {
       (vm, record) => this.onRecord(vm, record),
       (error) => this.log.error({ err: error.message }, 'watching VM records'),
     );
-    for (const record of await this.records.list()) this.onRecord(record.name, record);
   }
 
   // ---- AgentControl ------------------------------------------------------------------------------
@@ -162,7 +176,7 @@ export class Agent implements AgentControl {
     progress({ step: 'record protection in etcd', state: 'start' });
     const existing = await this.records.get(vm);
     if (existing && existing.primary !== this.config.host) throw new ControlError(`VM '${vm}' is already protected with primary ${existing.primary}`, 409);
-    const fields = { xml, primary: this.config.host, backup, protected: true, checkpointIntervalMs: request.checkpointIntervalMs ?? existing?.checkpointIntervalMs ?? 1_000, reason: 'protect' };
+    const fields = { xml, primary: this.config.host, backup, protected: true, checkpointIntervalMs: request.checkpointIntervalMs ?? existing?.checkpointIntervalMs ?? 1_000, reason: 'protect', stopped: undefined, suspended: undefined };
     if (existing) await this.records.update(vm, () => fields);
     else await this.records.create({ name: vm, keep: 3, ...fields });
     progress({ step: 'record protection in etcd', state: 'done' });
@@ -205,7 +219,9 @@ export class Agent implements AgentControl {
       slot.primary = undefined;
       await primary.stop();
       await fenceLocal(this.conn, vm);
+      slot.running = false;
       await this.lease.release(vm);
+      slot.owner = undefined;
       slot.phase = 'switching-over';
       progress({ step: `stop ${vm} here and release it`, state: 'done' });
       progress({ step: `${to} resumes ${vm}`, state: 'start' });
@@ -214,7 +230,7 @@ export class Agent implements AgentControl {
       progress({ step: `${to} resumes ${vm}`, state: 'done' });
       result = { vm, from: this.config.host, to, epoch: final.epoch, downtimeMs: Math.round(nsToMs(BigInt(move.resumeNs) - BigInt(move.stopNs)) * 10) / 10 };
     });
-    this.reconcileSoon(slot);
+    this.cycleSoon(slot);
     return result;
   }
 
@@ -224,8 +240,9 @@ export class Agent implements AgentControl {
     const target = backup ?? record.backup;
     if (!(target in this.config.hosts)) throw new ControlError(`backup '${target}' is not one of the configured hosts`);
     if (target === record.primary) throw new ControlError(`'${target}' runs the VM: its backup must be another host`);
+    if (record.stopped) throw new ControlError(`VM '${vm}' was stopped by the user (${record.stopped.reason}): start it on ${record.primary} first`, 409);
     progress({ step: `make ${target} the backup of ${vm}`, state: 'start' });
-    await this.records.update(vm, () => ({ backup: target, protected: true, reason: 'reprotect' }));
+    await this.records.update(vm, () => ({ backup: target, protected: true, suspended: undefined, reason: 'reprotect' }));
     progress({ step: `make ${target} the backup of ${vm}`, state: 'done' });
     if (record.primary === this.config.host) {
       progress({ step: 'first checkpoint committed on the backup', state: 'start' });
@@ -239,7 +256,7 @@ export class Agent implements AgentControl {
   async checkpointNow(vm: string): Promise<CheckpointNowResult> {
     const slot = this.slot(vm);
     if (!slot.primary) throw new ControlError(`VM '${vm}' does not run on ${this.config.host}${slot.record ? ` (primary: ${slot.record.primary})` : ''}`, 409);
-    if (!slot.record?.protected) throw new ControlError(`VM '${vm}' is not protected: no backup to send a checkpoint to`, 409);
+    if (!this.checkpointing(slot.record)) throw new ControlError(`VM '${vm}' is not protected: no backup to send a checkpoint to`, 409);
     const result = await slot.primary.checkpointNow();
     return {
       vm,
@@ -257,39 +274,98 @@ export class Agent implements AgentControl {
     return { vm, ledger: ledger.summary(), predictedLagMs: nsToMs(ledger.predictedLagNs) };
   }
 
+  /**
+   * The libvirt hook saw an ftvm domain start or stop on this host. A VM the cluster knows gets a
+   * cycle at once (the decision tells a user's restart from a stop); a new one whose metadata
+   * names a configured peer is protected with that peer as its backup once it runs.
+   */
+  hookEvent(event: HookEvent): void {
+    const slot = this.slots.get(event.domain);
+    if (slot) return this.cycleSoon(slot);
+    if (event.op !== 'protect' || this.stopping) return;
+    const protection = event.protection as { peer?: { host?: string }; checkpointIntervalMs?: number } | undefined;
+    const backup = protection?.peer?.host;
+    const log = this.log.child({ vm: event.domain });
+    if (!backup || !(backup in this.config.hosts) || backup === this.config.host) {
+      log.warn({ peer: backup }, `libvirt hook: not protecting ${event.domain}: its metadata's peer is not another configured host (${Object.keys(this.config.hosts).join(', ')})`);
+      return;
+    }
+    void (async () => {
+      const deadline = performance.now() + 30_000;
+      while ((await this.conn.state(event.domain).catch(() => 'absent')) !== 'running') {
+        if (performance.now() > deadline) throw new Error(`domain ${event.domain} did not reach running within 30 s`);
+        await sleep(100);
+      }
+      const request = { vm: event.domain, backup, ...(protection?.checkpointIntervalMs ? { checkpointIntervalMs: protection.checkpointIntervalMs } : {}) };
+      await this.protect(request, (e) => log.debug({ step: e.step, state: e.state }, 'protect'));
+      log.info({ backup }, 'libvirt hook: protected');
+    })().catch((error: Error) => log.error({ err: error.message }, 'libvirt hook: cannot protect'));
+  }
+
+  /**
+   * Stops the agent without a failover and without leaving a copy that nobody guards. A VM that
+   * runs here is handed to its backup by switchover when the backup answers; otherwise it keeps
+   * running here with its protection suspended in the record (so no host takes it over while
+   * this agent is away) and the restarted agent resumes it. Only then is the lease revoked. When
+   * even the suspension cannot be written, the VM is stopped: the lease is about to go, and a copy
+   * must never run where no key is held.
+   */
   async stop(): Promise<void> {
+    this.stopping = true;
+    const running = [...this.slots.values()].filter((slot) => slot.primary && slot.owner === this.config.host);
+    await Promise.all(running.map((slot) => this.leaveVm(slot)));
     this.closed = true;
-    clearInterval(this.sshKeeper);
+    clearInterval(this.sweeper);
     await this.unwatchRecords?.().catch(() => undefined);
     for (const slot of this.slots.values()) {
+      clearTimeout(slot.recheck);
+      await slot.queue.catch(() => undefined);
       await slot.unwatchOwner?.().catch(() => undefined);
       await slot.staged?.abort('agent stopping').catch(() => undefined);
-      await this.dropStandby(slot).catch(() => undefined);
+      await dropStandby(slot).catch(() => undefined);
       await slot.primary?.stop().catch(() => undefined);
     }
     await this.heartbeat.close().catch(() => undefined);
-    // Revoking the lease hands every VM this host owns to its backup: stopping the agent stops
-    // protection, not the VMs — so leave the lease to expire only if we still run VMs.
     await this.lease.close().catch(() => undefined);
     this.ssh.close();
-    this.etcd.close();
     await this.conn.close().catch(() => undefined);
   }
 
-  // ---- roles -------------------------------------------------------------------------------------
+  private async leaveVm(slot: VmSlot): Promise<void> {
+    const record = slot.record;
+    if (record && record.protected && !record.stopped && this.heartbeat.peer(record.backup)?.alive) {
+      try {
+        const handed = await withTimeout(this.switchover(slot.name, (e) => slot.log.info({ step: e.step, state: e.state }, 'agent stop: switchover')), HANDOVER_TIMEOUT_MS, 'switchover');
+        slot.log.warn({ to: handed.to, downtimeMs: handed.downtimeMs }, 'agent stop: VM handed over to its backup');
+        return;
+      } catch (error) {
+        slot.log.error({ err: (error as Error).message }, 'agent stop: cannot hand the VM over');
+        if (!slot.primary) return; // the switchover got past stopping it here: the backup resumes it
+      }
+    }
+    try {
+      await this.records.update(slot.name, () => ({ protected: false, suspended: { by: this.config.host, at: new Date().toISOString() }, reason: 'agent-stop' }));
+      slot.log.warn('agent stop: VM keeps running here, protection suspended until the agent is back');
+    } catch (error) {
+      slot.log.error({ err: (error as Error).message }, 'agent stop: cannot suspend protection in etcd: stopping the VM before the lease goes');
+      await this.fenceOwn(slot, 'agent stop without etcd', 2_000);
+    }
+  }
+
+  // ---- the cycle ---------------------------------------------------------------------------------
 
   private onRecord(vm: string, record: VmRecord | undefined): void {
     const involved = record && (record.primary === this.config.host || record.backup === this.config.host);
     let slot = this.slots.get(vm);
     if (!slot && !involved) return;
     if (!slot) {
-      slot = { name: vm, record, owner: undefined, primary: undefined, staged: undefined, standby: undefined, fenced: false, phase: 'starting', queue: Promise.resolve(), promotionLoop: false, unwatchOwner: undefined, log: this.log.child({ vm }) };
+      slot = newSlot(vm, record, this.log.child({ vm }));
       this.slots.set(vm, slot);
       const s = slot;
       void this.lease
         .watchOwner(vm, (owner) => {
           s.owner = owner;
-          this.reconcileSoon(s);
+          this.cycleSoon(s);
         })
         .then((unwatch) => (s.unwatchOwner = unwatch))
         .catch((error: Error) => s.log.error({ err: error.message }, 'cannot watch the owner key'));
@@ -303,102 +379,154 @@ export class Agent implements AgentControl {
         void this.ssh.get(host).catch(() => undefined);
       }
     }
-    this.reconcileSoon(slot);
+    this.cycleSoon(slot);
   }
 
-  private reconcileSoon(slot: VmSlot): void {
-    void this.enqueue(slot, () => this.reconcile(slot));
+  /** Runs one cycle of this VM soon (coalesced: one queued at a time). */
+  private cycleSoon(slot: VmSlot): void {
+    if (slot.cycleQueued || this.closed) return;
+    slot.cycleQueued = true;
+    this.enqueue(slot, async () => {
+      slot.cycleQueued = false;
+      await this.cycle(slot);
+    }).catch(() => undefined); // logged by the queue
   }
 
-  private enqueue(slot: VmSlot, work: () => Promise<void>): Promise<void> {
-    const next = slot.queue.then(work).catch((error: Error) => slot.log.error({ err: error.message, stack: error.stack }, 'VM task failed'));
-    slot.queue = next;
-    return next;
-  }
-
-  private async reconcile(slot: VmSlot): Promise<void> {
-    if (this.closed) return;
-    const record = slot.record;
-    const self = this.config.host;
-    const owner = (slot.owner = await this.lease.owner(slot.name));
-    if (!record || (record.primary !== self && record.backup !== self)) {
-      if (owner === self) await this.lease.release(slot.name);
-      await this.stopPrimary(slot, 'no longer a host of this VM');
-      slot.phase = 'unprotected';
-      return;
-    }
-    if (owner === self) {
-      await this.dropStandby(slot);
-      if (!slot.primary) {
-        if (await this.runningHere(slot.name)) await this.becomePrimary(slot);
-        else {
-          slot.log.error('this host owns the VM but does not run it: releasing it to the backup');
-          await this.lease.release(slot.name);
-          return;
-        }
-      }
-      slot.primary!.update(record);
-      slot.phase = record.protected ? 'protected' : 'degraded';
-      this.metrics.role(slot.name, 'primary');
-      return;
-    }
-    if (owner !== undefined) {
-      // Another host may run it: this one must not.
-      await this.stopPrimary(slot, `owner is ${owner}`);
-      if (await this.runningHere(slot.name)) {
-        slot.log.warn({ owner }, 'a copy runs here while another host owns the VM: fencing it');
-        await fenceLocal(this.conn, slot.name);
-      }
-      if (slot.staged && this.heartbeat.peer(owner)?.alive) {
-        await slot.staged.abort(`${owner} still owns the VM`);
-        slot.staged = undefined;
-      }
-      slot.phase = record.protected ? (record.backup === self ? 'protected' : 'degraded') : 'unprotected';
-      this.metrics.role(slot.name, record.backup === self ? 'backup' : 'none');
-      if (record.backup === self && record.protected && !slot.staged) await this.keepStandby(slot);
-      else await this.dropStandby(slot);
-      return;
-    }
-    // Nobody owns it.
-    if (record.primary === self && !slot.fenced && (await this.runningHere(slot.name))) {
-      if (await this.lease.claim(slot.name)) {
-        slot.owner = self;
-        await this.reconcile(slot);
-      }
-      return;
-    }
-    this.startPromotionLoop(slot);
-  }
-
-  /** A backup keeps the VM's domain started paused, waiting for a stream: a failover then only sends it. */
-  private async keepStandby(slot: VmSlot): Promise<void> {
-    const current = await slot.standby?.catch(() => undefined);
-    if (current?.usable) return;
-    await current?.discard();
-    const record = slot.record!;
-    slot.standby = prepareStandby(record, this.conn, slot.log);
-    slot.standby.then(
-      () => slot.log.info('warm standby ready (domain paused, waiting for a checkpoint stream)'),
-      (error: Error) => {
-        slot.log.warn({ err: error.message }, 'cannot prepare the warm standby');
-        slot.standby = undefined;
-      },
+  /** Runs `work` after every earlier change of this VM's role; its failure is logged and returned to the caller. */
+  private enqueue<T>(slot: VmSlot, work: () => Promise<T>): Promise<T> {
+    const run = slot.queue.then(work);
+    slot.queue = run.then(
+      () => undefined,
+      (error: Error) => slot.log.error({ err: error.message, stack: error.stack }, 'VM task failed'),
     );
+    return run;
   }
 
-  private async dropStandby(slot: VmSlot): Promise<void> {
-    const standby = slot.standby;
-    slot.standby = undefined;
-    const prepared = await standby?.catch(() => undefined);
-    await prepared?.discard();
+  private async cycle(slot: VmSlot): Promise<void> {
+    for (let step = 0; step < MAX_STEPS && !this.closed; step++) {
+      const action = decide(await this.snapshot(slot));
+      slot.phase = action.phase;
+      slot.reason = action.reason;
+      this.logDecision(slot, action);
+      if (action.do === 'none') return;
+      if (action.do === 'wait') {
+        clearTimeout(slot.recheck);
+        slot.recheck = setTimeout(() => this.cycleSoon(slot), action.recheckMs);
+        return;
+      }
+      await this.execute(slot, action);
+    }
   }
 
-  private async runningHere(vm: string): Promise<boolean> {
-    return (await this.conn.exists(vm)) && (await this.conn.state(vm)) === 'running';
+  private async snapshot(slot: VmSlot): Promise<VmSnapshot> {
+    const self = this.config.host;
+    const record = slot.record;
+    // the checkpoint loop follows the record here, in the VM's queue: never in the middle of a
+    // switchover's last checkpoint
+    if (record) slot.primary?.update(this.checkpointRecord(record));
+    slot.owner = await this.lease.owner(slot.name);
+    slot.running = await this.runsHere(slot).catch(() => undefined);
+    const other = record ? (record.primary === self ? record.backup : record.primary) : undefined;
+    const peer = other ? this.heartbeat.peer(other) : undefined;
+    return {
+      self,
+      closing: this.stopping || this.closed,
+      record: record && {
+        primary: record.primary,
+        backup: record.backup,
+        protected: record.protected,
+        reason: record.reason,
+        stopped: record.stopped,
+        suspended: record.suspended,
+      },
+      owner: slot.owner,
+      leaseHeld: this.lease.state === 'held',
+      peer: other ? { name: other, alive: peer?.alive ?? false, runsVm: peer?.last?.vms[slot.name]?.running === true } : undefined,
+      local: {
+        running: slot.running,
+        primaryActive: slot.primary !== undefined,
+        fenced: slot.fenced,
+        failed: slot.failed,
+        stoppedByUser: slot.stoppedByUser,
+        unfinishedMove: slot.unfinishedMove !== undefined,
+        takeOverFailures: slot.takeOverFailures,
+      },
+      staged: slot.staged ? { epoch: slot.staged.epoch } : undefined,
+      standby: slot.standby ? 'present' : 'none',
+      newestEpoch: record?.backup === self || record?.primary === self ? await newestEpoch(slot, this.backupHost) : undefined,
+      checkpointFailures: slot.primary?.consecutiveFailures ?? 0,
+    };
+  }
+
+  private logDecision(slot: VmSlot, action: Action): void {
+    const key = `${action.do}|${action.reason}`;
+    if (key === slot.lastLogged) return;
+    slot.lastLogged = key;
+    const level = action.do === 'fence-local' || action.do === 'take-over' || action.do === 'record-stop' ? 'warn' : 'info';
+    slot.log[level]({ decision: action.do, phase: action.phase, reason: action.reason }, 'decision');
+  }
+
+  private async execute(slot: VmSlot, action: Exclude<Action, { do: 'none' | 'wait' }>): Promise<void> {
+    const self = this.config.host;
+    switch (action.do) {
+      case 'run-primary':
+        return this.becomePrimary(slot);
+      case 'stop-primary':
+        return this.stopPrimary(slot, action.reason);
+      case 'claim':
+        if (await this.lease.claim(slot.name)) slot.owner = self;
+        return;
+      case 'release':
+        await this.lease.release(slot.name);
+        slot.owner = undefined;
+        this.metrics.role(slot.name, 'none');
+        return;
+      case 'fence-local':
+        return this.fenceOwn(slot, action.reason, 50);
+      case 'keep-standby':
+        return keepStandby(slot, this.backupHost);
+      case 'drop-standby':
+        return dropStandby(slot);
+      case 'stage':
+        slot.staged = await stage(slot, this.backupHost);
+        return;
+      case 'abort-staged': {
+        const staged = slot.staged;
+        slot.staged = undefined;
+        await staged?.abort(action.reason);
+        return;
+      }
+      case 'take-over':
+        return takeOver(this.takeOverContext, slot, action.kind);
+      case 'finish-move':
+        return this.finishMove(slot);
+      case 'record-stop':
+        await this.records.update(slot.name, () => ({ stopped: { by: self, reason: action.stopReason, at: new Date().toISOString() }, reason: `stopped: ${action.stopReason}` }));
+        return;
+      case 'resume-protection':
+        await this.records.update(slot.name, (r) => ({ protected: true, stopped: undefined, suspended: undefined, reason: r.stopped ? 'started again' : 'agent back' }));
+        slot.stoppedByUser = undefined;
+        slot.failed = undefined;
+        slot.fenced = false;
+        return;
+    }
+  }
+
+  // ---- primary -----------------------------------------------------------------------------------
+
+  /** The record the checkpoint loop works from: a host never checkpoints into its own store. */
+  private checkpointRecord(record: VmRecord): VmRecord {
+    return this.checkpointing(record) ? record : { ...record, protected: false };
+  }
+
+  private checkpointing(record: VmRecord | undefined): boolean {
+    return record !== undefined && record.protected && !record.stopped && record.primary === this.config.host && record.backup !== this.config.host;
   }
 
   private async becomePrimary(slot: VmSlot, handover?: { qmp: QmpClient; ledger: DriftLedger }): Promise<void> {
-    const record = slot.record!;
+    const record = this.checkpointRecord(slot.record!);
+    slot.failed = undefined;
+    slot.stoppedByUser = undefined;
     slot.primary = await PrimaryVm.start({
       record,
       storeDir: this.config.storeDir,
@@ -406,11 +534,19 @@ export class Agent implements AgentControl {
       log: slot.log,
       metrics: this.metrics,
       health: this.config.health,
-      onFailure: (reason) => void this.enqueue(slot, () => this.onVmFailure(slot, reason)),
+      onFailure: (reason) => {
+        slot.failed = reason;
+        this.cycleSoon(slot);
+      },
+      onStopped: (reason) => {
+        slot.stoppedByUser = reason;
+        this.cycleSoon(slot);
+      },
       ...(handover?.qmp ? { qmp: handover.qmp } : {}),
       ...(handover?.ledger ? { ledger: handover.ledger } : {}),
     });
     slot.fenced = false;
+    this.metrics.role(slot.name, 'primary');
   }
 
   private async stopPrimary(slot: VmSlot, why: string): Promise<void> {
@@ -427,196 +563,35 @@ export class Agent implements AgentControl {
    */
   private async fenceOwn(slot: VmSlot, reason: string, pauseTimeoutMs: number): Promise<void> {
     slot.fenced = true;
-    slot.phase = 'fenced';
     const primary = slot.primary;
     slot.primary = undefined;
     const stopNs = primary ? await primary.pauseNow(pauseTimeoutMs) : undefined;
     const { killed, atNs } = await fenceLocal(this.conn, slot.name);
+    slot.running = false;
     slot.log.warn({ reason, stopNs: stopNs?.toString(), killed, killedNs: atNs.toString() }, 'fenced');
     // its loops wind down on their own (a checkpoint in flight fails with the QEMU gone); the
     // fence must not wait for them
     void primary?.stop().catch(() => undefined);
   }
 
-  /** The primary's own VM failed (hung QEMU, crash): stop it for good and hand the VM to the backup. */
-  private async onVmFailure(slot: VmSlot, reason: string): Promise<void> {
-    if (!slot.primary) return; // already fenced (its QMP closing when we killed it reports here too)
-    slot.log.error({ reason }, 'fencing the failed VM and handing it to the backup');
-    await this.fenceOwn(slot, reason, 50);
-    await this.lease.release(slot.name).catch((error: Error) => slot.log.error({ err: error.message }, 'cannot release the owner key (the lease will expire)'));
-    slot.phase = 'fenced';
+  private async runningHere(vm: string): Promise<boolean> {
+    return (await this.conn.exists(vm)) && (await this.conn.state(vm)) === 'running';
   }
 
-  /** Lease trouble: stop every VM this host runs before the lease can expire on etcd. */
-  private watchLease(lease: HostLease): void {
-    lease.onFence((reason) => {
-      this.metrics.leaseHealthy(false);
-      this.log.error({ reason }, 'lease not renewed in time: fencing every VM this host runs');
-      for (const slot of this.slots.values()) {
-        if (slot.primary) void this.fenceOwn(slot, `lease: ${reason}`, 50);
-      }
-      void this.renewLease();
-    });
-    lease.onLost((reason) => {
-      this.log.error({ reason }, 'lease lost');
-      void this.renewLease();
-    });
+  /** The VM runs here: running, or paused by this agent's own checkpoint (a standby is paused too, and does not run). */
+  private async runsHere(slot: VmSlot): Promise<boolean> {
+    if (!(await this.conn.exists(slot.name))) return false;
+    const state = await this.conn.state(slot.name);
+    return state === 'running' || (state === 'paused' && slot.primary !== undefined);
   }
 
-  private renewing = false;
-  /** After a fence: a fresh lease once etcd answers again (the owner watches stay on). */
-  private async renewLease(): Promise<void> {
-    if (this.renewing || this.closed) return;
-    this.renewing = true;
-    try {
-      for (let attempt = 0; !this.closed && this.lease.state !== 'held'; attempt++) {
-        try {
-          const id = await this.lease.renew();
-          this.metrics.leaseHealthy(true);
-          this.log.info({ lease: id }, 'new lease granted');
-          for (const slot of this.slots.values()) this.reconcileSoon(slot);
-        } catch (error) {
-          if (attempt % 20 === 0) this.log.warn({ err: (error as Error).message }, 'cannot get a new lease yet');
-          await sleep(250);
-        }
-      }
-    } finally {
-      this.renewing = false;
-    }
-  }
-
-  // ---- failover ----------------------------------------------------------------------------------
-
-  /** The primary went quiet: load the newest checkpoint's RAM now, while its lease runs out. */
-  private async onPrimaryPeerDown(slot: VmSlot): Promise<void> {
-    const record = slot.record;
-    if (!record || record.backup !== this.config.host || !record.protected || slot.staged || slot.primary) return;
-    try {
-      const standby = slot.standby;
-      slot.standby = undefined;
-      slot.staged = await StagedRestore.begin({ record, conn: this.conn, storeDir: this.config.storeDir, log: slot.log, standby });
-      slot.phase = 'failing-over';
-    } catch (error) {
-      slot.log.error({ err: (error as Error).message }, 'cannot stage a restore');
-    }
-  }
-
-  private startPromotionLoop(slot: VmSlot): void {
-    if (slot.promotionLoop) return;
-    slot.promotionLoop = true;
-    void (async () => {
-      try {
-        while (!this.closed) {
-          const record = slot.record;
-          if (!record || slot.primary || slot.owner !== undefined) return;
-          const self = this.config.host;
-          const other = record.primary === self ? record.backup : record.primary;
-          const peer = this.heartbeat.peer(other);
-          const otherRuns = peer?.alive === true && peer.last?.vms[slot.name]?.running === true;
-          // A switchover names this host primary before the old one stops; a failover needs the
-          // primary gone (no heartbeat, or it says it no longer runs the VM).
-          const mayPromote = record.protected && !otherRuns && (record.backup === self || (record.primary === self && record.reason === 'switchover'));
-          if (mayPromote) {
-            await this.enqueue(slot, () => this.promote(slot));
-            if (slot.primary) return;
-            await sleep(500); // no checkpoint yet, or the take-over failed: not in a tight loop
-          }
-          await sleep(20);
-        }
-      } finally {
-        slot.promotionLoop = false;
-      }
-    })();
-  }
-
-  private async promote(slot: VmSlot): Promise<void> {
-    const record = slot.record;
-    if (!record || slot.primary) return;
-    const self = this.config.host;
-    const from = record.primary === self ? record.backup : record.primary;
-    const kind = record.reason === 'switchover' ? 'switchover' : 'failover';
-    const lastBeat = this.heartbeat.peer(from)?.lastBeatAt;
-    const lastBeatAt = Math.max(lastBeat?.udp ?? 0, lastBeat?.ssh ?? 0);
-    const started = performance.now();
-    let staged = slot.staged;
-    slot.staged = undefined;
-    try {
-      if (!staged) {
-        const standby = slot.standby;
-        slot.standby = undefined;
-        staged = await StagedRestore.begin({ record, conn: this.conn, storeDir: this.config.storeDir, log: slot.log, standby });
-      }
-    } catch (error) {
-      if (error instanceof NoCheckpointError) slot.log.error({ err: error.message }, `cannot take over: ${error.message}`);
-      else throw error;
-      return;
-    }
-    slot.phase = kind === 'switchover' ? 'switching-over' : 'failing-over';
-    if (!(await this.lease.claim(slot.name))) {
-      slot.log.info('another host took the VM first');
-      await staged.abort('owner key taken');
-      return;
-    }
-    slot.owner = self;
-    slot.log.warn({ kind, from, epoch: staged.epoch }, 'owner key acquired: taking over');
-    try {
-      // Fence the old primary through libvirt over SSH when it still answers (bounded); its lease
-      // already stopped it if it is cut off.
-      const fence = kind === 'failover' ? fenceRemote(sshEndpointOf(this.config, from), slot.name, this.config.hosts[from]!.libvirtUri, this.config.failover.fenceTimeoutMs) : Promise.resolve({ outcome: 'skipped', detail: 'switchover' });
-      await staged.ready;
-      const newest = await this.newestEpoch(record);
-      if (newest !== undefined && newest > staged.epoch) {
-        slot.log.warn({ staged: staged.epoch, newest }, 'a newer checkpoint was committed while staging: restaging');
-        await staged.abort('newer checkpoint');
-        staged = await StagedRestore.begin({ record, conn: this.conn, storeDir: this.config.storeDir, log: slot.log });
-        await staged.ready;
-      }
-      const fenced = await fence;
-      slot.log.info({ fence: fenced.outcome, detail: fenced.detail }, 'old primary fenced');
-      const done = await staged.complete(this.config.failover.resumeMarginMs);
-      const resumeMs = nsToMs(done.resume.resumeNs);
-      const lastBeatWall = lastBeatAt ? Date.now() - (performance.now() - lastBeatAt) : undefined;
-      const lastBeatNs = lastBeatWall !== undefined ? String(BigInt(Math.round(lastBeatWall * 1e3)) * 1000n) : undefined;
-      slot.log.warn(
-        {
-          kind,
-          epoch: done.epoch,
-          deltaMs: nsToMs(done.deltaNs),
-          resumeLateMs: nsToMs(done.resume.lateNs),
-          lateGivenBackMs: done.lateFix ? nsToMs(done.lateFix.lateNs) : 0,
-          lastBeatToResumeMs: lastBeatWall ? Math.round(resumeMs - lastBeatWall) : undefined,
-          restoreMs: Math.round(performance.now() - started),
-        },
-        'VM resumed from its last committed checkpoint',
-      );
-      const ledger = new DriftLedger(slot.name);
-      const entry = ledger.recordPause(kind === 'failover' ? 'failover' : 'migration', done.stopNs, done.resume.resumeNs);
-      ledger.recordCorrection({ actuator: 'stream-rewrite', appliedNs: done.deltaNs }, entry);
-      if (done.lateFix) {
-        // the correcting stop/cont: its pause and the lateness, both given back in place
-        const fix = ledger.recordPause('failover', done.lateFix.resumeNs - done.lateFix.pauseNs, done.lateFix.resumeNs);
-        ledger.recordCorrection({ actuator: 'inplace', appliedNs: done.lateFix.appliedNs, frozenNs: done.lateFix.pauseNs }, fix);
-      }
-      await this.becomePrimary(slot, { qmp: done.restore.qmp, ledger });
-      this.metrics.failover(slot.name, kind, lastBeatWall ? (resumeMs - lastBeatWall) / 1000 : (performance.now() - started) / 1000);
-      await this.records.update(slot.name, () => ({
-        primary: self,
-        backup: from,
-        protected: kind === 'switchover',
-        reason: kind,
-        lastMove: { kind, from, to: self, epoch: done.epoch, stopNs: String(done.stopNs), resumeNs: String(done.resume.resumeNs), at: new Date().toISOString(), ...(lastBeatNs ? { lastBeatNs } : {}) },
-      }));
-    } catch (error) {
-      slot.log.error({ err: (error as Error).message }, 'take-over failed: releasing the VM');
-      await staged.abort('take-over failed').catch(() => undefined);
-      await fenceLocal(this.conn, slot.name);
-      await this.lease.release(slot.name).catch(() => undefined);
-      throw error;
-    }
-  }
-
-  private async newestEpoch(record: VmRecord): Promise<number | undefined> {
-    return new CheckpointStore(`${this.config.storeDir}/${record.name}`, record.keep).latestEpoch().catch(() => undefined);
+  /** Writes the move into the record (after the resume; retried by the cycle until it holds). */
+  private async finishMove(slot: VmSlot): Promise<void> {
+    const patch = slot.unfinishedMove;
+    if (!patch) return;
+    slot.record = await this.records.update(slot.name, () => patch);
+    slot.unfinishedMove = undefined;
+    slot.primary?.update(this.checkpointRecord(slot.record!));
   }
 
   // ---- helpers -----------------------------------------------------------------------------------
@@ -627,12 +602,13 @@ export class Agent implements AgentControl {
     return peers;
   }
 
+  /** What the peers learn from each heartbeat; `running` is what libvirt says (unknown counts as running). */
   private heartbeatPayload(): Record<string, { role: VmRole; running: boolean; epoch?: number }> {
     const vms: Record<string, { role: VmRole; running: boolean; epoch?: number }> = {};
     for (const slot of this.slots.values()) {
       const role: VmRole = slot.primary ? 'primary' : slot.record?.backup === this.config.host ? 'backup' : 'none';
       const epoch = slot.primary?.lastCheckpoint?.epoch;
-      vms[slot.name] = { role, running: slot.primary !== undefined, ...(epoch !== undefined ? { epoch } : {}) };
+      vms[slot.name] = { role, running: slot.running !== false, ...(epoch !== undefined ? { epoch } : {}) };
     }
     return vms;
   }
@@ -644,7 +620,10 @@ export class Agent implements AgentControl {
   }
 
   private async vmStatus(slot: VmSlot): Promise<VmStatus> {
-    const domainState = (await this.conn.exists(slot.name).catch(() => false)) ? await this.conn.state(slot.name).catch(() => 'unknown') : 'absent';
+    const domainState = await this.conn
+      .exists(slot.name)
+      .then((exists) => (exists ? this.conn.state(slot.name) : 'absent'))
+      .catch((error: Error) => `unknown (${error.message})`);
     const last = slot.primary?.lastCheckpoint;
     const role: VmRole = slot.primary ? 'primary' : slot.record?.backup === this.config.host ? 'backup' : 'none';
     return {
@@ -655,6 +634,8 @@ export class Agent implements AgentControl {
       backupHost: slot.record?.backup,
       leaseHolder: slot.owner,
       phase: slot.phase,
+      reason: slot.reason,
+      ...(slot.record?.stopped ? { stopped: { by: slot.record.stopped.by, reason: slot.record.stopped.reason, at: slot.record.stopped.at } } : {}),
       lastCheckpoint: last ? { epoch: last.epoch, bytes: last.bytes, pauseMs: last.pauseMs, ageMs: Date.now() - last.at } : undefined,
       clockResidualMs: slot.primary ? -nsToMs(slot.primary.ledger.predictedLagNs) : undefined,
     };
@@ -679,6 +660,12 @@ export class Agent implements AgentControl {
       await sleep(50);
     }
   }
+}
+
+function withTimeout<T>(work: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const expired = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`${what} did not finish within ${ms} ms`)), ms)));
+  return Promise.race([work, expired]).finally(() => clearTimeout(timer));
 }
 
 async function openLease(config: AgentConfig, log: Log): Promise<HostLease> {

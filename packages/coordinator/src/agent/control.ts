@@ -3,6 +3,9 @@
  * server (src/api) serves it over HTTP on a unix socket; the CLI is its client.
  */
 
+import type { Phase } from './decide.js';
+
+export type { Phase };
 export type VmRole = 'primary' | 'backup' | 'none';
 
 export interface CheckpointSummary {
@@ -24,8 +27,12 @@ export interface VmStatus {
   backupHost: string | undefined;
   /** Host whose lease holds the VM's owner key in etcd (the one allowed to run it). */
   leaseHolder: string | undefined;
-  /** protected | degraded (no backup in sync) | unprotected | failing-over | switching-over */
-  phase: string;
+  /** What this host makes of the VM now (see Phase in decide.ts). */
+  phase: Phase;
+  /** Why: the agent's last decision for this VM, in words. */
+  reason: string;
+  /** The user stopped the VM: it stays down on both hosts until started again on its primary. */
+  stopped?: { by: string; reason: string; at: string };
   lastCheckpoint: CheckpointSummary | undefined;
   /** Guest clock residual the drift ledger predicts (ms; 0 = right; negative = behind). */
   clockResidualMs: number | undefined;

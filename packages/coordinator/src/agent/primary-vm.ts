@@ -1,7 +1,7 @@
 import path from 'node:path';
 import { ClockHook, DriftLedger, InPlaceActuator } from '@ftvm/kvmclock';
 import { readProtection } from '@ftvm/libvirt';
-import { QmpClient } from '@ftvm/qmp';
+import { GuestAgentClient, QmpClient } from '@ftvm/qmp';
 import { openRemoteReceiver, type ReplicationSender, type SshConnection } from '@ftvm/transport';
 import { Checkpointer, type CheckpointResult } from '../checkpointer.js';
 import type { CheckpointSummary } from './control.js';
@@ -18,12 +18,22 @@ export interface PrimaryVmOptions {
   health: { intervalMs: number; timeoutMs: number };
   /** The VM stopped answering or died: the agent fences it and gives up ownership. */
   onFailure: (reason: string) => void;
+  /** The user stopped the VM (guest poweroff, `virsh shutdown`, `virsh destroy`): it stays down. */
+  onStopped: (reason: string) => void;
   /** A failover's restore hands over its QMP connection and ledger. */
   qmp?: QmpClient;
   ledger?: DriftLedger;
 }
 
 const nsToMs = (ns: bigint) => Number(ns) / 1e6;
+
+/**
+ * QEMU's SHUTDOWN reasons that are someone's decision: the guest powered itself off (also what
+ * `virsh shutdown` leads to), or the host asked QEMU to quit (`virsh destroy` sends SIGTERM).
+ * A crash or SIGKILL sends no SHUTDOWN at all (only the QMP socket closes), and a panic or a
+ * watchdog are failures: those fail over.
+ */
+export const USER_STOP_REASONS: ReadonlySet<string> = new Set(['guest-shutdown', 'host-signal', 'host-qmp-quit', 'host-ui']);
 
 /**
  * This host runs the VM: keeps an eye on its QEMU (QMP must answer within the health timeout)
@@ -42,6 +52,8 @@ export class PrimaryVm {
   private receiver: { sender: ReplicationSender; host: string } | undefined;
   private healthTimer: NodeJS.Timeout | undefined;
   private failed = false;
+  /** Checkpoints that failed in a row (reset by a committed one). */
+  consecutiveFailures = 0;
 
   private constructor(
     private readonly options: PrimaryVmOptions,
@@ -59,7 +71,19 @@ export class PrimaryVm {
     const qmp = options.qmp ?? (await QmpClient.connectWhenReady({ path: protection.qmpSocket }, { timeoutMs: 30_000, connectTimeoutMs: 2_000 }));
     const ledger = options.ledger ?? new DriftLedger(options.record.name);
     const log = options.log;
-    const hook = await ClockHook.create({ qmp, ledger, log: (message) => log.info({ clock: true }, message) });
+    // the VM's own clock policy (compensate, maxStepMs, onImpossible) from its ftvm metadata;
+    // the hook connects to the guest agent only if the policy falls back to it
+    const agentSocket = protection.agentSocket;
+    const hook = await ClockHook.create({
+      qmp,
+      ledger,
+      policy: protection.clock,
+      agent: agentSocket ? () => GuestAgentClient.connect({ path: agentSocket }, { connectTimeoutMs: 2_000, commandTimeoutMs: 2_000 }) : undefined,
+      log: (message) => log.info({ clock: true }, message),
+    }).catch(async (error: Error) => {
+      if (!options.qmp) await qmp.close().catch(() => undefined); // ours to close; a handed-over one is the caller's
+      throw new Error(`VM '${options.record.name}': ${error.message}`);
+    });
     const version = await qmp.execute<{ qemu: { major: number; minor: number; micro: number } }>('query-version');
     const inPlace = await InPlaceActuator.detect(qmp);
     let previousFrozenNs: bigint | undefined;
@@ -71,7 +95,7 @@ export class PrimaryVm {
       qemuVersion: `${version.qemu.major}.${version.qemu.minor}.${version.qemu.micro}`,
       domainXml: options.record.xml,
       ...(options.record.fullEvery === undefined ? {} : { fullEvery: options.record.fullEvery }),
-      clockMovesAtResume: inPlace !== undefined,
+      clockMovesAtResume: hook.correctsInPlace('checkpoint'),
       // ftvm's QEMU resumes by itself after a checkpoint: arm the correction before the stop.
       beforeMigrate: async () => {
         if (checkpointer.selfResuming) await hook.arm('checkpoint');
@@ -93,6 +117,12 @@ export class PrimaryVm {
       timeoutMs: 30_000,
     });
     vm = new PrimaryVm({ ...options, ledger }, qmp, hook, checkpointer);
+    qmp.onEvent((event) => {
+      if (event.event !== 'SHUTDOWN') return;
+      const reason = String((event.data as { reason?: unknown }).reason ?? 'unknown');
+      if (USER_STOP_REASONS.has(reason)) vm.userStopped(reason);
+      else vm.fail(`QEMU shut down: ${reason}`);
+    });
     qmp.onClose((reason) => vm.fail(`QMP connection closed: ${reason}`));
     vm.startHealthChecks();
     vm.update(options.record);
@@ -165,8 +195,10 @@ export class PrimaryVm {
       try {
         await this.exclusive(() => this.takeCheckpoint(false));
         backoffMs = 0;
+        this.consecutiveFailures = 0;
       } catch (error) {
         if (this.stopped) break;
+        this.consecutiveFailures++;
         this.options.metrics.checkpointFailed(this.name);
         this.options.log.warn({ err: (error as Error).message }, 'checkpoint failed');
         backoffMs = Math.min(2_000, Math.max(100, backoffMs * 2));
@@ -237,6 +269,15 @@ export class PrimaryVm {
   private stopHealthChecks(): void {
     if (this.healthTimer) clearInterval(this.healthTimer);
     this.healthTimer = undefined;
+  }
+
+  /** QEMU said the user stopped it: no failure, no failover; the loops end. */
+  private userStopped(reason: string): void {
+    if (this.failed || this.stopped) return;
+    this.failed = true; // what follows (QMP closing as QEMU exits) is not a failure
+    this.stopHealthChecks();
+    this.options.log.warn({ reason }, 'the user stopped the VM');
+    this.options.onStopped(reason);
   }
 
   private fail(reason: string): void {

@@ -1,5 +1,6 @@
 import os from 'node:os';
 import type { AgentConfig } from '../config/agent-config.js';
+import { startHookListener } from '../api/hook-listener.js';
 import { startControlServer } from '../api/server.js';
 import type { Logger } from '../log/logger.js';
 import type { AgentMetrics } from '../metrics/agent-metrics.js';
@@ -16,12 +17,14 @@ export async function runAgent(config: AgentConfig, options: { log: Logger; metr
   }
   const agent = await Agent.start(config, { log, metrics });
   const control = await startControlServer({ socketPath: config.control.socket, control: agent, log });
+  const hook = await startHookListener({ socketPath: config.control.hookSocket, log, onEvent: (event) => agent.hookEvent(event) });
   const metricsServer = config.control.metrics ? await startMetricsServer({ address: config.control.metrics.address, port: config.control.metrics.port, metrics }) : undefined;
   log.info({ host: config.host, socket: config.control.socket, metrics: config.control.metrics }, 'ftvm agent running');
   return {
     agent,
     async stop() {
       await control.close().catch(() => undefined);
+      await hook.close().catch(() => undefined);
       await metricsServer?.close().catch(() => undefined);
       await agent.stop();
       log.info('ftvm agent stopped');

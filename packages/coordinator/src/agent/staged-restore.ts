@@ -14,6 +14,8 @@ export interface StagedRestoreOptions {
   log: Log;
   /** A warm standby (domain already started paused, waiting for the stream); prepared here otherwise. */
   standby?: Promise<PreparedRestore> | undefined;
+  /** A committed checkpoint that does not verify (skipped; the caller never takes it for newer). */
+  onCorrupt?: (epoch: number) => void;
 }
 
 /** Defines and starts the VM's domain paused, waiting for a stream (see PreparedRestore). */
@@ -123,15 +125,24 @@ export class StagedRestore {
       checkpoint: '/dev/null', // the writer sends the stream from memory
       timeoutMs: 600_000,
       writeStream: async (socket) => {
+        // QEMU may refuse the stream and exit at any point: the socket then errors and closes
+        // (restore's own listener keeps the error from crashing us), and every wait here must end
+        // with it rather than at its deadline
+        const gone = new Promise<never>((_, reject) => {
+          const fail = () => reject(new Error('QEMU closed the incoming socket'));
+          if (socket.destroyed) fail();
+          else socket.once('close', fail);
+        });
+        gone.catch(() => undefined);
         try {
           const signal = AbortSignal.timeout(120_000);
-          for (const part of split.head) if (!socket.write(part)) await once(socket, 'drain', { signal });
+          for (const part of split.head) if (!socket.write(part)) await Promise.race([once(socket, 'drain', { signal }), gone]);
           headSent();
         } catch (error) {
           headFailed(error as Error);
           throw error;
         }
-        const marginNs = await released;
+        const marginNs = await Promise.race([released, gone]);
         this.targetNs = clock() + marginNs;
         this.deltaNs = this.targetNs - stopNs;
         if (this.deltaNs <= 0n) throw new Error(`checkpoint ${metadata.epoch} stopped at ${stopNs}, after the resume target: host clocks disagree`);
@@ -152,7 +163,10 @@ export class StagedRestore {
   /** Picks the newest committed checkpoint that verifies and starts loading it. */
   static async begin(options: StagedRestoreOptions): Promise<StagedRestore> {
     const store = await new CheckpointStore(path.posix.join(options.storeDir, options.record.name), options.record.keep).open();
-    const latest = await store.latestVerified((error) => options.log.warn({ err: error.message }, 'skipping a checkpoint that does not verify'));
+    const latest = await store.latestVerified((error) => {
+      options.log.warn({ err: error.message }, 'skipping a checkpoint that does not verify');
+      if (error.epoch !== undefined) options.onCorrupt?.(error.epoch);
+    });
     if (!latest) throw new NoCheckpointError(`no committed checkpoint of '${options.record.name}' in ${store.dir}`);
     const data = store.assemble(latest);
     const bytes = data.ram.reduce((n, part) => n + part.length, data.deviceState.length);
@@ -168,7 +182,11 @@ export class StagedRestore {
   async complete(marginMs: number): Promise<CompletedRestore> {
     this.go(BigInt(Math.round(marginMs * 1e6)));
     const restore = await this.restoring;
-    return { epoch: this.epoch, restore, resume: this.resume!, deltaNs: this.deltaNs!, stopNs: BigInt(this.metadata.stopNs), ...(this.lateFix ? { lateFix: this.lateFix } : {}) };
+    // the VM runs even when the on-time resume failed after its `cont` (restore.warnings says so):
+    // date the resume by QEMU's stamp as load saw it
+    const resumeNs = this.resume?.resumeNs ?? restore.resumedNs ?? realtimeClock()();
+    const resume: OnTimeResume = this.resume ?? { qmpRoundTripNs: 0n, contSentNs: resumeNs, resumeNs, lateNs: resumeNs - (this.targetNs ?? resumeNs), overrun: false };
+    return { epoch: this.epoch, restore, resume, deltaNs: this.deltaNs ?? 0n, stopNs: BigInt(this.metadata.stopNs), ...(this.lateFix ? { lateFix: this.lateFix } : {}) };
   }
 
   /** Gives up: the paused domain is destroyed and undefined (restore's own cleanup). */

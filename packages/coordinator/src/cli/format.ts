@@ -40,7 +40,7 @@ export function table(rows: readonly (readonly string[])[]): string {
   return rows.map((row) => row.map((cell, i) => (i === row.length - 1 ? cell : cell.padEnd(widths[i] ?? 0))).join('  ').trimEnd()).join('\n');
 }
 
-const VM_HEADER = ['VM', 'ROLE', 'STATE', 'PHASE', 'PRIMARY', 'BACKUP', 'LEASE HOLDER', 'CHECKPOINT AGE', 'CLOCK'];
+const VM_HEADER = ['VM', 'ROLE', 'STATE', 'PHASE', 'PRIMARY', 'BACKUP', 'LEASE HOLDER', 'CHECKPOINT AGE', 'CLOCK', 'WHY'];
 
 function vmRow(vm: VmStatus): string[] {
   return [
@@ -53,6 +53,7 @@ function vmRow(vm: VmStatus): string[] {
     vm.leaseHolder ?? DASH,
     vm.lastCheckpoint ? formatDuration(vm.lastCheckpoint.ageMs) : DASH,
     formatResidual(vm.clockResidualMs),
+    vm.stopped ? `stopped by the user (${vm.stopped.reason}, on ${vm.stopped.by} at ${vm.stopped.at})` : vm.reason,
   ];
 }
 

@@ -87,6 +87,8 @@ export const agentConfigSchema = z
       .object({
         /** The CLI talks to the agent here (HTTP over a unix socket). */
         socket: absolutePath.default('/run/ftvm/agent.sock'),
+        /** The libvirt hook tells the agent here when an ftvm domain starts or stops (one JSON line, `ok` back). */
+        hookSocket: absolutePath.default('/run/ftvm/hook.sock'),
         /** Prometheus metrics (`GET /metrics`); omit to serve none. */
         metrics: z.object({ address: z.string().min(1).default('0.0.0.0'), port: port.default(9464) }).strict().optional(),
       })

@@ -137,13 +137,14 @@ export class EtcdSession {
   }
 
   /**
-   * Runs one unary etcd call with the session's deadline. Failures become EtcdCallError (with the
-   * operation's name), except etcd's "lease not found" (EtcdLeaseInvalidError), passed through as
-   * it is: its meaning belongs to the caller.
+   * Runs one unary etcd call with the session's deadline (or `timeoutMs`, for a caller whose calls
+   * may legitimately take longer, e.g. writes waiting on etcd's disk). Failures become
+   * EtcdCallError (with the operation's name), except etcd's "lease not found"
+   * (EtcdLeaseInvalidError), passed through as it is: its meaning belongs to the caller.
    */
-  async call<T>(operation: string, fn: (client: Etcd3, options: CallOptions) => Promise<T>): Promise<T> {
+  async call<T>(operation: string, fn: (client: Etcd3, options: CallOptions) => Promise<T>, timeoutMs = this.requestTimeoutMs): Promise<T> {
     if (this.closed) throw new EtcdCallError(operation, this.endpoints, false, 'the session is closed');
-    const timeoutMs = this.requestTimeoutMs;
+    if (!(timeoutMs > 0)) throw new Error(`etcd: ${operation}: the deadline must be positive, got ${timeoutMs} ms`);
     let timer: NodeJS.Timeout | undefined;
     const deadline = new Promise<never>((_, reject) => {
       // A little after the gRPC deadline, which should normally win (it also cancels the call).
@@ -157,16 +158,16 @@ export class EtcdSession {
       this.noteAnswer();
       return result;
     } catch (error) {
-      throw this.wrap(operation, error);
+      throw this.wrap(operation, error, timeoutMs);
     } finally {
       clearTimeout(timer);
     }
   }
 
-  wrap(operation: string, error: unknown): Error {
+  wrap(operation: string, error: unknown, timeoutMs = this.requestTimeoutMs): Error {
     if (error instanceof EtcdCallError || error instanceof EtcdLeaseInvalidError) return error;
     if (error instanceof GRPCDeadlineExceededError) {
-      return new EtcdCallError(operation, this.endpoints, true, `no answer within ${this.requestTimeoutMs} ms`, { cause: error });
+      return new EtcdCallError(operation, this.endpoints, true, `no answer within ${timeoutMs} ms`, { cause: error });
     }
     const message = error instanceof Error ? error.message : String(error);
     return new EtcdCallError(operation, this.endpoints, isUnavailableError(error), message, { cause: error });

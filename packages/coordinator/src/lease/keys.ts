@@ -20,3 +20,14 @@ function checkVm(vm: string): string {
 export const vmsPrefix = (prefix: string) => `${normalizePrefix(prefix)}/vms/`;
 export const ownerKey = (prefix: string, vm: string) => `${normalizePrefix(prefix)}/vms/${checkVm(vm)}/owner`;
 export const specKey = (prefix: string, vm: string) => `${normalizePrefix(prefix)}/vms/${checkVm(vm)}/spec`;
+
+/**
+ * The VM whose record `key` is (`<prefix>/vms/<vm>/spec` → `vm`), or undefined for any other key
+ * under the prefix (owner keys, a name no VM can have).
+ */
+export function vmOfSpecKey(prefix: string, key: string): string | undefined {
+  const start = vmsPrefix(prefix);
+  if (!key.startsWith(start) || !key.endsWith('/spec')) return undefined;
+  const vm = key.slice(start.length, -'/spec'.length);
+  return VM_NAME.test(vm) ? vm : undefined;
+}

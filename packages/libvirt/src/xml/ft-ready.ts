@@ -140,6 +140,7 @@ export function makeFtReady(inputXml: string, options: FtReadyOptions): FtReadyR
 
   const args = ftvmQemuArgs({ qmpSocket, agentSocket, probe: options.probe, incoming: options.incoming });
   setFtvmCommandline(doc, args);
+  setFtvmDevices(doc, { agent: agentSocket !== undefined, probe: options.probe !== undefined });
   if (options.probe?.workloadMiBps) setKernelArg(doc, 'ftvm.workload', String(options.probe.workloadMiBps));
 
   return { xml: serializeXml(doc), name, protection, findings };
@@ -148,28 +149,137 @@ export function makeFtReady(inputXml: string, options: FtReadyOptions): FtReadyR
 /** QEMU option values are comma-separated: a literal comma is doubled. */
 const qemuValue = (text: string) => text.replace(/,/g, ',,');
 
-export function ftvmQemuArgs(options: { qmpSocket: string; agentSocket?: string | undefined; probe?: ProbeOptions | undefined; incoming?: boolean | undefined }): string[] {
+/** User aliases (libvirt keeps `ua-` aliases and uses them as QEMU ids) of the devices ftvm adds as native XML. */
+export const FTVM_SERIAL_ALIAS = 'ua-ftvm-serial';
+export const FTVM_PROBE_ALIAS = 'ua-ftvm-probe';
+const FTVM_PORT_ALIAS = 'ua-ftvm-port';
+const FTVM_ALIAS_PREFIX = 'ua-ftvm-';
+/** The probe NIC's MAC: QEMU's default, what the raw `-device` of earlier versions got. */
+const PROBE_MAC = '52:54:00:12:34:56';
+
+/**
+ * ftvm's QEMU arguments. What QEMU sees as a PCI device is native libvirt XML (`setFtvmDevices`), so
+ * libvirt allocates its address; only what libvirt cannot express stays here: ftvm's QMP monitor,
+ * the agent's chardev and its port on ftvm's virtio-serial controller (a port libvirt does not own,
+ * else libvirt would connect to the agent itself), and the probe's user-mode netdev with `hostfwd`.
+ * The port is a JSON `-device`: QEMU creates key=value `-device`s before JSON ones, and libvirt's
+ * devices (the controller the port sits on) are JSON.
+ * `legacyDevices` gives the layout of earlier versions — raw virtio-serial-pci and virtio-net-pci
+ * that libvirt knew nothing about — for fixing paths of a domain defined with it (its device set
+ * must not change under a migration or restore).
+ */
+export function ftvmQemuArgs(options: {
+  qmpSocket: string;
+  agentSocket?: string | undefined;
+  probe?: ProbeOptions | undefined;
+  incoming?: boolean | undefined;
+  legacyDevices?: boolean | undefined;
+}): string[] {
   const args = ['-chardev', `socket,id=ftvm-qmp,path=${qemuValue(options.qmpSocket)},server=on,wait=off`, '-mon', 'chardev=ftvm-qmp,mode=control'];
   if (options.agentSocket) {
-    args.push(
-      '-chardev',
-      `socket,id=ftvm-qga,path=${qemuValue(options.agentSocket)},server=on,wait=off`,
-      '-device',
-      'virtio-serial-pci,id=ftvm-serial',
-      '-device',
-      'virtserialport,bus=ftvm-serial.0,chardev=ftvm-qga,name=org.qemu.guest_agent.0',
-    );
+    args.push('-chardev', `socket,id=ftvm-qga,path=${qemuValue(options.agentSocket)},server=on,wait=off`);
+    if (options.legacyDevices) {
+      args.push('-device', 'virtio-serial-pci,id=ftvm-serial', '-device', 'virtserialport,bus=ftvm-serial.0,chardev=ftvm-qga,name=org.qemu.guest_agent.0');
+    } else {
+      const port = { driver: 'virtserialport', id: 'ftvm-qga-port', bus: `${FTVM_SERIAL_ALIAS}.0`, nr: 1, chardev: 'ftvm-qga', name: 'org.qemu.guest_agent.0' };
+      args.push('-device', JSON.stringify(port));
+    }
   }
   if (options.probe) {
     const { address, port } = options.probe.listen;
-    args.push('-netdev', `user,id=ftvm-probe,hostfwd=udp:${address}:${port}-:${options.probe.guestPort ?? 5555}`, '-device', 'virtio-net-pci,netdev=ftvm-probe,romfile=');
+    args.push('-netdev', `user,id=ftvm-probe,hostfwd=udp:${address}:${port}-:${options.probe.guestPort ?? 5555}`);
+    if (options.legacyDevices) args.push('-device', 'virtio-net-pci,netdev=ftvm-probe,romfile=');
   }
   if (options.incoming) args.push('-incoming', 'defer');
   return args;
 }
 
-/** An argument ftvm owns: the value of an option whose QEMU id (or reference) starts with `ftvm-`. */
-const FTVM_VALUE = /(^|,)(id|chardev|netdev|bus)=ftvm-/;
+/** An argument ftvm owns: the value of an option whose QEMU id (or reference) starts with `ftvm-` (key=value or JSON). */
+const FTVM_VALUE = /(^|,)(id|chardev|netdev|bus)=ftvm-|"(id|chardev|netdev)":"ftvm-/;
+
+/**
+ * ftvm's devices as native libvirt XML, so that libvirt knows their PCI slots (it allocates them,
+ * and a later hot-plug or libvirt's own devices never collide with them):
+ * - `agent`: `<controller type='virtio-serial'>` (alias ua-ftvm-serial) for ftvm's agent port;
+ * - `probe`: `<interface type='user'>` (alias ua-ftvm-probe, virtio, no ROM), whose frontend is
+ *   pointed by `<qemu:override>` at ftvm's own `-netdev` (libvirt has no `hostfwd` for slirp; the
+ *   netdev libvirt creates for it stays unused, and QEMU warns that it has no peer).
+ * On q35 each sits on a pcie-root-port of its own (alias ua-ftvm-portN, explicit address), so
+ * ftvm's devices never take the free root ports a user keeps for hot-plug. On pc (i440fx) libvirt
+ * picks slots on pci.0. Earlier additions (by alias) are replaced; nothing else is touched.
+ */
+export function setFtvmDevices(doc: Document, wanted: { agent: boolean; probe: boolean }): void {
+  const root = doc.documentElement!;
+  let devices = childElement(root, 'devices');
+  if (devices) {
+    for (const el of childElements(devices)) if (isFtvmDevice(el)) removeElement(el);
+  }
+  removeFtvmOverrides(root);
+  if (!wanted.agent && !wanted.probe) return;
+  if (!devices) {
+    devices = doc.createElement('devices');
+    appendIndented(root, devices);
+  }
+  const machine = elementsAt(root, 'os/type')[0]?.getAttribute('machine') ?? '';
+  const q35 = /q35/.test(machine);
+  const pciIndexes = childElements(devices, 'controller')
+    .filter((c) => c.getAttribute('type') === 'pci')
+    .map((c) => Number(c.getAttribute('index')))
+    .filter(Number.isInteger);
+  let nextPciIndex = Math.max(0, ...pciIndexes) + 1;
+  let ports = 0;
+  type Spec = [name: string, attrs: Record<string, string>];
+  /** Appends <name attrs> to `parent` and its (empty) children into it: attached first, so indentation follows. */
+  const add = (parent: Element, [name, attrs]: Spec, children: Spec[] = []): Element => {
+    const e = appendIndented(parent, doc.createElement(name));
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+    for (const child of children) add(e, child);
+    return e;
+  };
+  /** q35: a root port of ftvm's own (added now), and the device's address on it. */
+  const placement = (): Spec[] => {
+    if (!q35) return [];
+    const index = nextPciIndex++;
+    add(devices, ['controller', { type: 'pci', index: String(index), model: 'pcie-root-port' }], [['alias', { name: `${FTVM_PORT_ALIAS}${ports++}` }]]);
+    return [['address', { type: 'pci', domain: '0x0000', bus: `0x${index.toString(16).padStart(2, '0')}`, slot: '0x00', function: '0x0' }]];
+  };
+  if (wanted.agent) {
+    const serialIndexes = childElements(devices, 'controller')
+      .filter((c) => c.getAttribute('type') === 'virtio-serial')
+      .map((c) => Number(c.getAttribute('index')))
+      .filter(Number.isInteger);
+    // above the user's (and libvirt's implicit index 0): libvirt puts its own channels on the lowest
+    const index = String(Math.max(0, ...serialIndexes) + 1);
+    const address = placement();
+    add(devices, ['controller', { type: 'virtio-serial', index }], [['alias', { name: FTVM_SERIAL_ALIAS }], ...address]);
+  }
+  if (wanted.probe) {
+    const address = placement();
+    add(devices, ['interface', { type: 'user' }], [['mac', { address: PROBE_MAC }], ['model', { type: 'virtio' }], ['rom', { enabled: 'no' }], ['alias', { name: FTVM_PROBE_ALIAS }], ...address]);
+    const prefix = ensureNamespace(doc, QEMU_NS, 'qemu');
+    const qemu = (parent: Element, name: string, attrs: Record<string, string> = {}) => {
+      const e = appendIndented(parent, doc.createElementNS(QEMU_NS, `${prefix}:${name}`));
+      for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+      return e;
+    };
+    const override = childElementNS(root, QEMU_NS, 'override') ?? qemu(root, 'override');
+    const frontend = qemu(qemu(override, 'device', { alias: FTVM_PROBE_ALIAS }), 'frontend');
+    qemu(frontend, 'property', { name: 'netdev', type: 'string', value: 'ftvm-probe' });
+  }
+}
+
+function isFtvmDevice(el: Element): boolean {
+  return (el.localName === 'controller' || el.localName === 'interface') && childElements(el, 'alias').some((a) => (a.getAttribute('name') ?? '').startsWith(FTVM_ALIAS_PREFIX));
+}
+
+function removeFtvmOverrides(root: Element): void {
+  const override = childElementNS(root, QEMU_NS, 'override');
+  if (!override) return;
+  for (const d of childElements(override)) {
+    if (d.namespaceURI === QEMU_NS && d.localName === 'device' && (d.getAttribute('alias') ?? '').startsWith(FTVM_ALIAS_PREFIX)) removeElement(d);
+  }
+  if (childElements(override).length === 0) removeElement(override);
+}
 
 /**
  * Replaces ftvm's arguments in <qemu:commandline> with `args`, keeping the user's own arguments and
@@ -277,7 +387,9 @@ export function fixFtvmPaths(xml: string, options: { runDir?: string } = {}): Pa
   if (hadIncoming) changes.push('removed -incoming defer');
   // the probe forwarding is kept as it was (its address is the host's, set by whoever defined it)
   const probe = parseProbeArgs(values);
-  const expected = ftvmQemuArgs({ qmpSocket, agentSocket, probe });
+  // keep the device layout the domain was defined with: a migration or restore needs the same devices
+  const legacyDevices = values.some((v) => /^virtio-(serial|net)-pci,.*(id|netdev)=ftvm-/.test(v));
+  const expected = ftvmQemuArgs({ qmpSocket, agentSocket, probe, legacyDevices });
   const current = ftvmArgIndices(values).map((i) => values[i]);
   if (changes.length === 0 && JSON.stringify(current) !== JSON.stringify(expected)) changes.push('ftvm arguments rewritten');
   if (changes.length === 0) return { xml, changed: false, changes };

@@ -1,0 +1,61 @@
+import path from 'node:path';
+import type { LibvirtConnection } from '@ftvm/libvirt';
+import { CheckpointStore } from '@ftvm/transport';
+import { NoCheckpointError, StagedRestore, prepareStandby } from './staged-restore.js';
+import type { VmSlot } from './vm-slot.js';
+
+/** What the backup's steps need of its host. */
+export interface BackupHost {
+  conn: LibvirtConnection;
+  storeDir: string;
+}
+
+/** A backup keeps the VM's domain started paused, waiting for a stream: a failover then only sends it. */
+export async function keepStandby(slot: VmSlot, host: BackupHost): Promise<void> {
+  const current = await slot.standby?.catch(() => undefined);
+  if (current?.usable) return;
+  await current?.discard();
+  const standby = prepareStandby(slot.record!, host.conn, slot.log);
+  slot.standby = standby;
+  standby.then(
+    () => slot.log.info('warm standby ready (domain paused, waiting for a checkpoint stream)'),
+    (error: Error) => {
+      slot.log.warn({ err: error.message }, 'cannot prepare the warm standby');
+      if (slot.standby === standby) slot.standby = undefined;
+    },
+  );
+}
+
+export async function dropStandby(slot: VmSlot): Promise<void> {
+  const standby = slot.standby;
+  slot.standby = undefined;
+  const prepared = await standby?.catch(() => undefined);
+  await prepared?.discard();
+}
+
+/** Newest committed checkpoint here that is not known to be corrupt (a directory listing, no reads). */
+export async function newestEpoch(slot: VmSlot, host: BackupHost): Promise<number | undefined> {
+  const record = slot.record!;
+  const epochs = await new CheckpointStore(path.posix.join(host.storeDir, record.name), record.keep).epochs().catch(() => [] as number[]);
+  return epochs.filter((e) => !slot.badEpochs.has(e)).at(-1);
+}
+
+/** Starts loading the newest verified checkpoint into the standby (or a fresh domain). */
+export async function stage(slot: VmSlot, host: BackupHost): Promise<StagedRestore | undefined> {
+  const standby = slot.standby;
+  slot.standby = undefined;
+  try {
+    return await StagedRestore.begin({
+      record: slot.record!,
+      conn: host.conn,
+      storeDir: host.storeDir,
+      log: slot.log,
+      standby,
+      onCorrupt: (epoch) => slot.badEpochs.add(epoch),
+    });
+  } catch (error) {
+    if (!(error instanceof NoCheckpointError)) throw error;
+    slot.log.info({ err: error.message }, 'nothing to stage');
+    return undefined;
+  }
+}
