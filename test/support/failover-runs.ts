@@ -97,6 +97,16 @@ export async function readRecord(vm: string): Promise<Partial<VmRecord>> {
   }
 }
 
+/** Changes the VM's record as an operator with etcd access would (compare-and-swap, with a deadline). */
+export async function updateRecord(vm: string, patch: Partial<VmRecord>): Promise<VmRecord> {
+  const store = ClusterStore.open({ endpoints: [labEtcdEndpoint()], requestTimeoutMs: 2_000 });
+  try {
+    return await new VmRecords(store, ETCD_PREFIX).update(vm, () => patch);
+  } finally {
+    await store.close();
+  }
+}
+
 /** Injects `kind` on the host running the VM, waits for the take-over, measures, and re-protects. */
 export async function runFault(cluster: Cluster, kind: FaultKind, log: (line: string) => void = () => undefined): Promise<FaultRun> {
   const { vm } = cluster;

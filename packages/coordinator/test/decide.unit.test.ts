@@ -63,6 +63,7 @@ const rows: [string, VmSnapshot, ActionKind, Phase][] = [
   // ---- the backup ----
   ['backup, steady, standby ready', view(backupView, {}), 'none', 'protected'],
   ['backup without a standby yet', view(backupView, { standby: 'none' }), 'keep-standby', 'protected'],
+  ['backup: the domain XML in the record changed (hot-plug on the primary)', view(backupView, { standby: 'stale' }), 'drop-standby', 'protected'],
   ['backup of an unprotected VM drops its standby', view(backupView, { record: { protected: false, reason: 'unprotect' } }), 'drop-standby', 'unprotected'],
   ['backup: primary silent, its lease still holds: stage', view(backupView, { peer: { name: 'a', alive: false, runsVm: false } }), 'stage', 'staging'],
   ['backup: primary silent, nothing committed yet: nothing to stage', view(backupView, { peer: { name: 'a', alive: false, runsVm: false }, newestEpoch: undefined }), 'none', 'protected'],

@@ -46,6 +46,7 @@ export {
 export { parseDomainSpec, domainSpecToXml, ftReadyFromSpec, SpecError, type DomainSpec, type DiskSpec, type FtDomainSpec } from './xml/spec.js';
 export { validateDomainXml, validatorAvailable, ValidatorMissingError, type ValidationResult } from './xml/validate.js';
 export { parseDomainXml, serializeXml, DomainXmlError, FTVM_NS, QEMU_NS } from './xml/dom.js';
+export { deviceSignature } from './xml/device-signature.js';
 export {
   restoreFromCheckpoint,
   PreparedRestore,

@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import { DriftLedger } from '@ftvm/kvmclock';
-import { LibvirtConnection, readProtection } from '@ftvm/libvirt';
+import { deviceSignature, LibvirtConnection, readProtection, setIncomingDefer } from '@ftvm/libvirt';
 import type { QmpClient } from '@ftvm/qmp';
 import type { HookEvent } from '../api/hook-listener.js';
 import { fenceAfterMs, type AgentConfig } from '../config/agent-config.js';
@@ -370,6 +370,8 @@ export class Agent implements AgentControl {
         .then((unwatch) => (s.unwatchOwner = unwatch))
         .catch((error: Error) => s.log.error({ err: error.message }, 'cannot watch the owner key'));
     }
+    // a changed domain is a new chance for a take-over that QEMU refused
+    if (record?.xml !== slot.record?.xml) slot.takeOverFailures = undefined;
     slot.record = record;
     if (record) {
       for (const host of [record.primary, record.backup]) {
@@ -448,11 +450,12 @@ export class Agent implements AgentControl {
         fenced: slot.fenced,
         failed: slot.failed,
         stoppedByUser: slot.stoppedByUser,
+        devicesChanged: (slot.changedXml = slot.primary && record ? await this.changedDomainXml(slot.name, record) : undefined) !== undefined,
         unfinishedMove: slot.unfinishedMove !== undefined,
         takeOverFailures: slot.takeOverFailures,
       },
       staged: slot.staged ? { epoch: slot.staged.epoch } : undefined,
-      standby: slot.standby ? 'present' : 'none',
+      standby: !slot.standby ? 'none' : slot.standbyXml !== record?.xml ? 'stale' : 'present',
       newestEpoch: record?.backup === self || record?.primary === self ? await newestEpoch(slot, this.backupHost) : undefined,
       checkpointFailures: slot.primary?.consecutiveFailures ?? 0,
     };
@@ -498,6 +501,9 @@ export class Agent implements AgentControl {
       }
       case 'take-over':
         return takeOver(this.takeOverContext, slot, action.kind);
+      case 'update-xml':
+        if (slot.changedXml) await this.records.update(slot.name, () => ({ xml: slot.changedXml!, reason: 'devices changed' }));
+        return;
       case 'finish-move':
         return this.finishMove(slot);
       case 'record-stop':
@@ -576,6 +582,13 @@ export class Agent implements AgentControl {
 
   private async runningHere(vm: string): Promise<boolean> {
     return (await this.conn.exists(vm)) && (await this.conn.state(vm)) === 'running';
+  }
+
+  /** The running domain's XML (migratable, as a restore defines it) when its devices differ from the record's. */
+  private async changedDomainXml(vm: string, record: VmRecord): Promise<string | undefined> {
+    const live = await this.conn.xml(vm, { migratable: true }).catch(() => undefined);
+    if (!live || deviceSignature(live) === deviceSignature(record.xml)) return undefined;
+    return setIncomingDefer(live, false);
   }
 
   /** The VM runs here: running, or paused by this agent's own checkpoint (a standby is paused too, and does not run). */

@@ -17,6 +17,7 @@ export async function keepStandby(slot: VmSlot, host: BackupHost): Promise<void>
   await current?.discard();
   const standby = prepareStandby(slot.record!, host.conn, slot.log);
   slot.standby = standby;
+  slot.standbyXml = slot.record!.xml;
   standby.then(
     () => slot.log.info('warm standby ready (domain paused, waiting for a checkpoint stream)'),
     (error: Error) => {

@@ -67,6 +67,8 @@ export interface VmSnapshot {
     failed?: string | undefined;
     /** the user stopped the local copy (QEMU reported a shutdown it was asked for) */
     stoppedByUser?: string | undefined;
+    /** primary: the running domain's devices differ from the record's XML (hot-plug, unplug) */
+    devicesChanged?: boolean;
     /** a take-over resumed the VM here but the record does not say so yet */
     unfinishedMove?: boolean;
     /** take-overs that failed before the resume, in a row (a refused checkpoint, a libvirt error) */
@@ -74,7 +76,8 @@ export interface VmSnapshot {
   };
   /** a restore staged on this host (paused, RAM loading) */
   staged: { epoch: number } | undefined;
-  standby: 'none' | 'present';
+  /** a warm standby: `stale` when it was defined from an older domain XML than the record's */
+  standby: 'none' | 'present' | 'stale';
   /** newest committed checkpoint here that is not known to be corrupt */
   newestEpoch: number | undefined;
   /** primary only: consecutive failed checkpoints */
@@ -99,6 +102,8 @@ export type Action =
   | (Base & { do: 'stage' })
   | (Base & { do: 'abort-staged' })
   | (Base & { do: 'take-over'; kind: 'failover' | 'switchover' })
+  /** devices changed on the running VM: the record's domain XML follows (the backup rebuilds its standby) */
+  | (Base & { do: 'update-xml' })
   /** the VM resumed here after a take-over: write the move into the record (retried until it holds) */
   | (Base & { do: 'finish-move' })
   /** write the user's stop into the record (before the key is given up) */
@@ -130,7 +135,7 @@ export function decide(s: VmSnapshot): Action {
     if (s.local.primaryActive) return act('stop-primary', 'unprotected', `not a host of this VM any more (${why}): stop checkpointing, leave the domain as it is`);
     if (s.owner === self) return act('release', 'unprotected', `not a host of this VM any more (${why})`);
     if (s.staged) return act('abort-staged', 'unprotected', `not a host of this VM any more (${why})`);
-    if (s.standby === 'present') return act('drop-standby', 'unprotected', `not a host of this VM any more (${why})`);
+    if (s.standby !== 'none') return act('drop-standby', 'unprotected', `not a host of this VM any more (${why})`);
     return act('none', 'unprotected', `not a host of this VM (${why})`);
   }
   const other = r.primary === self ? r.backup : r.primary;
@@ -147,7 +152,7 @@ export function decide(s: VmSnapshot): Action {
   if (r.stopped) {
     const why = `stopped by the user (${r.stopped.reason}, seen on ${r.stopped.by})`;
     if (s.staged) return act('abort-staged', 'stopped', `${why}: no take-over`);
-    if (s.standby === 'present') return act('drop-standby', 'stopped', `${why}: no standby`);
+    if (s.standby !== 'none') return act('drop-standby', 'stopped', `${why}: no standby`);
     if (running && r.primary === self && s.owner === self) return act('resume-protection', 'unprotected', 'started again on its primary after the user stopped it');
     if (running && r.primary === self && s.owner === undefined && s.leaseHeld) return act('claim', 'unprotected', 'started again on its primary after the user stopped it');
     if (s.local.primaryActive && !running) return act('stop-primary', 'stopped', why);
@@ -158,7 +163,7 @@ export function decide(s: VmSnapshot): Action {
 
   if (s.owner === self) {
     if (s.staged) return act('abort-staged', 'waiting', 'this host holds the key outside a take-over: a staged restore is stale');
-    if (s.standby === 'present') return act('drop-standby', 'waiting', 'this host owns the VM: no standby here');
+    if (s.standby !== 'none') return act('drop-standby', 'waiting', 'this host owns the VM: no standby here');
     if (s.local.running === undefined) return act('wait', 'waiting', 'libvirt cannot be asked whether the VM runs here', { recheckMs: 1_000 });
     if (running && s.local.unfinishedMove) return act('finish-move', 'degraded', 'the VM resumed here: the record must say so before checkpoints start');
     if (!running) {
@@ -167,6 +172,7 @@ export function decide(s: VmSnapshot): Action {
     }
     if (!s.local.primaryActive) return act('run-primary', primaryPhase(s, r), 'this host owns the VM and runs it');
     if (r.suspended?.by === self) return act('resume-protection', 'protected', 'the agent is back: protection resumes');
+    if (s.local.devicesChanged) return act('update-xml', primaryPhase(s, r), 'devices changed on the running VM: the record takes its domain XML, the backup rebuilds its standby');
     return act('none', primaryPhase(s, r), primaryReason(s, r));
   }
 
@@ -186,10 +192,11 @@ export function decide(s: VmSnapshot): Action {
       return act('stage', 'staging', `${s.owner} is silent: load checkpoint ${s.newestEpoch} while its lease runs out`);
     }
     if (r.backup === self && protectedNow(r)) {
+      if (s.standby === 'stale') return act('drop-standby', 'protected', `the record's domain XML changed (a device added or removed on ${s.owner}): rebuild the standby`);
       if (s.standby === 'none') return act('keep-standby', 'protected', `backup of ${s.owner}: keep a warm standby`);
       return act('none', 'protected', `backup of ${s.owner}, warm standby ready`);
     }
-    if (s.standby === 'present') return act('drop-standby', 'unprotected', 'not protected: no standby');
+    if (s.standby !== 'none') return act('drop-standby', 'unprotected', 'not protected: no standby');
     return act('none', r.backup === self ? 'unprotected' : 'waiting', r.backup === self ? 'not protected (no checkpoints to this host)' : `${s.owner} runs the VM`);
   }
 

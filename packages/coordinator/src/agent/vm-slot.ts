@@ -14,6 +14,10 @@ export interface VmSlot {
   staged: StagedRestore | undefined;
   /** Backup only: the VM's domain started paused, waiting for a checkpoint stream (warm standby). */
   standby: Promise<PreparedRestore> | undefined;
+  /** Primary: the running domain's XML when its devices no longer match the record's. */
+  changedXml: string | undefined;
+  /** The record's domain XML the standby was defined from. */
+  standbyXml: string | undefined;
   /** This host stopped its copy (failure, lease trouble): it never restarts it by itself. */
   fenced: boolean;
   /** The local copy failed (set by PrimaryVm), until it is fenced. */
@@ -49,6 +53,8 @@ export function newSlot(name: string, record: VmRecord | undefined, log: Log): V
     primary: undefined,
     staged: undefined,
     standby: undefined,
+    standbyXml: undefined,
+    changedXml: undefined,
     fenced: false,
     failed: undefined,
     stoppedByUser: undefined,

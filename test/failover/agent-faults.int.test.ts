@@ -1,0 +1,237 @@
+/**
+ * What the agents do when parts of a host misbehave, on real processes: libvirtd restarting under
+ * a checkpointing primary, a backup that refuses every checkpoint, a corrupt newest checkpoint, a
+ * device hot-plugged on the primary, a checkpoint QEMU refuses to load, and a new primary that
+ * must not checkpoint into its own store.
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { watchCopies } from '../support/copies-watch.js';
+import { readRecord, updateRecord } from '../support/failover-runs.js';
+import {
+  agentLog,
+  agentLogEntries,
+  controlClient,
+  other,
+  probeOn,
+  qemuPidOf,
+  startCluster,
+  stopCluster,
+  tail,
+  virsh,
+  vmStatus,
+  waitProtectedOn,
+  type AgentHost,
+  type Cluster,
+} from '../support/ft-cluster.js';
+import { patchedQemu } from '../support/patched-qemu.js';
+import { waitForProbe } from '../support/probe-client.js';
+import { restartLibvirtd } from '../lab/libvirtd.js';
+import { hostInfo } from '../lab/lab.js';
+import { sleep } from '../lab/wait.js';
+
+let cluster: Cluster | undefined;
+const hosts = { primary: probeOn('primary'), backup: probeOn('backup') };
+
+async function until<T>(what: string, probe: () => Promise<T | undefined>, timeoutMs = 60_000, everyMs = 100): Promise<T> {
+  const deadline = performance.now() + timeoutMs;
+  for (;;) {
+    const value = await probe().catch(() => undefined);
+    if (value !== undefined) return value;
+    if (performance.now() > deadline) throw new Error(`${what} within ${timeoutMs} ms\n--- primary agent\n${tail(agentLog('primary'))}\n--- backup agent\n${tail(agentLog('backup'))}`);
+    await sleep(everyMs);
+  }
+}
+
+const storeDir = (host: AgentHost, vm: string) => path.join(hostInfo(host).libvirtLibDir, 'ftvm', 'checkpoints', vm);
+const epochsIn = (host: AgentHost, vm: string) =>
+  fs.existsSync(storeDir(host, vm)) && fs.statSync(storeDir(host, vm)).isDirectory()
+    ? fs
+        .readdirSync(storeDir(host, vm))
+        .filter((n) => /^\d+\.json$/.test(n))
+        .map((n) => Number(n.slice(0, -5)))
+        .sort((a, b) => a - b)
+    : [];
+
+/** Kills the primary's QEMU, waits for the backup to resume the VM, checks one copy, reprotects. */
+async function killQemuAndFailOver(): Promise<{ epoch: number; to: AgentHost }> {
+  const { vm } = cluster!;
+  const from = cluster!.primary;
+  const to = other(from);
+  const before = (await readRecord(vm)).lastMove?.at;
+  const watch = watchCopies(hosts);
+  const pid = await qemuPidOf(from, vm);
+  expect(pid).toBeDefined();
+  process.kill(pid!, 'SIGKILL');
+  const record = await until(`${to} takes ${vm} over`, async () => {
+    const r = await readRecord(vm);
+    return r.lastMove && r.lastMove.at !== before && r.lastMove.to === to ? r : undefined;
+  });
+  await waitForProbe(probeOn(to), 30_000);
+  expect((await watch.stop()).doubles).toEqual([]);
+  cluster!.primary = to;
+  return { epoch: record.lastMove!.epoch, to };
+}
+
+async function reprotect(): Promise<void> {
+  const { vm } = cluster!;
+  const at = Date.now();
+  await controlClient(cluster!.primary).reprotect(cluster!.vm, other(cluster!.primary), () => undefined);
+  await waitProtectedOn(cluster!.primary, vm, { committedAfter: at });
+}
+
+describe('agent faults in the lab', () => {
+  beforeAll(async () => {
+    cluster = await startCluster({ emulator: patchedQemu(), workloadMiBps: 2, checkpointIntervalMs: 500 });
+  }, 240_000);
+  afterAll(async () => {
+    await stopCluster(cluster);
+  }, 60_000);
+
+  it('libvirtd restarting under the primary: checkpoints go on, no failover', async () => {
+    const { vm } = cluster!;
+    const from = cluster!.primary;
+    await waitProtectedOn(from, vm, { committedAfter: Date.now() });
+    const moveBefore = (await readRecord(vm)).lastMove?.at;
+    const watch = watchCopies(hosts);
+    await restartLibvirtd(from);
+    const after = Date.now();
+    const status = await waitProtectedOn(from, vm, { committedAfter: after });
+    expect(status.domainState).toBe('running');
+    // the agent's libvirt connection is back: a later look says running, not absent
+    await sleep(1_500);
+    expect((await vmStatus(from, vm))?.domainState).toBe('running');
+    const report = await watch.stop();
+    expect(report.doubles).toEqual([]);
+    expect(report.answeredFrom).toEqual([from]);
+    expect((await readRecord(vm)).lastMove?.at).toBe(moveBefore);
+  }, 120_000);
+
+  it('a backup that refuses every checkpoint makes the primary say degraded, and why', async () => {
+    const { vm } = cluster!;
+    const from = cluster!.primary;
+    const to = other(from);
+    await waitProtectedOn(from, vm, { committedAfter: Date.now() });
+    const dir = storeDir(to, vm);
+    const aside = `${dir}.aside-${process.pid}`;
+    fs.renameSync(dir, aside);
+    fs.writeFileSync(dir, 'not a directory\n'); // every commit on the backup fails now
+    try {
+      const degraded = await until(`${from} says degraded`, async () => {
+        const s = await vmStatus(from, vm);
+        return s?.phase === 'degraded' ? s : undefined;
+      });
+      expect(degraded.reason).toMatch(/checkpoints to .* failed/);
+    } finally {
+      fs.rmSync(dir, { force: true });
+      fs.renameSync(aside, dir);
+    }
+    await waitProtectedOn(from, vm, { committedAfter: Date.now() });
+  }, 120_000);
+
+  it('a corrupt newest checkpoint is skipped at failover, not taken for newer', async () => {
+    const { vm } = cluster!;
+    const from = cluster!.primary;
+    const to = other(from);
+    await waitProtectedOn(from, vm, { committedAfter: Date.now() });
+    // freeze the primary's QEMU: no checkpoint after this; its agent fences it once QMP stops answering
+    const pid = (await qemuPidOf(from, vm))!;
+    const before = (await readRecord(vm)).lastMove?.at;
+    process.kill(pid, 'SIGSTOP');
+    await sleep(150);
+    const newest = epochsIn(to, vm).at(-1)!;
+    const data = path.join(storeDir(to, vm), `${newest}.ckpt`);
+    const fd = fs.openSync(data, 'r+');
+    const byte = Buffer.alloc(1);
+    fs.readSync(fd, byte, 0, 1, 4096);
+    byte[0] = byte[0]! ^ 0xff;
+    fs.writeSync(fd, byte, 0, 1, 4096);
+    fs.closeSync(fd);
+    const record = await until(`${to} takes ${vm} over`, async () => {
+      const r = await readRecord(vm);
+      return r.lastMove && r.lastMove.at !== before && r.lastMove.to === to ? r : undefined;
+    });
+    try {
+      process.kill(pid, 'SIGCONT');
+    } catch {
+      // fenced already
+    }
+    expect(record.lastMove!.epoch).toBeLessThan(newest);
+    expect(agentLogEntries(to, 'restaging').filter((e) => String(e['time']) > new Date(Date.now() - 60_000).toISOString())).toEqual([]);
+    expect(agentLogEntries(to, 'skipping a checkpoint that does not verify').length).toBeGreaterThan(0);
+    await waitForProbe(probeOn(to), 30_000);
+    cluster!.primary = to;
+    // the new primary does not checkpoint into its own store before it has a backup again
+    const ownBefore = epochsIn(to, vm).at(-1) ?? 0;
+    await sleep(2_000);
+    expect(epochsIn(to, vm).filter((e) => e > ownBefore)).toEqual([]);
+    const status = await vmStatus(to, vm);
+    expect(status?.phase).toBe('unprotected');
+    expect(status?.lastCheckpoint).toBeUndefined();
+    await reprotect();
+  }, 180_000);
+
+  it('a device hot-plugged on the primary reaches the standby; the VM still fails over', async () => {
+    const { vm } = cluster!;
+    const from = cluster!.primary;
+    const to = other(from);
+    await waitProtectedOn(from, vm, { committedAfter: Date.now() });
+    const xmlBefore = (await readRecord(vm)).xml!;
+    const nic = path.join(os.tmpdir(), `ftvm-nic-${process.pid}.xml`);
+    fs.writeFileSync(nic, "<interface type='user'><mac address='52:54:00:f7:00:42'/><model type='virtio'/></interface>\n");
+    await virsh(from, 'attach-device', vm, nic, '--live');
+    const record = await until('the record takes the new device', async () => {
+      const r = await readRecord(vm);
+      return r.xml && r.xml !== xmlBefore && r.xml.includes('52:54:00:f7:00:42') ? r : undefined;
+    });
+    expect(record.reason).toBe('devices changed');
+    // the backup rebuilt its standby from the new XML
+    await until(`${to} rebuilds its standby`, async () => {
+      const s = await vmStatus(to, vm);
+      const xml = s?.domainState === 'paused' ? await virsh(to, 'dumpxml', vm) : '';
+      return xml.includes('52:54:00:f7:00:42') ? true : undefined;
+    });
+    await waitProtectedOn(from, vm, { committedAfter: Date.now() });
+    const { to: now } = await killQemuAndFailOver();
+    expect(await virsh(now, 'dumpxml', vm)).toContain('52:54:00:f7:00:42');
+    await reprotect();
+  }, 240_000);
+
+  it('a checkpoint QEMU refuses to load is an error the backup acts on, then a fixed domain fails over', async () => {
+    const { vm } = cluster!;
+    const from = cluster!.primary;
+    const to = other(from);
+    await waitProtectedOn(from, vm, { committedAfter: Date.now() });
+    const good = (await readRecord(vm)).xml!;
+    const machine = /machine='(pc-i440fx-[\d.]+)'/.exec(good)?.[1];
+    expect(machine).toBeDefined();
+    // an operator's mistake: the record now names another machine type than the running VM's
+    await updateRecord(vm, { xml: good.replace(`machine='${machine}'`, "machine='pc-i440fx-6.2'") });
+    await until(`${to} rebuilds its standby on the new XML`, async () => {
+      const xml = await virsh(to, 'dumpxml', vm).catch(() => '');
+      return xml.includes("machine='pc-i440fx-6.2'") ? true : undefined;
+    });
+    const agentPid = cluster!.agentPids[to];
+    const pid = (await qemuPidOf(from, vm))!;
+    process.kill(pid, 'SIGKILL');
+    const standing = await until(`${to} stands down and says why`, async () => {
+      const s = await vmStatus(to, vm);
+      return s?.reason.includes('standing down') ? s : undefined;
+    }, 120_000);
+    expect(standing.reason).toMatch(/Machine type received is/);
+    expect(standing.phase).toBe('waiting');
+    expect(() => process.kill(agentPid, 0)).not.toThrow(); // the agent did not crash
+    // the operator puts the right XML back: the take-over goes through
+    await updateRecord(vm, { xml: good });
+    const record = await until(`${to} takes ${vm} over`, async () => {
+      const r = await readRecord(vm);
+      return r.lastMove?.to === to && r.primary === to ? r : undefined;
+    }, 120_000);
+    expect(record.lastMove!.kind).toBe('failover');
+    await waitForProbe(probeOn(to), 30_000);
+    cluster!.primary = to;
+    await reprotect();
+  }, 300_000);
+});
