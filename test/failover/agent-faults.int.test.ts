@@ -10,13 +10,17 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { watchCopies } from '../support/copies-watch.js';
 import { readRecord, updateRecord } from '../support/failover-runs.js';
+import { installHook, uninstallHook } from '@ftvm/libvirt';
 import {
+  HOOK_SOCKET_NAME,
   agentLog,
   agentLogEntries,
   controlClient,
   other,
   probeOn,
+  probeVmXml,
   qemuPidOf,
+  removeVm,
   startCluster,
   stopCluster,
   tail,
@@ -205,10 +209,10 @@ describe('agent faults in the lab', () => {
     const to = other(from);
     await waitProtectedOn(from, vm, { committedAfter: Date.now() });
     const good = (await readRecord(vm)).xml!;
-    const machine = /machine='(pc-i440fx-[\d.]+)'/.exec(good)?.[1];
-    expect(machine).toBeDefined();
+    const machine = /machine=(['"])([^'"]+)\1/.exec(good);
+    expect(machine?.[2]).toMatch(/^pc/);
     // an operator's mistake: the record now names another machine type than the running VM's
-    await updateRecord(vm, { xml: good.replace(`machine='${machine}'`, "machine='pc-i440fx-6.2'") });
+    await updateRecord(vm, { xml: good.replace(machine![0], "machine='pc-i440fx-6.2'") });
     await until(`${to} rebuilds its standby on the new XML`, async () => {
       const xml = await virsh(to, 'dumpxml', vm).catch(() => '');
       return xml.includes("machine='pc-i440fx-6.2'") ? true : undefined;
@@ -234,4 +238,52 @@ describe('agent faults in the lab', () => {
     cluster!.primary = to;
     await reprotect();
   }, 300_000);
+
+  it('the libvirt hook has the agent protect a started ftvm domain, and its stop stays a stop', async () => {
+    const from = cluster!.primary;
+    const to = other(from);
+    const hooksDir = path.join(hostInfo(from).libvirtEtcDir, 'hooks');
+    installHook({ hooksDir, endpoint: `unix:/run/ftvm/${HOOK_SOCKET_NAME}` });
+    await reloadLibvirtdHooks(from);
+    const { name, xml } = await probeVmXml({ vm: 'ft-hooked', probePort: 5557, memoryMiB: 128, peer: to });
+    try {
+      await removeVm(name);
+      const file = path.join(os.tmpdir(), `${name}-${process.pid}.xml`);
+      fs.writeFileSync(file, xml);
+      await virsh(from, 'define', file);
+      await virsh(from, 'start', name); // nothing else: the hook tells the agent
+      const record = await until(`the agent on ${from} protects ${name}`, async () => {
+        const r = await readRecord(name);
+        return r.protected && r.primary === from && r.backup === to ? r : undefined;
+      }, 120_000);
+      expect(record.reason).toBe('protect');
+      await waitProtectedOn(from, name, { committedAfter: 0, timeoutMs: 60_000 });
+      await virsh(from, 'destroy', name);
+      const stopped = await until(`${name} is recorded as stopped`, async () => {
+        const r = await readRecord(name);
+        return r.stopped ? r : undefined;
+      });
+      expect(stopped.stopped!.reason).toBe('host-signal');
+      await sleep(3_000);
+      expect((await virsh(to, 'domstate', name).catch(() => 'absent')).trim()).not.toBe('running');
+    } finally {
+      uninstallHook({ hooksDir });
+      await reloadLibvirtdHooks(from).catch(() => undefined);
+      await removeVm(name);
+    }
+  }, 240_000);
 });
+
+/** SIGHUP the host's libvirtd and wait until its reload has rescanned the hooks (a `daemon` hook marks it). */
+async function reloadLibvirtdHooks(host: AgentHost): Promise<void> {
+  const info = hostInfo(host);
+  const hooksDir = path.join(info.libvirtEtcDir, 'hooks');
+  const mark = path.join(os.tmpdir(), `ftvm-reload-${process.pid}`);
+  fs.rmSync(mark, { force: true });
+  fs.mkdirSync(hooksDir, { recursive: true });
+  fs.writeFileSync(path.join(hooksDir, 'daemon'), `#!/bin/sh\n[ "$2" = reload ] && echo "$@" > ${mark}\nexit 0\n`, { mode: 0o755 });
+  process.kill(Number(fs.readFileSync(path.join(info.runDir, 'libvirtd.pid'), 'utf8').trim()), 'SIGHUP');
+  await until('libvirtd reloads its hooks', async () => (fs.existsSync(mark) ? true : undefined), 10_000, 20);
+  fs.rmSync(path.join(hooksDir, 'daemon'), { force: true });
+  fs.rmSync(mark, { force: true });
+}

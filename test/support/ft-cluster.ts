@@ -33,6 +33,8 @@ const PROBE_PORT = 5555;
  */
 export const ETCD_PREFIX = '/ftvm-test';
 const SOCKET_NAME = 'test-agent.sock';
+/** Where the test agents hear the libvirt hook (inside each host's /run). */
+export const HOOK_SOCKET_NAME = 'test-hook.sock';
 
 export interface ClusterOptions {
   vm?: string;
@@ -67,7 +69,7 @@ export function writeAgentConfig(host: AgentHost): string {
     ssh: { privateKey: labSshKey(), knownHosts: labKnownHosts(), connectTimeoutMs: 500 },
     etcd: { endpoints: [labEtcdEndpoint()], prefix: ETCD_PREFIX, leaseTtlSeconds: 1, keepaliveIntervalMs: 100, requestTimeoutMs: 400 },
     heartbeat: { port: 7420, intervalMs: 50, timeoutMs: 300 },
-    control: { socket: `/run/ftvm/${SOCKET_NAME}`, metrics: { address: hostInfo(host).ip, port: 9470 } },
+    control: { socket: `/run/ftvm/${SOCKET_NAME}`, hookSocket: `/run/ftvm/${HOOK_SOCKET_NAME}`, metrics: { address: hostInfo(host).ip, port: 9470 } },
     storeDir: '/var/lib/libvirt/ftvm/checkpoints',
     runDir: '/run/ftvm',
     log: { level: 'info', file: agentLog(host) },

@@ -71,7 +71,7 @@ export class Agent implements AgentControl {
       heartbeat,
       conn,
       metrics,
-      stage: (slot) => stage(slot, this.backupHost),
+      stage: (slot, kind) => stage(slot, this.backupHost, kind),
       newestEpoch: (slot) => newestEpoch(slot, this.backupHost),
       runningHere: (vm) => this.runningHere(vm),
       finishMove: (slot) => this.finishMove(slot),

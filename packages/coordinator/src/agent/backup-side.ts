@@ -1,5 +1,5 @@
 import path from 'node:path';
-import type { LibvirtConnection } from '@ftvm/libvirt';
+import { readProtection, type LibvirtConnection } from '@ftvm/libvirt';
 import { CheckpointStore } from '@ftvm/transport';
 import { NoCheckpointError, StagedRestore, prepareStandby } from './staged-restore.js';
 import type { VmSlot } from './vm-slot.js';
@@ -41,8 +41,14 @@ export async function newestEpoch(slot: VmSlot, host: BackupHost): Promise<numbe
   return epochs.filter((e) => !slot.badEpochs.has(e)).at(-1);
 }
 
+/** Whether the VM's clock policy (its domain metadata) compensates the outage of this move. */
+export function compensates(slot: VmSlot, kind: 'failover' | 'switchover'): boolean {
+  const policy = readProtection(slot.record!.xml)?.clock;
+  return policy ? policy.compensate.includes(kind === 'failover' ? 'failover' : 'migration') : true;
+}
+
 /** Starts loading the newest verified checkpoint into the standby (or a fresh domain). */
-export async function stage(slot: VmSlot, host: BackupHost): Promise<StagedRestore | undefined> {
+export async function stage(slot: VmSlot, host: BackupHost, kind: 'failover' | 'switchover' = 'failover'): Promise<StagedRestore | undefined> {
   const standby = slot.standby;
   slot.standby = undefined;
   try {
@@ -52,6 +58,7 @@ export async function stage(slot: VmSlot, host: BackupHost): Promise<StagedResto
       storeDir: host.storeDir,
       log: slot.log,
       standby,
+      correctClock: compensates(slot, kind),
       onCorrupt: (epoch) => slot.badEpochs.add(epoch),
     });
   } catch (error) {

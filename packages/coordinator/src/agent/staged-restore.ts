@@ -14,6 +14,8 @@ export interface StagedRestoreOptions {
   log: Log;
   /** A warm standby (domain already started paused, waiting for the stream); prepared here otherwise. */
   standby?: Promise<PreparedRestore> | undefined;
+  /** The VM's clock policy compensates this move (default): the clock sections are moved forward over the outage. */
+  correctClock?: boolean;
   /** A committed checkpoint that does not verify (skipped; the caller never takes it for newer). */
   onCorrupt?: (epoch: number) => void;
 }
@@ -144,16 +146,20 @@ export class StagedRestore {
         }
         const marginNs = await Promise.race([released, gone]);
         this.targetNs = clock() + marginNs;
-        this.deltaNs = this.targetNs - stopNs;
-        if (this.deltaNs <= 0n) throw new Error(`checkpoint ${metadata.epoch} stopped at ${stopNs}, after the resume target: host clocks disagree`);
-        advanceClockSections(split.deviceState, this.deltaNs);
+        if (options.correctClock === false) {
+          this.deltaNs = 0n; // the policy leaves this outage uncorrected: the guest resumes behind
+        } else {
+          this.deltaNs = this.targetNs - stopNs;
+          if (this.deltaNs <= 0n) throw new Error(`checkpoint ${metadata.epoch} stopped at ${stopNs}, after the resume target: host clocks disagree`);
+          advanceClockSections(split.deviceState, this.deltaNs);
+        }
         socket.end(split.encodeTail());
       },
       resume: async (qmp) => {
         const status = await qmp.execute<{ running: boolean }>('query-status');
         if (status.running) throw new Error('the restored VM was running before its scheduled resume');
         this.resume = await resumeOnTime(qmp, this.targetNs!, { clock });
-        this.lateFix = await giveBackLateness(qmp, this.resume.lateNs, options.log);
+        if (options.correctClock !== false) this.lateFix = await giveBackLateness(qmp, this.resume.lateNs, options.log);
         return this.resume.resumeNs;
       },
     }));

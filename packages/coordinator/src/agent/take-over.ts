@@ -4,6 +4,7 @@ import type { QmpClient } from '@ftvm/qmp';
 import type { AgentConfig } from '../config/agent-config.js';
 import type { HeartbeatService } from '../heartbeat/index.js';
 import type { HostLease } from '../lease/index.js';
+import { compensates } from './backup-side.js';
 import { mayResume } from './decide.js';
 import { fenceLocal, fenceRemote } from './fence.js';
 import { sshEndpointOf } from './ssh-pool.js';
@@ -19,7 +20,7 @@ export interface TakeOverContext {
   heartbeat: HeartbeatService;
   conn: LibvirtConnection;
   metrics: MetricsSink;
-  stage(slot: VmSlot): Promise<StagedRestore | undefined>;
+  stage(slot: VmSlot, kind: 'failover' | 'switchover'): Promise<StagedRestore | undefined>;
   newestEpoch(slot: VmSlot): Promise<number | undefined>;
   runningHere(vm: string): Promise<boolean>;
   finishMove(slot: VmSlot): Promise<void>;
@@ -41,7 +42,7 @@ export async function takeOver(ctx: TakeOverContext, slot: VmSlot, kind: 'failov
   const lastBeat = ctx.heartbeat.peer(from)?.lastBeatAt;
   const lastBeatAt = Math.max(lastBeat?.udp ?? 0, lastBeat?.ssh ?? 0);
   const started = performance.now();
-  let staged = slot.staged ?? (await ctx.stage(slot));
+  let staged = slot.staged ?? (await ctx.stage(slot, kind));
   slot.staged = undefined;
   if (!staged) return;
   if (!(await ctx.lease.claim(slot.name))) {
@@ -63,7 +64,7 @@ export async function takeOver(ctx: TakeOverContext, slot: VmSlot, kind: 'failov
       if (!gate.restage) throw new Error(gate.reason);
       slot.log.warn({ staged: staged.epoch, reason: gate.reason }, 'restaging');
       await staged.abort(gate.reason);
-      const again = await ctx.stage(slot);
+      const again = await ctx.stage(slot, kind);
       if (!again) throw new Error('no checkpoint to restage');
       staged = again;
       await staged.ready;
@@ -110,7 +111,8 @@ export async function takeOver(ctx: TakeOverContext, slot: VmSlot, kind: 'failov
   ctx.metrics.failover(slot.name, kind, lastBeatWall ? (resumeMs - lastBeatWall) / 1000 : (performance.now() - started) / 1000);
   const ledger = new DriftLedger(slot.name);
   const entry = ledger.recordPause(kind === 'failover' ? 'failover' : 'migration', done.stopNs, done.resume.resumeNs);
-  ledger.recordCorrection({ actuator: 'stream-rewrite', appliedNs: done.deltaNs }, entry);
+  if (compensates(slot, kind)) ledger.recordCorrection({ actuator: 'stream-rewrite', appliedNs: done.deltaNs }, entry);
+  else ledger.recordUncorrected('not-in-policy', entry, { detail: `the clock policy does not compensate ${kind === 'failover' ? 'failover' : 'migration'}` });
   if (done.lateFix) {
     // the correcting stop/cont: its pause and the lateness, both given back in place
     const fix = ledger.recordPause('failover', done.lateFix.resumeNs - done.lateFix.pauseNs, done.lateFix.resumeNs);
