@@ -19,7 +19,7 @@ import {
   startAgent,
   startCluster,
   stopCluster,
-  tail,
+  untilAgents,
   virsh,
   vmStatus,
   waitProtectedOn,
@@ -36,15 +36,7 @@ import { waitForProbe } from '../support/probe-client.js';
 let cluster: Cluster | undefined;
 const hosts = { primary: probeOn('primary'), backup: probeOn('backup') };
 
-async function until<T>(what: string, probe: () => Promise<T | undefined>, timeoutMs = 60_000, everyMs = 100): Promise<T> {
-  const deadline = performance.now() + timeoutMs;
-  for (;;) {
-    const value = await probe().catch(() => undefined);
-    if (value !== undefined) return value;
-    if (performance.now() > deadline) throw new Error(`${what} within ${timeoutMs} ms\n--- primary agent\n${tail(agentLog('primary'))}\n--- backup agent\n${tail(agentLog('backup'))}`);
-    await sleep(everyMs);
-  }
-}
+const until = untilAgents;
 
 const domState = (host: AgentHost, vm: string) => virsh(host, 'domstate', vm).then((s) => s.trim(), () => 'absent');
 

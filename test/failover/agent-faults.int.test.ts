@@ -23,7 +23,7 @@ import {
   removeVm,
   startCluster,
   stopCluster,
-  tail,
+  untilAgents,
   virsh,
   vmStatus,
   waitProtectedOn,
@@ -39,15 +39,7 @@ import { sleep } from '../lab/wait.js';
 let cluster: Cluster | undefined;
 const hosts = { primary: probeOn('primary'), backup: probeOn('backup') };
 
-async function until<T>(what: string, probe: () => Promise<T | undefined>, timeoutMs = 60_000, everyMs = 100): Promise<T> {
-  const deadline = performance.now() + timeoutMs;
-  for (;;) {
-    const value = await probe().catch(() => undefined);
-    if (value !== undefined) return value;
-    if (performance.now() > deadline) throw new Error(`${what} within ${timeoutMs} ms\n--- primary agent\n${tail(agentLog('primary'))}\n--- backup agent\n${tail(agentLog('backup'))}`);
-    await sleep(everyMs);
-  }
-}
+const until = untilAgents;
 
 const storeDir = (host: AgentHost, vm: string) => path.join(hostInfo(host).libvirtLibDir, 'ftvm', 'checkpoints', vm);
 const epochsIn = (host: AgentHost, vm: string) =>

@@ -222,6 +222,20 @@ export async function waitProtectedOn(host: AgentHost, vm: string, options: { ti
   }
 }
 
+/**
+ * Polls `probe` until it gives a value (errors count as "not yet"); past `timeoutMs` the error
+ * names what was awaited and ends with both agents' logs.
+ */
+export async function untilAgents<T>(what: string, probe: () => Promise<T | undefined>, timeoutMs = 60_000, everyMs = 100): Promise<T> {
+  const deadline = performance.now() + timeoutMs;
+  for (;;) {
+    const value = await probe().catch(() => undefined);
+    if (value !== undefined) return value;
+    if (performance.now() > deadline) throw new Error(`${what} within ${timeoutMs} ms\n--- primary agent\n${tail(agentLog('primary'))}\n--- backup agent\n${tail(agentLog('backup'))}`);
+    await sleep(everyMs);
+  }
+}
+
 /** Brings a killed host back: its daemons, then its agent. */
 export async function reviveHost(host: AgentHost, cluster: Cluster): Promise<void> {
   await restartHost(host);

@@ -82,7 +82,11 @@ export class Agent implements AgentControl {
   static async start(config: AgentConfig, options: { log: Log; metrics: MetricsSink }): Promise<Agent> {
     const { log, metrics } = options;
     const self = config.hosts[config.host]!;
-    const conn = await LibvirtConnection.connect(self.libvirtUri, { timeoutMs: 30_000 });
+    const conn = await LibvirtConnection.connect(self.libvirtUri, {
+      timeoutMs: 30_000,
+      onBroken: (e) => log.warn({ uri: e.uri, reason: e.reason, operation: e.operation }, 'libvirt connection broken: reopening'),
+      onReconnect: (e) => log.info({ uri: e.uri, attempts: e.attempts, ms: e.durationMs, reconnects: e.reconnects }, 'libvirt connection reopened'),
+    });
     const lease = await openLease(config, log);
     // The records ride on the lease's etcd connection; their writes wait on etcd's disk, so they
     // get a longer deadline than the lease's keepalives.

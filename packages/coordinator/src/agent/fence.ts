@@ -31,7 +31,8 @@ export async function fenceLocal(conn: LibvirtConnection | undefined, vm: string
     }
   }
   const atNs = BigInt(Date.now()) * 1_000_000n;
-  if (conn && !conn.broken) await conn.destroy(vm, { timeoutMs }).catch(() => undefined);
+  // the connection reopens itself after a libvirtd restart: the destroy goes through then too
+  if (conn) await conn.destroy(vm, { timeoutMs }).catch(() => undefined);
   return { killed, atNs };
 }
 

@@ -136,14 +136,11 @@ export class StagedRestore {
           else socket.once('close', fail);
         });
         gone.catch(() => undefined);
-        try {
-          const signal = AbortSignal.timeout(120_000);
-          for (const part of split.head) if (!socket.write(part)) await Promise.race([once(socket, 'drain', { signal }), gone]);
-          headSent();
-        } catch (error) {
-          headFailed(error as Error);
-          throw error;
-        }
+        // a failure here fails the load, and `ready` fails with the load's error (restoring, below):
+        // it carries QEMU's reason for refusing the stream, which this socket's error does not
+        const signal = AbortSignal.timeout(120_000);
+        for (const part of split.head) if (!socket.write(part)) await Promise.race([once(socket, 'drain', { signal }), gone]);
+        headSent();
         const marginNs = await Promise.race([released, gone]);
         this.targetNs = clock() + marginNs;
         if (options.correctClock === false) {
