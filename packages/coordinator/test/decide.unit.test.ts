@@ -86,6 +86,7 @@ const rows: [string, VmSnapshot, ActionKind, Phase][] = [
   ['backup: a copy runs here while the primary owns it', view(backupView, { local: { running: true } }), 'fence-local', 'fenced'],
   // ---- switchover and role confusion ----
   ['switchover: the record names this host primary, the old one released', view(backupView, { owner: undefined, record: { primary: 'b', backup: 'a', reason: 'switchover' }, peer: { name: 'a', alive: true, runsVm: false } }), 'take-over', 'switching-over'],
+  ['switchover: the new primary keeps its warm standby while the old one takes the last checkpoint', view(backupView, { record: { primary: 'b', backup: 'a', reason: 'switchover' } }), 'none', 'switching-over'],
   ['switchover: the old primary still runs it', view(backupView, { owner: undefined, record: { primary: 'b', backup: 'a', reason: 'switchover' } }), 'wait', 'waiting'],
   ['both hosts think they are backup: the record primary does not take it', view(primaryView, { owner: undefined, local: { running: false, primaryActive: false }, peer: { name: 'b', alive: true, runsVm: false } }), 'none', 'waiting'],
   ['both hosts think they are backup: the record backup takes it', view(backupView, { owner: undefined, peer: { name: 'a', alive: true, runsVm: false } }), 'take-over', 'failing-over'],

@@ -22,6 +22,8 @@ import { dropStandby, keepStandby, newestEpoch, stage, type BackupHost } from '.
 import { decide, type Action, type VmSnapshot } from './decide.js';
 import { fenceLocal } from './fence.js';
 import { keepLease } from './lease-keeper.js';
+import { handOver } from './handover.js';
+import { pollFor, withTimeout } from './poll.js';
 import { PrimaryVm } from './primary-vm.js';
 import { SshPool } from './ssh-pool.js';
 import type { Log, MetricsSink } from './types.js';
@@ -29,7 +31,6 @@ import { takeOver, type TakeOverContext } from './take-over.js';
 import { VmRecords, type VmRecord } from './vm-records.js';
 import { newSlot, type VmSlot } from './vm-slot.js';
 
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 const nsToMs = (ns: bigint) => Number(ns) / 1e6;
 /** Decisions executed in one cycle before it yields (each normally changes what the next sees). */
 const MAX_STEPS = 12;
@@ -185,7 +186,10 @@ export class Agent implements AgentControl {
     else await this.records.create({ name: vm, keep: 3, ...fields });
     progress({ step: 'record protection in etcd', state: 'done' });
     progress({ step: 'first checkpoint committed on the backup', state: 'start' });
-    const slot = await this.waitFor(vm, 30_000, (s) => s.primary?.lastCheckpoint !== undefined, 'a committed checkpoint');
+    const slot = await pollFor(`a committed checkpoint of '${vm}'`, 30_000, () => {
+      const s = this.slots.get(vm);
+      return s?.primary?.lastCheckpoint ? s : undefined;
+    });
     progress({ step: 'first checkpoint committed on the backup', state: 'done', detail: `epoch ${slot.primary!.lastCheckpoint!.epoch}` });
     return this.vmStatus(slot);
   }
@@ -206,35 +210,7 @@ export class Agent implements AgentControl {
     if (!record.protected) throw new ControlError(`VM '${vm}' is not protected (run reprotect first): its backup has no current checkpoint`, 409);
     const to = record.backup;
     if (!this.heartbeat.peer(to)?.alive) throw new ControlError(`backup ${to} is not answering heartbeats`, 503);
-    let result!: SwitchoverResult;
-    await this.enqueue(slot, async () => {
-      progress({ step: `hand ${vm} over to ${to} in etcd`, state: 'start' });
-      await this.records.update(vm, () => ({ primary: to, backup: this.config.host, reason: 'switchover' }));
-      progress({ step: `hand ${vm} over to ${to} in etcd`, state: 'done' });
-      progress({ step: 'last checkpoint (VM left stopped)', state: 'start' });
-      const primary = slot.primary!;
-      const final = await primary.finalCheckpoint().catch(async (error: Error) => {
-        await this.records.update(vm, () => ({ primary: this.config.host, backup: to, reason: 'switchover aborted' })).catch(() => undefined);
-        await primary.qmp.execute('cont').catch(() => undefined);
-        throw new ControlError(`switchover aborted, ${vm} keeps running here: ${error.message}`, 500);
-      });
-      progress({ step: 'last checkpoint (VM left stopped)', state: 'done', detail: `epoch ${final.epoch}, ${final.bytes} bytes` });
-      progress({ step: `stop ${vm} here and release it`, state: 'start' });
-      slot.primary = undefined;
-      await primary.stop();
-      await fenceLocal(this.conn, vm);
-      slot.running = false;
-      await this.lease.release(vm);
-      slot.owner = undefined;
-      slot.phase = 'switching-over';
-      progress({ step: `stop ${vm} here and release it`, state: 'done' });
-      progress({ step: `${to} resumes ${vm}`, state: 'start' });
-      const moved = await this.waitForRecord(vm, 60_000, (r) => r.lastMove?.kind === 'switchover' && r.lastMove.epoch === final.epoch);
-      const move = moved.lastMove!;
-      progress({ step: `${to} resumes ${vm}`, state: 'done' });
-      result = { vm, from: this.config.host, to, epoch: final.epoch, downtimeMs: Math.round(nsToMs(BigInt(move.resumeNs) - BigInt(move.stopNs)) * 10) / 10 };
-    });
-    this.cycleSoon(slot);
+    const result = await this.enqueue(slot, () => handOver({ self: this.config.host, records: this.records, lease: this.lease, conn: this.conn }, slot, to, progress)).finally(() => this.cycleSoon(slot));
     return result;
   }
 
@@ -251,7 +227,7 @@ export class Agent implements AgentControl {
     if (record.primary === this.config.host) {
       progress({ step: 'first checkpoint committed on the backup', state: 'start' });
       const since = Date.now();
-      await this.waitFor(vm, 60_000, (s) => (s.primary?.lastCheckpoint?.at ?? 0) > since, 'a committed checkpoint');
+      await pollFor(`a committed checkpoint of '${vm}'`, 60_000, () => ((this.slots.get(vm)?.primary?.lastCheckpoint?.at ?? 0) > since ? true : undefined));
       progress({ step: 'first checkpoint committed on the backup', state: 'done' });
     }
     return this.vmStatus(this.slot(vm));
@@ -295,11 +271,7 @@ export class Agent implements AgentControl {
       return;
     }
     void (async () => {
-      const deadline = performance.now() + 30_000;
-      while ((await this.conn.state(event.domain).catch(() => 'absent')) !== 'running') {
-        if (performance.now() > deadline) throw new Error(`domain ${event.domain} did not reach running within 30 s`);
-        await sleep(100);
-      }
+      await pollFor(`domain ${event.domain} running`, 30_000, async () => ((await this.conn.state(event.domain).catch(() => 'absent')) === 'running' ? true : undefined), 100);
       const request = { vm: event.domain, backup, ...(protection?.checkpointIntervalMs ? { checkpointIntervalMs: protection.checkpointIntervalMs } : {}) };
       await this.protect(request, (e) => log.debug({ step: e.step, state: e.state }, 'protect'));
       log.info({ backup }, 'libvirt hook: protected');
@@ -657,33 +629,8 @@ export class Agent implements AgentControl {
       clockResidualMs: slot.primary ? -nsToMs(slot.primary.ledger.predictedLagNs) : undefined,
     };
   }
-
-  private async waitFor(vm: string, timeoutMs: number, ready: (slot: VmSlot) => boolean, what: string): Promise<VmSlot> {
-    const deadline = performance.now() + timeoutMs;
-    for (;;) {
-      const slot = this.slots.get(vm);
-      if (slot && ready(slot)) return slot;
-      if (performance.now() > deadline) throw new ControlError(`no ${what} for '${vm}' within ${timeoutMs} ms`, 500);
-      await sleep(50);
-    }
-  }
-
-  private async waitForRecord(vm: string, timeoutMs: number, ready: (record: VmRecord) => boolean): Promise<VmRecord> {
-    const deadline = performance.now() + timeoutMs;
-    for (;;) {
-      const record = await this.records.get(vm).catch(() => undefined);
-      if (record && ready(record)) return record;
-      if (performance.now() > deadline) throw new ControlError(`'${vm}' was not resumed by its new host within ${timeoutMs} ms`, 500);
-      await sleep(50);
-    }
-  }
 }
 
-function withTimeout<T>(work: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const expired = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`${what} did not finish within ${ms} ms`)), ms)));
-  return Promise.race([work, expired]).finally(() => clearTimeout(timer));
-}
 
 async function openLease(config: AgentConfig, log: Log): Promise<HostLease> {
   return HostLease.open({

@@ -196,6 +196,9 @@ export function decide(s: VmSnapshot): Action {
       if (s.standby === 'none') return act('keep-standby', 'protected', `backup of ${s.owner}: keep a warm standby`);
       return act('none', 'protected', `backup of ${s.owner}, warm standby ready`);
     }
+    if (r.primary === self && r.reason === 'switchover' && s.owner === r.backup) {
+      return act('none', 'switching-over', `${s.owner} hands the VM over: waiting for its last checkpoint (the standby stays warm)`);
+    }
     if (s.standby !== 'none') return act('drop-standby', 'unprotected', 'not protected: no standby');
     return act('none', r.backup === self ? 'unprotected' : 'waiting', r.backup === self ? 'not protected (no checkpoints to this host)' : `${s.owner} runs the VM`);
   }
