@@ -31,7 +31,10 @@
 enum { CMD_TIME = 1, CMD_STEP = 2, CMD_SET = 3, CMD_WORKLOAD = 4 };
 enum { ST_OK = 0, ST_BAD_ARG = 1, ST_CLOCK_FAILED = 2 };
 
-#define WORKLOAD_BYTES (64u << 20)
+/* The workload cycles through at most this much memory, and at most a quarter of the guest's
+ * RAM: a small guest (128 MiB) holds its kernel and initramfs beside it, and OOM-kills the probe
+ * once a 64 MiB buffer is full. */
+#define WORKLOAD_MAX_BYTES (64ull << 20)
 #define PAGE 4096u
 #define MAX_MIBPS 4096u
 
@@ -84,7 +87,9 @@ static void *workload_main(void *arg) {
   struct sched_param idle = { 0 };
   pthread_setschedparam(pthread_self(), SCHED_IDLE, &idle);
   uint8_t *buf = NULL; /* mapped on first use, so an idle probe does not grow the guest's RAM image */
-  const uint64_t pages = WORKLOAD_BYTES / PAGE;
+  uint64_t bytes = (uint64_t)sysconf(_SC_PHYS_PAGES) * (uint64_t)sysconf(_SC_PAGESIZE) / 4;
+  if (bytes > WORKLOAD_MAX_BYTES || bytes < PAGE) bytes = WORKLOAD_MAX_BYTES;
+  const uint64_t pages = bytes / PAGE;
   uint64_t page = 0;
   uint32_t rate = 0;
   int64_t t0 = 0;
@@ -95,7 +100,7 @@ static void *workload_main(void *arg) {
     if (want != rate) { rate = want; t0 = now; done = 0; }
     if (rate == 0) { usleep(20000); continue; }
     if (!buf) {
-      buf = mmap(NULL, WORKLOAD_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      buf = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
       if (buf == MAP_FAILED) { perror("probe: workload mmap"); return NULL; }
     }
     uint64_t due = (uint64_t)((now - t0) / 1000) * rate * (1048576 / PAGE) / 1000000;
@@ -117,7 +122,7 @@ static int start_workload_thread(void) {
   pthread_t th;
   pthread_attr_t attr;
   pthread_attr_init(&attr);
-  pthread_attr_setstacksize(&attr, 256 << 10); /* mlockall() below would pin a default 8 MiB stack */
+  pthread_attr_setstacksize(&attr, 256 << 10); /* the workload needs little stack, and the guest may be small */
   int err = pthread_create(&th, &attr, workload_main, NULL);
   pthread_attr_destroy(&attr);
   if (err) { fprintf(stderr, "probe: pthread_create: %s\n", strerror(err)); return -1; }
@@ -241,11 +246,12 @@ int main(int argc, char **argv) {
 
   int fd = open_socket(port);
   if (fd < 0) return 1;
+  /* Keep the reply path free of page faults and ahead of everything else in the guest. MCL_CURRENT
+   * only, and before the workload thread exists: its buffer is meant to be dirtied page by page,
+   * and locked it would be populated whole at once. */
+  if (mlockall(MCL_CURRENT) < 0) perror("probe: mlockall");
   __atomic_store_n(&workload_mibps, (uint32_t)workload, __ATOMIC_RELAXED);
   if (start_workload_thread() < 0) return 1;
-  /* Keep the reply path free of page faults and ahead of everything else in the guest. MCL_CURRENT
-   * only: the workload buffer is meant to be dirtied page by page, not pinned up front. */
-  if (mlockall(MCL_CURRENT) < 0) perror("probe: mlockall");
   struct sched_param fifo = { .sched_priority = 50 };
   if (sched_setscheduler(0, SCHED_FIFO, &fifo) < 0) perror("probe: SCHED_FIFO");
   if (ready_file) {

@@ -4,7 +4,7 @@
  * stopped does not answer; two answers whose round trips overlap in time mean two guests ran at
  * the same instant.
  */
-import { clockOffset, hostRealtimeNs, type ProbeTarget } from './probe-client.js';
+import { clockOffset, hostRealtimeNs, realtimeAnchorNs, type ProbeTarget } from './probe-client.js';
 
 export interface CopyAnswer {
   host: string;
@@ -27,21 +27,23 @@ export interface CopiesReport {
   longestSilenceMs: number;
 }
 
-const realtimeNs = () => hostRealtimeNs();
 
 export function watchCopies(targets: Record<string, ProbeTarget>, options: { everyMs?: number } = {}): { stop(): Promise<CopiesReport> } {
   const everyMs = options.everyMs ?? 50;
   const report: CopiesReport = { rounds: 0, silentRounds: 0, doubles: [], answeredFrom: [], longestSilenceMs: 0 };
   let running = true;
   let lastAnswerAt = performance.now();
+  // one anchor for the whole watch: anchoring spins on Date.now() and can fail on a busy host
+  const anchor = realtimeAnchorNs();
+  const realtimeNs = () => hostRealtimeNs(anchor);
   const loop = (async () => {
     while (running) {
       const started = performance.now();
       const answers = (
         await Promise.all(
           Object.entries(targets).map(async ([host, target]): Promise<CopyAnswer | undefined> => {
-            const sentNs = realtimeNs();
             try {
+              const sentNs = realtimeNs();
               const o = await clockOffset(target, { samples: 1, timeoutMs: Math.max(10, everyMs - 10) });
               return { host, sentNs, answeredNs: realtimeNs(), bootId: o.bootId, counter: o.workloadCounter };
             } catch {

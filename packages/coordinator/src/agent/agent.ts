@@ -107,6 +107,7 @@ export class Agent implements AgentControl {
   }
 
   private async init(): Promise<void> {
+    this.metrics.leaseHealthy(this.lease.healthy);
     keepLease(this.lease, {
       log: this.log,
       metrics: this.metrics,
@@ -175,7 +176,8 @@ export class Agent implements AgentControl {
     if (!(await this.conn.exists(vm))) throw new ControlError(`no domain '${vm}' on ${this.config.host}`, 404);
     const state = await this.conn.state(vm);
     if (state !== 'running') throw new ControlError(`domain '${vm}' is ${state}: protect a running domain`, 409);
-    const xml = await this.conn.xml(vm, { inactive: true });
+    // the running configuration (what a restore must match), as libvirt hands it to a migration
+    const xml = setIncomingDefer(await this.conn.xml(vm, { migratable: true }), false);
     if (!readProtection(xml)) throw new ControlError(`domain '${vm}' is not FT-ready (no ftvm metadata and QMP socket): define it through makeFtReady and start it again`);
     progress({ step: `read domain ${vm} from libvirt`, state: 'done' });
     progress({ step: 'record protection in etcd', state: 'start' });
@@ -319,6 +321,7 @@ export class Agent implements AgentControl {
         if (!slot.primary) return; // the switchover got past stopping it here: the backup resumes it
       }
     }
+    if (!record?.protected || record.stopped) return; // nobody takes an unprotected VM over: nothing to suspend
     try {
       await this.records.update(slot.name, () => ({ protected: false, suspended: { by: this.config.host, at: new Date().toISOString() }, reason: 'agent-stop' }));
       slot.log.warn('agent stop: VM keeps running here, protection suspended until the agent is back');
@@ -383,6 +386,7 @@ export class Agent implements AgentControl {
   private async cycle(slot: VmSlot): Promise<void> {
     for (let step = 0; step < MAX_STEPS && !this.closed; step++) {
       const action = decide(await this.snapshot(slot));
+      this.metrics.role(slot.name, slot.primary ? 'primary' : slot.record?.backup === this.config.host ? 'backup' : 'none');
       slot.phase = action.phase;
       slot.reason = action.reason;
       this.logDecision(slot, action);
@@ -477,9 +481,14 @@ export class Agent implements AgentControl {
       }
       case 'take-over':
         return takeOver(this.takeOverContext, slot, action.kind);
-      case 'update-xml':
-        if (slot.changedXml) await this.records.update(slot.name, () => ({ xml: slot.changedXml!, reason: 'devices changed' }));
+      case 'update-xml': {
+        const xml = slot.changedXml;
+        if (!xml) return;
+        const [was, now] = [deviceSignature(slot.record!.xml).split(';'), deviceSignature(xml).split(';')];
+        slot.log.warn({ added: now.filter((d) => !was.includes(d)), removed: was.filter((d) => !now.includes(d)) }, 'devices changed');
+        await this.records.update(slot.name, () => ({ xml, reason: 'devices changed' }));
         return;
+      }
       case 'finish-move':
         return this.finishMove(slot);
       case 'record-stop':

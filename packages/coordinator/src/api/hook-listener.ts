@@ -3,6 +3,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { z } from 'zod';
 import type { Log } from '../agent/types.js';
+import { removeStaleSocket } from './server.js';
 
 /** What the libvirt hook sends (see @ftvm/libvirt's HookMessage), as the agent checks it. */
 export const hookMessageSchema = z.object({
@@ -40,8 +41,8 @@ export function parseHookLine(line: string): { event: HookEvent } | { error: str
  */
 export async function startHookListener(options: { socketPath: string; log: Log; onEvent: (event: HookEvent) => void }): Promise<{ close(): Promise<void> }> {
   const { socketPath, log } = options;
+  await removeStaleSocket(socketPath);
   fs.mkdirSync(path.dirname(socketPath), { recursive: true, mode: 0o755 });
-  fs.rmSync(socketPath, { force: true });
   const server = net.createServer((socket) => {
     let buffer = '';
     socket.setTimeout(READ_TIMEOUT_MS, () => socket.destroy());

@@ -245,7 +245,8 @@ function sendJson(res: http.ServerResponse, status: number, value: unknown): voi
  * A socket file left by an agent that died is removed; one that still accepts connections means
  * another agent is running, and anything that is not a socket is not ours to delete.
  */
-async function removeStaleSocket(socketPath: string): Promise<void> {
+/** Removes a socket a dead process left at `socketPath`; refuses a live one or a non-socket. */
+export async function removeStaleSocket(socketPath: string): Promise<void> {
   let stat: fs.Stats;
   try {
     stat = fs.lstatSync(socketPath);
