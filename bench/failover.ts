@@ -8,70 +8,194 @@
  *   freeze     its QEMU gets SIGSTOP
  * After each, the old host is brought back and `ftvm reprotect` makes it the new backup, so the
  * next fault hits the other host.
+ *
+ * multi_vm: four probe guests of 128 MiB (FTVM_FAILOVER_MULTI_MEMORY_MIB) with a 1 MiB/s workload,
+ * two with their primary on each host; FTVM_FAILOVER_MULTI_RUNS times (default 3) `primary` is
+ * killed: its two VMs fail over (failover time, offset, continuity, double-active per VM), the
+ * other two keep running and say they lost their backup; `primary` comes back, `ftvm reprotect`
+ * protects all four again, and a switchover sends the two home for the next kill.
+ *
+ * FTVM_FAILOVER_SECTIONS=single,multi (default both) picks what runs; a section left out keeps
+ * its figures from the existing bench/results/failover.json.
  */
 import fs from 'node:fs';
 import { labDown } from '../test/lab/lab.js';
 import { startCluster, stopCluster, type Cluster } from '../test/support/ft-cluster.js';
 import { runFault, type FaultKind, type FaultRun } from '../test/support/failover-runs.js';
+import { MULTI_VMS, runMultiKill, sendHome, startMultiCluster, stopMultiCluster, type MultiCluster, type MultiKillRun } from '../test/support/multi-vm.js';
 import { patchedQemu } from '../test/support/patched-qemu.js';
 import { describeEnvironment } from './environment.js';
 import { round, summarize } from './stats.js';
 
 const RUNS = Number(process.env.FTVM_FAILOVER_RUNS ?? 10);
 const KINDS = (process.env.FTVM_FAILOVER_KINDS ?? 'kill,partition,freeze').split(',') as FaultKind[];
+const MULTI_RUNS = Number(process.env.FTVM_FAILOVER_MULTI_RUNS ?? 3);
+// the issue's 128 MiB per VM (the probe's workload buffer takes at most a quarter of it)
+const MULTI_MEMORY_MIB = Number(process.env.FTVM_FAILOVER_MULTI_MEMORY_MIB ?? 128);
+const SECTIONS = (process.env.FTVM_FAILOVER_SECTIONS ?? 'single,multi').split(',').map((s) => s.trim());
+for (const section of SECTIONS) {
+  if (section !== 'single' && section !== 'multi') throw new Error(`FTVM_FAILOVER_SECTIONS: unknown section '${section}' (single, multi)`);
+}
+if (!Number.isInteger(MULTI_RUNS) || MULTI_RUNS < 1) throw new Error(`FTVM_FAILOVER_MULTI_RUNS must be a positive integer, got '${process.env.FTVM_FAILOVER_MULTI_RUNS}'`);
+if (!Number.isInteger(MULTI_MEMORY_MIB) || MULTI_MEMORY_MIB < 64) throw new Error(`FTVM_FAILOVER_MULTI_MEMORY_MIB must be an integer ≥ 64, got '${process.env.FTVM_FAILOVER_MULTI_MEMORY_MIB}'`);
+const resultFile = new URL('./results/failover.json', import.meta.url);
 
 const emulator = patchedQemu();
-let cluster: Cluster | undefined;
-const runs: FaultRun[] = [];
-const errors: string[] = [];
-try {
-  cluster = await startCluster({ emulator, workloadMiBps: 4, checkpointIntervalMs: 1000 });
-  for (const kind of KINDS) {
-    for (let i = 1; i <= RUNS; i++) {
+const previous: Record<string, unknown> = fs.existsSync(resultFile) ? JSON.parse(fs.readFileSync(resultFile, 'utf8')) : {};
+const single = SECTIONS.includes('single') ? await singleVmSection() : withoutMulti(previous);
+const multi = SECTIONS.includes('multi') ? await multiVmSection() : previous['multi_vm'];
+const result = { ...single, ...(multi !== undefined ? { multi_vm: multi } : {}) };
+fs.mkdirSync(new URL('./results/', import.meta.url), { recursive: true });
+fs.writeFileSync(resultFile, `${JSON.stringify(result, null, 2)}\n`);
+console.log(JSON.stringify({ ...result, runs: undefined, multi_vm: multi && { ...(multi as Record<string, unknown>), kills: undefined } }, null, 2));
+if (process.env.FTVM_BENCH_LAB_DOWN) await labDown();
+
+function withoutMulti(figures: Record<string, unknown>): Record<string, unknown> {
+  const { multi_vm: _multi, ...rest } = figures;
+  if (!('failover_s' in rest)) console.error(`no single-VM figures in ${resultFile.pathname}: run with FTVM_FAILOVER_SECTIONS=single to measure them`);
+  return rest;
+}
+
+/** The single protected VM: RUNS of each fault kind. */
+async function singleVmSection(): Promise<Record<string, unknown>> {
+  let cluster: Cluster | undefined;
+  const runs: FaultRun[] = [];
+  const errors: string[] = [];
+  try {
+    cluster = await startCluster({ emulator, workloadMiBps: 4, checkpointIntervalMs: 1000 });
+    for (const kind of KINDS) {
+      for (let i = 1; i <= RUNS; i++) {
+        try {
+          const run = await runFault(cluster, kind, (line) => console.error(line));
+          runs.push(run);
+          console.error(`${kind} ${i}/${RUNS}: failover ${run.failoverS} s, offset ${run.offsetMs} ms, continuity ${run.continuityOk}, old stopped first ${run.oldStoppedFirst}`);
+        } catch (error) {
+          errors.push(`${kind} ${i}: ${(error as Error).message}`);
+          console.error(`${kind} ${i}/${RUNS} FAILED: ${(error as Error).message}`);
+          break;
+        }
+      }
+    }
+  } finally {
+    await stopCluster(cluster).catch(() => undefined);
+  }
+
+  const kills = runs.filter((r) => r.kind === 'kill');
+  const failoverS = kills.map((r) => r.failoverS).filter((s): s is number => s !== undefined);
+  const offsets = kills.map((r) => Math.abs(r.offsetMs));
+  const byKind = (kind: FaultKind) => runs.filter((r) => r.kind === kind);
+  const result = {
+    ...describeEnvironment(),
+    emulator,
+    runs_per_kind: RUNS,
+    failover_s: { ...summarize(failoverS), note: "kill runs: backup's last heartbeat from the primary → QEMU RESUME on the backup" },
+    offset_ms: { max_abs: offsets.length ? round(Math.max(...offsets)) : null, p50_abs: summarize(offsets).p50, note: 'kill runs: guest−host offset after resume minus the one measured just before the kill' },
+    continuity_ok: kills.length === RUNS && kills.every((r) => r.continuityOk),
+    double_active: runs.filter((r) => r.doubleActive).length,
+    partition: {
+      runs: byKind('partition').length,
+      old_stopped_before_new_resumed: byKind('partition').filter((r) => r.oldStoppedFirst === true).length,
+      failover_s: summarize(byKind('partition').map((r) => r.failoverS ?? Number.NaN)),
+      offset_ms_max_abs: round(Math.max(0, ...byKind('partition').map((r) => Math.abs(r.offsetMs)))),
+    },
+    freeze: {
+      runs: byKind('freeze').length,
+      frozen_copy_never_ran_again: byKind('freeze').filter((r) => r.frozenNeverRanAgain === true).length,
+      old_stopped_before_new_resumed: byKind('freeze').filter((r) => r.oldStoppedFirst === true).length,
+      offset_ms_max_abs: round(Math.max(0, ...byKind('freeze').map((r) => Math.abs(r.offsetMs)))),
+    },
+    targets: { failover_s_p50: 2, offset_ms_max_abs: 5 },
+    errors,
+    runs,
+  };
+  return result;
+}
+
+/** Four VMs on the host pair: MULTI_RUNS kills of `primary`, each failing its two VMs over. */
+async function multiVmSection(): Promise<Record<string, unknown>> {
+  const memoryMiB = MULTI_MEMORY_MIB;
+  const workloadMiBps = 1;
+  const checkpointIntervalMs = 1000;
+  let mc: MultiCluster | undefined;
+  const kills: MultiKillRun[] = [];
+  const errors: string[] = [];
+  try {
+    mc = await startMultiCluster({ emulator, memoryMiB, workloadMiBps, checkpointIntervalMs });
+    for (let i = 1; i <= MULTI_RUNS; i++) {
       try {
-        const run = await runFault(cluster, kind, (line) => console.error(line));
-        runs.push(run);
-        console.error(`${kind} ${i}/${RUNS}: failover ${run.failoverS} s, offset ${run.offsetMs} ms, continuity ${run.continuityOk}, old stopped first ${run.oldStoppedFirst}`);
+        if (i > 1) await sendHome(mc);
+        const run = await runMultiKill(mc, 'primary', (line) => console.error(line));
+        kills.push(run);
+        const moved = run.failedOver.map((f) => `${f.vm} ${f.failoverS} s, offset ${f.offsetMs} ms, continuity ${f.continuityOk}`).join('; ');
+        const stayed = run.bystanders.map((b) => `${b.vm} kept running ${b.keptRunning} (longest silence ${b.longestSilenceMs} ms), said ${b.said.map((s) => s.phase).join('/')}`).join('; ');
+        console.error(`multi kill ${i}/${MULTI_RUNS}: ${moved}; ${stayed}; all protected again ${run.recoveredS} s after the kill`);
       } catch (error) {
-        errors.push(`${kind} ${i}: ${(error as Error).message}`);
-        console.error(`${kind} ${i}/${RUNS} FAILED: ${(error as Error).message}`);
+        errors.push(`multi kill ${i}: ${(error as Error).message}`);
+        console.error(`multi kill ${i}/${MULTI_RUNS} FAILED: ${(error as Error).message}`);
         break;
       }
     }
+  } catch (error) {
+    errors.push(`multi-VM cluster: ${(error as Error).message}`);
+    console.error(`multi-VM cluster FAILED: ${(error as Error).message}`);
+  } finally {
+    await stopMultiCluster(mc).catch(() => undefined);
   }
-} finally {
-  await stopCluster(cluster).catch(() => undefined);
-}
 
-const kills = runs.filter((r) => r.kind === 'kill');
-const failoverS = kills.map((r) => r.failoverS).filter((s): s is number => s !== undefined);
-const offsets = kills.map((r) => Math.abs(r.offsetMs));
-const byKind = (kind: FaultKind) => runs.filter((r) => r.kind === kind);
-const result = {
-  ...describeEnvironment(),
-  emulator,
-  runs_per_kind: RUNS,
-  failover_s: { ...summarize(failoverS), note: "kill runs: backup's last heartbeat from the primary → QEMU RESUME on the backup" },
-  offset_ms: { max_abs: offsets.length ? round(Math.max(...offsets)) : null, p50_abs: summarize(offsets).p50, note: 'kill runs: guest−host offset after resume minus the one measured just before the kill' },
-  continuity_ok: kills.length === RUNS && kills.every((r) => r.continuityOk),
-  double_active: runs.filter((r) => r.doubleActive).length,
-  partition: {
-    runs: byKind('partition').length,
-    old_stopped_before_new_resumed: byKind('partition').filter((r) => r.oldStoppedFirst === true).length,
-    failover_s: summarize(byKind('partition').map((r) => r.failoverS ?? Number.NaN)),
-    offset_ms_max_abs: round(Math.max(0, ...byKind('partition').map((r) => Math.abs(r.offsetMs)))),
-  },
-  freeze: {
-    runs: byKind('freeze').length,
-    frozen_copy_never_ran_again: byKind('freeze').filter((r) => r.frozenNeverRanAgain === true).length,
-    old_stopped_before_new_resumed: byKind('freeze').filter((r) => r.oldStoppedFirst === true).length,
-    offset_ms_max_abs: round(Math.max(0, ...byKind('freeze').map((r) => Math.abs(r.offsetMs)))),
-  },
-  targets: { failover_s_p50: 2, offset_ms_max_abs: 5 },
-  errors,
-  runs,
-};
-fs.mkdirSync(new URL('./results/', import.meta.url), { recursive: true });
-fs.writeFileSync(new URL('./results/failover.json', import.meta.url), `${JSON.stringify(result, null, 2)}\n`);
-console.log(JSON.stringify({ ...result, runs: undefined }, null, 2));
-if (process.env.FTVM_BENCH_LAB_DOWN) await labDown();
+  const moved = kills.flatMap((k) => k.failedOver);
+  const stayed = kills.flatMap((k) => k.bystanders);
+  const failoverS = moved.map((f) => f.failoverS).filter((s): s is number => s !== undefined);
+  const offsets = moved.map((f) => Math.abs(f.offsetMs));
+  const expectedMoves = MULTI_RUNS * MULTI_VMS.filter((v) => v.home === 'primary').length;
+  const perVm = Object.fromEntries(
+    MULTI_VMS.map((v) => {
+      const mine = moved.filter((f) => f.vm === v.name);
+      const kept = stayed.filter((b) => b.vm === v.name);
+      return [
+        v.name,
+        {
+          home: v.home,
+          failovers: mine.length,
+          ...(mine.length
+            ? {
+                failover_s: mine.map((f) => f.failoverS ?? null),
+                offset_ms: mine.map((f) => f.offsetMs),
+                continuity_ok: mine.every((f) => f.continuityOk),
+                double_active: mine.filter((f) => f.doubleActive).length,
+              }
+            : {}),
+          ...(kept.length
+            ? {
+                kept_running: kept.filter((b) => b.keptRunning).length,
+                longest_silence_ms: Math.max(...kept.map((b) => b.longestSilenceMs)),
+                said_without_backup: [...new Set(kept.flatMap((b) => b.said.filter((s) => s.phase !== 'protected').map((s) => `${s.phase}: ${s.reason}`)))],
+              }
+            : {}),
+        },
+      ];
+    }),
+  );
+  return {
+    measured_at: new Date().toISOString(),
+    vms: MULTI_VMS.length,
+    memory_mib: memoryMiB,
+    workload_mibps: workloadMiBps,
+    checkpoint_interval_ms: checkpointIntervalMs,
+    kills_of_primary: kills.length,
+    failover_s: { ...summarize(failoverS), note: "per failed-over VM: the backup's last heartbeat from the primary → that VM's QEMU RESUME on the backup" },
+    offset_ms: { max_abs: offsets.length ? round(Math.max(...offsets)) : null, p50_abs: summarize(offsets).p50, note: 'per failed-over VM: guest−host offset after resume minus the one measured just before the kill' },
+    continuity_ok: moved.length === expectedMoves && moved.every((f) => f.continuityOk),
+    double_active: moved.filter((f) => f.doubleActive).length,
+    bystanders: {
+      note: "the VMs already on the surviving host: kept running (same boot, counting, answering only there) and said they lost their backup",
+      samples: stayed.length,
+      kept_running: stayed.filter((b) => b.keptRunning).length,
+      said_degraded_or_unprotected: stayed.filter((b) => b.saidUnprotected).length,
+      longest_silence_ms_max: stayed.length ? Math.max(...stayed.map((b) => b.longestSilenceMs)) : null,
+    },
+    recovered_s: { ...summarize(kills.map((k) => k.recoveredS)), note: 'kill → revive, reprotect, all four protected again' },
+    per_vm: perVm,
+    errors,
+    kills,
+  };
+}
