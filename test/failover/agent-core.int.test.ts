@@ -9,13 +9,11 @@ import path from 'node:path';
 import { GuestAgentClient } from '@ftvm/qmp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { watchCopies } from '../support/copies-watch.js';
-import { readRecord } from '../support/failover-runs.js';
+import { killQemuAndFailOver, readRecord, reprotectToOther } from '../support/failover-runs.js';
 import {
   agentLog,
-  controlClient,
   other,
   probeOn,
-  qemuPidOf,
   startAgent,
   startCluster,
   stopCluster,
@@ -115,28 +113,12 @@ describe('agent core in the lab', () => {
   }, 240_000);
 
   it('a QEMU killed with SIGKILL still fails over', async () => {
-    const { vm } = cluster!;
-    const from = cluster!.primary;
-    const to = other(from);
-    await waitProtectedOn(from, vm, { committedAfter: Date.now() });
-    const before = (await readRecord(vm)).lastMove?.at;
-    const watch = watchCopies(hosts);
-    const pid = await qemuPidOf(from, vm);
-    expect(pid).toBeDefined();
-    process.kill(pid!, 'SIGKILL');
-    const record = await until(`${to} takes ${vm} over`, async () => {
-      const r = await readRecord(vm);
-      return r.lastMove && r.lastMove.at !== before && r.lastMove.to === to ? r : undefined;
-    });
+    await waitProtectedOn(cluster!.primary, cluster!.vm, { committedAfter: Date.now() });
+    const { record, doubles } = await killQemuAndFailOver(cluster!);
     expect(record.lastMove!.kind).toBe('failover');
     expect(record.stopped).toBeUndefined();
-    await waitForProbe(probeOn(to), 30_000);
-    const report = await watch.stop();
-    expect(report.doubles).toEqual([]);
-    cluster!.primary = to;
-    const at = Date.now();
-    await controlClient(to).reprotect(vm, from, () => undefined);
-    await waitProtectedOn(to, vm, { committedAfter: at });
+    expect(doubles).toBe(0);
+    await reprotectToOther(cluster!);
   }, 240_000);
 
   for (const sshdAnswers of [true, false]) {

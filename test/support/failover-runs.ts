@@ -18,11 +18,14 @@ import {
   qemuPidOf,
   reviveHost,
   tail,
+  untilAgents,
   vmStatus,
   waitProtectedOn,
   type AgentHost,
   type Cluster,
 } from './ft-cluster.js';
+import { watchCopies } from './copies-watch.js';
+import { waitForProbe } from './probe-client.js';
 
 export type FaultKind = 'kill' | 'partition' | 'freeze';
 
@@ -220,3 +223,35 @@ export async function runFault(cluster: Cluster, kind: FaultKind, log: (line: st
     ...(frozenNeverRanAgain !== undefined ? { frozenNeverRanAgain } : {}),
   };
 }
+
+/**
+ * SIGKILLs the QEMU of the VM where it runs, waits until the other host has resumed it (watching
+ * both hosts' probes for two copies meanwhile), and makes that host the cluster's primary. Throws
+ * when no QEMU runs there or the take-over does not come within 60 s.
+ */
+export async function killQemuAndFailOver(cluster: Cluster): Promise<{ record: Partial<VmRecord>; doubles: number }> {
+  const { vm } = cluster;
+  const from = cluster.primary;
+  const to = other(from);
+  const before = (await readRecord(vm)).lastMove?.at;
+  const watch = watchCopies({ primary: probeOn('primary'), backup: probeOn('backup') });
+  const pid = await qemuPidOf(from, vm);
+  if (!pid) throw new Error(`no QEMU of ${vm} on ${from}`);
+  process.kill(pid, 'SIGKILL');
+  const record = await untilAgents(`${to} takes ${vm} over`, async () => {
+    const r = await readRecord(vm);
+    return r.lastMove && r.lastMove.at !== before && r.lastMove.to === to ? r : undefined;
+  });
+  await waitForProbe(probeOn(to), 30_000);
+  const report = await watch.stop();
+  cluster.primary = to;
+  return { record, doubles: report.doubles.length };
+}
+
+/** `ftvm reprotect` with the other host as backup; returns once a checkpoint is committed there. */
+export async function reprotectToOther(cluster: Cluster): Promise<void> {
+  const at = Date.now();
+  await controlClient(cluster.primary).reprotect(cluster.vm, other(cluster.primary), () => undefined);
+  await waitProtectedOn(cluster.primary, cluster.vm, { committedAfter: at });
+}
+

@@ -486,16 +486,16 @@ export class Agent implements AgentControl {
         if (!xml) return;
         const [was, now] = [deviceSignature(slot.record!.xml).split(';'), deviceSignature(xml).split(';')];
         slot.log.warn({ added: now.filter((d) => !was.includes(d)), removed: was.filter((d) => !now.includes(d)) }, 'devices changed');
-        await this.records.update(slot.name, () => ({ xml, reason: 'devices changed' }));
+        slot.record = await this.records.update(slot.name, () => ({ xml, reason: 'devices changed' }));
         return;
       }
       case 'finish-move':
         return this.finishMove(slot);
       case 'record-stop':
-        await this.records.update(slot.name, () => ({ stopped: { by: self, reason: action.stopReason, at: new Date().toISOString() }, reason: `stopped: ${action.stopReason}` }));
+        slot.record = await this.records.update(slot.name, () => ({ stopped: { by: self, reason: action.stopReason, at: new Date().toISOString() }, reason: `stopped: ${action.stopReason}` }));
         return;
       case 'resume-protection':
-        await this.records.update(slot.name, (r) => ({ protected: true, stopped: undefined, suspended: undefined, reason: r.stopped ? 'started again' : 'agent back' }));
+        slot.record = await this.records.update(slot.name, (r) => ({ protected: true, stopped: undefined, suspended: undefined, reason: r.stopped ? 'started again' : 'agent back' }));
         slot.stoppedByUser = undefined;
         slot.failed = undefined;
         slot.fenced = false;
