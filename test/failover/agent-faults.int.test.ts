@@ -11,7 +11,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { watchCopies } from '../support/copies-watch.js';
 import { killQemuAndFailOver as killQemuAndFailOverOn, readRecord, reprotectToOther, updateRecord } from '../support/failover-runs.js';
 import { installHook, uninstallHook } from '@ftvm/libvirt';
+import { Etcd3 } from 'etcd3';
 import {
+  ETCD_PREFIX,
   HOOK_SOCKET_NAME,
   agentLogEntries,
   other,
@@ -31,7 +33,7 @@ import {
 import { patchedQemu } from '../support/patched-qemu.js';
 import { clockOffset, waitForProbe } from '../support/probe-client.js';
 import { restartLibvirtd } from '../lab/libvirtd.js';
-import { hostInfo } from '../lab/lab.js';
+import { hostInfo, labEtcdEndpoint } from '../lab/lab.js';
 import { sleep } from '../lab/wait.js';
 
 let cluster: Cluster | undefined;
@@ -208,6 +210,50 @@ describe('agent faults in the lab', () => {
     cluster!.primary = to;
     await reprotect();
   }, 300_000);
+
+  it('past the point of no return a failure is retried, never a kill of the resumed VM', async () => {
+    const { vm } = cluster!;
+    const from = cluster!.primary;
+    const to = other(from);
+    await waitProtectedOn(from, vm, { committedAfter: Date.now() });
+    const key = `${ETCD_PREFIX}/vms/${vm}/spec`;
+    const etcd = new Etcd3({ hosts: [labEtcdEndpoint()] });
+    try {
+      const good = await etcd.get(key).string();
+      expect(good).toBeTruthy();
+      const before = JSON.parse(good!).lastMove?.at;
+      const pid = (await qemuPidOf(from, vm))!;
+      process.kill(pid, 'SIGKILL');
+      // the record becomes unreadable right after the fault: the backup still resumes the VM from
+      // what it knew, and then cannot write the move
+      await etcd.put(key).value('{ not a record');
+      const stuck = await until(`${to} runs ${vm} but cannot record the move`, async () => {
+        const s = await vmStatus(to, vm);
+        return s?.domainState === 'running' && s.phase === 'degraded' && /record must say so/.test(s.reason) ? s : undefined;
+      });
+      expect(stuck.leaseHolder).toBe(to);
+      // it keeps running while the write keeps failing
+      const watch = watchCopies(hosts);
+      await sleep(3_000);
+      const report = await watch.stop();
+      expect(report.answeredFrom).toEqual([to]);
+      expect(report.longestSilenceMs).toBeLessThan(1_000);
+      expect(report.doubles).toEqual([]);
+      // etcd readable again: the move is recorded, nothing was restarted
+      const bootId = (await waitForProbe(probeOn(to), 5_000)).bootId;
+      await etcd.put(key).value(good!);
+      const record = await until('the move is recorded', async () => {
+        const r = await readRecord(vm);
+        return r.lastMove && r.lastMove.at !== before && r.lastMove.to === to && r.primary === to ? r : undefined;
+      });
+      expect(record.protected).toBe(false);
+      expect((await waitForProbe(probeOn(to), 5_000)).bootId).toBe(bootId);
+      cluster!.primary = to;
+    } finally {
+      etcd.close();
+    }
+    await reprotect();
+  }, 180_000);
 
   it('a clock policy that leaves failovers uncorrected resumes the guest behind by the outage', async () => {
     const { vm } = cluster!;

@@ -29,7 +29,7 @@ export interface CheckpointerOptions {
    * much time at the measured bandwidth. Default 5 ms with ftvm's QEMU, 50 ms with stock QEMU:
    * stock 7.2 under TCG loses writes across precopy iterations (fixed by ftvm's patch 0010), and
    * with 1 ms 3 of 7 of its streams restored into a crashing guest, while 50 ms converged after
-   * the bulk pass and restored 5 of 5 — see packages/coordinator/README.md.
+   * the bulk pass and restored 5 of 5 — see bench/results/HISTORY.md.
    */
   downtimeLimitMs?: number;
   /**

@@ -1,6 +1,6 @@
 /**
- * ftvm's devices (the agent's virtio-serial controller, the probe's NIC) are native libvirt XML, so
- * libvirt knows their PCI slots: an FT-ready domain starts on q35 as on pc (i440fx), and devices
+ * ftvm's devices (the agent's virtio-serial controller natively; the test probe's NIC raw at pci.0's
+ * last slot, or on a root port of ftvm's own on q35) never take a slot libvirt hands out: an FT-ready domain starts on q35 as on pc (i440fx), and devices
  * hot-plugged without an address (libvirt picks the slot) go in. Lab host primary.
  */
 import fs from 'node:fs';
@@ -76,7 +76,7 @@ describe("ftvm's devices have PCI addresses libvirt knows", () => {
       await conn.start(name);
       expect(await conn.state(name)).toBe('running');
 
-      // the probe's NIC (libvirt's interface, frontend on ftvm's hostfwd netdev) and the agent's port work
+      // the probe's NIC (raw, at an address libvirt does not hand out first) and the agent's port work
       const info = hostInfo('primary');
       await waitForProbe({ host: info.ip, port }, 90_000);
       await agentPing(path.join(info.runDir, 'ftvm', `${name}.qga`), 60_000);
@@ -86,7 +86,6 @@ describe("ftvm's devices have PCI addresses libvirt knows", () => {
       expect(new Set(slots).size).toBe(slots.length); // every PCI device libvirt knows has its own slot
       const element = (tag: string, alias: string) => [...live.matchAll(new RegExp(`<${tag} [^>]*>((?:(?!</${tag}>)[\\s\\S])*)</${tag}>`, 'g'))].map((m) => m[1] ?? '').find((body) => body.includes(`<alias name='${alias}'/>`));
       expect(element('controller', 'ua-ftvm-serial')).toMatch(/<address type='pci'/);
-      expect(element('interface', 'ua-ftvm-probe')).toMatch(/<address type='pci'/);
 
       // hot-plug without an address: libvirt picks a slot it believes free
       const attach = async (file: string, deviceXml: string) => {
@@ -97,7 +96,7 @@ describe("ftvm's devices have PCI addresses libvirt knows", () => {
       fs.writeFileSync(diskFile(name), Buffer.alloc(1024 * 1024));
       await attach(`${diskFile(name)}.disk.xml`, `<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='${diskFile(name)}'/><target dev='vdb' bus='virtio'/></disk>`);
       const after = await conn.xml(name);
-      expect(after.match(/<interface type='user'>/g)).toHaveLength(2);
+      expect(after.match(/<interface type='user'>/g)).toHaveLength(1);
       expect(after).toContain("<target dev='vdb' bus='virtio'/>");
       await waitForProbe({ host: info.ip, port }, 10_000); // still answering
       console.log(`${machine}: PCI slots after start ${slots.join(' ')}`);

@@ -285,37 +285,39 @@ function devicesOf(xml: string): string[] {
 
 const qemuArgs = (xml: string) => Array.from(parseDomainXml(xml).documentElement!.getElementsByTagNameNS('http://libvirt.org/schemas/domain/qemu/1.0', 'arg')).map((a) => a.getAttribute('value'));
 
-describe("ftvm's devices are native libvirt XML (libvirt knows their PCI slots)", () => {
-  it('pc (i440fx): a virtio-serial controller and a user-mode NIC, no addresses (libvirt picks slots on pci.0); no raw PCI -device', () => {
+const probeNic = (bus: string, addr: string) => JSON.stringify({ driver: 'virtio-net-pci', id: 'ftvm-probe-nic', netdev: 'ftvm-probe', romfile: '', mac: '52:54:00:12:34:56', bus, addr });
+const PROBE_PC = probeNic('pci.0', '0x1f');
+
+describe("ftvm's devices: libvirt knows their PCI slots", () => {
+  it("pc (i440fx): a native virtio-serial controller (libvirt picks its slot); the test probe's NIC raw on pci.0's last slot", () => {
     const { xml } = makeFtReady(USER_XML, { ...OPTIONS, agent: true, probe: PROBE });
-    expect(devicesOf(xml).slice(-2)).toEqual(['controller virtio-serial index=1 ua-ftvm-serial', 'interface user ua-ftvm-probe']);
-    expect(xml).toContain('<mac address="52:54:00:12:34:56"/>');
-    expect(xml).toContain('<rom enabled="no"/>');
+    expect(devicesOf(xml).at(-1)).toEqual('controller virtio-serial index=1 ua-ftvm-serial');
+    expect(xml).not.toContain('<interface type="user">');
     const args = qemuArgs(xml);
-    expect(args.filter((a) => /pci/.test(a ?? ''))).toEqual([]);
+    expect(args.filter((a) => /pci/.test(a ?? ''))).toEqual([PROBE_PC]);
     // the agent port on ftvm's controller, as JSON (created after libvirt's JSON devices)
     const port = args[args.indexOf('-device') + 1]!;
     expect(JSON.parse(port)).toEqual({ driver: 'virtserialport', id: 'ftvm-qga-port', bus: 'ua-ftvm-serial.0', nr: 1, chardev: 'ftvm-qga', name: 'org.qemu.guest_agent.0' });
     expect(args).toContain('user,id=ftvm-probe,hostfwd=udp:10.0.0.5:6000-:5555');
-    // the NIC's frontend takes ftvm's netdev (the one with hostfwd)
-    expect(xml).toMatch(/<qemu:override>\s*<qemu:device alias="ua-ftvm-probe">\s*<qemu:frontend>\s*<qemu:property name="netdev" type="string" value="ftvm-probe"\/>/);
+    expect(xml).not.toContain('qemu:override');
     expect(xml).not.toContain('pcie-root-port');
   });
 
   it('q35: each on a root port of its own, above the pci controllers the user has; the user\'s spare root ports stay free', () => {
     const { xml } = makeFtReady(Q35_XML, { ...OPTIONS, agent: true, probe: PROBE });
-    expect(devicesOf(xml).slice(-7)).toEqual([
+    expect(devicesOf(xml).slice(-6)).toEqual([
       'controller pci index=0 pcie-root',
       'controller pci index=1 pcie-root-port',
       'controller pci index=2 pcie-root-port',
       'controller pci index=3 pcie-root-port ua-ftvm-port0',
       'controller virtio-serial index=1 ua-ftvm-serial bus=0x03,slot=0x00',
       'controller pci index=4 pcie-root-port ua-ftvm-port1',
-      'interface user ua-ftvm-probe bus=0x04,slot=0x00',
     ]);
+    expect(qemuArgs(xml)).toContain(probeNic('ua-ftvm-port1', '0x0'));
     // no pci controllers in the input: root ports from index 1 (libvirt adds pcie-root as 0)
     const bare = makeFtReady(USER_XML.replace("machine='pc-i440fx-7.2'", "machine='q35'"), { ...OPTIONS, probe: PROBE }).xml;
-    expect(devicesOf(bare).slice(-2)).toEqual(['controller pci index=1 pcie-root-port ua-ftvm-port0', 'interface user ua-ftvm-probe bus=0x01,slot=0x00']);
+    expect(devicesOf(bare).slice(-1)).toEqual(['controller pci index=1 pcie-root-port ua-ftvm-port0']);
+    expect(qemuArgs(bare)).toContain(probeNic('ua-ftvm-port0', '0x0'));
   });
 
   it('the virtio-serial controller goes above the user\'s own (libvirt fills the lowest with its channels)', () => {
@@ -345,7 +347,6 @@ describe("ftvm's devices are native libvirt XML (libvirt knows their PCI slots)"
     );
     const { xml } = makeFtReady(withOverride, { ...OPTIONS, probe: PROBE });
     expect(xml).toContain('<qemu:device alias="ua-mine">');
-    expect(xml).toContain('<qemu:device alias="ua-ftvm-probe">');
     expect(xml.match(/<qemu:override>/g)).toHaveLength(1);
     expect(canonical(makeFtReady(xml, OPTIONS).xml)).toEqual(canonical(makeFtReady(withOverride, OPTIONS).xml));
   });
@@ -354,14 +355,12 @@ describe("ftvm's devices are native libvirt XML (libvirt knows their PCI slots)"
     const { xml } = makeFtReady(USER_XML, { ...OPTIONS, agent: true, probe: PROBE });
     const fixed = fixFtvmPaths(xml.replace('<name>web1</name>', '<name>web2</name>')).xml;
     expect(devicesOf(fixed)).toEqual(devicesOf(xml));
-    expect(qemuArgs(fixed).filter((a) => /pci/.test(a ?? ''))).toEqual([]);
+    expect(qemuArgs(fixed).filter((a) => /pci/.test(a ?? ''))).toEqual([PROBE_PC]);
     // a domain defined by an earlier version (raw virtio-serial-pci / virtio-net-pci) keeps those
     const legacy = xml
       .replace(/\s*<controller type="virtio-serial"[\s\S]*?<\/controller>/, '')
-      .replace(/\s*<interface type="user">[\s\S]*?<\/interface>/, '')
-      .replace(/\s*<qemu:override>[\s\S]*?<\/qemu:override>/, '')
       .replace(/<qemu:arg value="\{[^"]*"\/>/, '<qemu:arg value="virtio-serial-pci,id=ftvm-serial"/><qemu:arg value="-device"/><qemu:arg value="virtserialport,bus=ftvm-serial.0,chardev=ftvm-qga,name=org.qemu.guest_agent.0"/>')
-      .replace(/(<qemu:arg value="user,id=ftvm-probe[^"]*"\/>)/, '$1<qemu:arg value="-device"/><qemu:arg value="virtio-net-pci,netdev=ftvm-probe,romfile="/>');
+      .replace(PROBE_PC.replace(/"/g, '&quot;'), 'virtio-net-pci,netdev=ftvm-probe,romfile=');
     const legacyFixed = fixFtvmPaths(legacy.replace('<name>web1</name>', '<name>web2</name>'));
     expect(legacyFixed.changed).toBe(true);
     expect(qemuArgs(legacyFixed.xml).filter((a) => /pci|virtserialport/.test(a ?? ''))).toEqual([

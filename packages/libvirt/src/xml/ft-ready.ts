@@ -138,9 +138,8 @@ export function makeFtReady(inputXml: string, options: FtReadyOptions): FtReadyR
   };
   writeProtection(doc, protection);
 
-  const args = ftvmQemuArgs({ qmpSocket, agentSocket, probe: options.probe, incoming: options.incoming });
-  setFtvmCommandline(doc, args);
-  setFtvmDevices(doc, { agent: agentSocket !== undefined, probe: options.probe !== undefined });
+  const { probeDevice } = setFtvmDevices(doc, { agent: agentSocket !== undefined, probe: options.probe !== undefined });
+  setFtvmCommandline(doc, ftvmQemuArgs({ qmpSocket, agentSocket, probe: options.probe, incoming: options.incoming, probeDevice }));
   if (options.probe?.workloadMiBps) setKernelArg(doc, 'ftvm.workload', String(options.probe.workloadMiBps));
 
   return { xml: serializeXml(doc), name, protection, findings };
@@ -174,6 +173,8 @@ export function ftvmQemuArgs(options: {
   probe?: ProbeOptions | undefined;
   incoming?: boolean | undefined;
   legacyDevices?: boolean | undefined;
+  /** The probe NIC's `-device` value (with its explicit address; see setFtvmDevices). */
+  probeDevice?: string | undefined;
 }): string[] {
   const args = ['-chardev', `socket,id=ftvm-qmp,path=${qemuValue(options.qmpSocket)},server=on,wait=off`, '-mon', 'chardev=ftvm-qmp,mode=control'];
   if (options.agentSocket) {
@@ -188,11 +189,14 @@ export function ftvmQemuArgs(options: {
   if (options.probe) {
     const { address, port } = options.probe.listen;
     args.push('-netdev', `user,id=ftvm-probe,hostfwd=udp:${address}:${port}-:${options.probe.guestPort ?? 5555}`);
-    if (options.legacyDevices) args.push('-device', 'virtio-net-pci,netdev=ftvm-probe,romfile=');
+    args.push('-device', options.probeDevice ?? 'virtio-net-pci,netdev=ftvm-probe,romfile=');
   }
   if (options.incoming) args.push('-incoming', 'defer');
   return args;
 }
+
+/** The probe NIC (test guest only), before its address. */
+const probeDevice = (bus: string, addr: string) => JSON.stringify({ driver: 'virtio-net-pci', id: 'ftvm-probe-nic', netdev: 'ftvm-probe', romfile: '', mac: PROBE_MAC, bus, addr });
 
 /** An argument ftvm owns: the value of an option whose QEMU id (or reference) starts with `ftvm-` (key=value or JSON). */
 const FTVM_VALUE = /(^|,)(id|chardev|netdev|bus)=ftvm-|"(id|chardev|netdev)":"ftvm-/;
@@ -208,14 +212,14 @@ const FTVM_VALUE = /(^|,)(id|chardev|netdev|bus)=ftvm-|"(id|chardev|netdev)":"ft
  * ftvm's devices never take the free root ports a user keeps for hot-plug. On pc (i440fx) libvirt
  * picks slots on pci.0. Earlier additions (by alias) are replaced; nothing else is touched.
  */
-export function setFtvmDevices(doc: Document, wanted: { agent: boolean; probe: boolean }): void {
+export function setFtvmDevices(doc: Document, wanted: { agent: boolean; probe: boolean }): { probeDevice?: string } {
   const root = doc.documentElement!;
   let devices = childElement(root, 'devices');
   if (devices) {
     for (const el of childElements(devices)) if (isFtvmDevice(el)) removeElement(el);
   }
   removeFtvmOverrides(root);
-  if (!wanted.agent && !wanted.probe) return;
+  if (!wanted.agent && !wanted.probe) return {};
   if (!devices) {
     devices = doc.createElement('devices');
     appendIndented(root, devices);
@@ -253,19 +257,17 @@ export function setFtvmDevices(doc: Document, wanted: { agent: boolean; probe: b
     const address = placement();
     add(devices, ['controller', { type: 'virtio-serial', index }], [['alias', { name: FTVM_SERIAL_ALIAS }], ...address]);
   }
-  if (wanted.probe) {
-    const address = placement();
-    add(devices, ['interface', { type: 'user' }], [['mac', { address: PROBE_MAC }], ['model', { type: 'virtio' }], ['rom', { enabled: 'no' }], ['alias', { name: FTVM_PROBE_ALIAS }], ...address]);
-    const prefix = ensureNamespace(doc, QEMU_NS, 'qemu');
-    const qemu = (parent: Element, name: string, attrs: Record<string, string> = {}) => {
-      const e = appendIndented(parent, doc.createElementNS(QEMU_NS, `${prefix}:${name}`));
-      for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
-      return e;
-    };
-    const override = childElementNS(root, QEMU_NS, 'override') ?? qemu(root, 'override');
-    const frontend = qemu(qemu(override, 'device', { alias: FTVM_PROBE_ALIAS }), 'frontend');
-    qemu(frontend, 'property', { name: 'netdev', type: 'string', value: 'ftvm-probe' });
+  if (!wanted.probe) return {};
+  // The probe's NIC stays a raw -device (libvirt has no hostfwd for slirp, and a native
+  // <interface> pointed at ftvm's netdev left libvirt's own netdev without a peer, which put the
+  // stock-QEMU ledger off by 3-8 ms over 20 checkpoints), at an address libvirt is kept from:
+  // q35 on a root port of ftvm's own, pc on pci.0's last slot (hot-plug fills from the lowest).
+  // JSON, like the agent's port: QEMU creates it after libvirt's (JSON) root port.
+  if (q35) {
+    placement();
+    return { probeDevice: probeDevice(`${FTVM_PORT_ALIAS}${ports - 1}`, '0x0') };
   }
+  return { probeDevice: probeDevice('pci.0', '0x1f') };
 }
 
 function isFtvmDevice(el: Element): boolean {
@@ -388,8 +390,10 @@ export function fixFtvmPaths(xml: string, options: { runDir?: string } = {}): Pa
   // the probe forwarding is kept as it was (its address is the host's, set by whoever defined it)
   const probe = parseProbeArgs(values);
   // keep the device layout the domain was defined with: a migration or restore needs the same devices
-  const legacyDevices = values.some((v) => /^virtio-(serial|net)-pci,.*(id|netdev)=ftvm-/.test(v));
-  const expected = ftvmQemuArgs({ qmpSocket, agentSocket, probe, legacyDevices });
+  const legacyDevices = values.some((v) => /^virtio-serial-pci,.*id=ftvm-/.test(v) || (/^virtio-net-pci,.*netdev=ftvm-/.test(v) && !/,addr=/.test(v)));
+  // the probe NIC keeps its address (and so its -device value) as defined
+  const probeDevice = values.find((v) => /^(\{"driver":"virtio-net-pci"|virtio-net-pci,).*netdev(=|":")ftvm-probe/.test(v));
+  const expected = ftvmQemuArgs({ qmpSocket, agentSocket, probe, legacyDevices, probeDevice });
   const current = ftvmArgIndices(values).map((i) => values[i]);
   if (changes.length === 0 && JSON.stringify(current) !== JSON.stringify(expected)) changes.push('ftvm arguments rewritten');
   if (changes.length === 0) return { xml, changed: false, changes };
