@@ -462,7 +462,6 @@ export class Agent implements AgentControl {
       case 'release':
         await this.lease.release(slot.name);
         slot.owner = undefined;
-        this.metrics.role(slot.name, 'none');
         return;
       case 'fence-local':
         return this.fenceOwn(slot, action.reason, 50);
@@ -537,7 +536,6 @@ export class Agent implements AgentControl {
       ...(handover?.ledger ? { ledger: handover.ledger } : {}),
     });
     slot.fenced = false;
-    this.metrics.role(slot.name, 'primary');
   }
 
   private async stopPrimary(slot: VmSlot, why: string): Promise<void> {

@@ -150,7 +150,6 @@ const qemuValue = (text: string) => text.replace(/,/g, ',,');
 
 /** User aliases (libvirt keeps `ua-` aliases and uses them as QEMU ids) of the devices ftvm adds as native XML. */
 export const FTVM_SERIAL_ALIAS = 'ua-ftvm-serial';
-export const FTVM_PROBE_ALIAS = 'ua-ftvm-probe';
 const FTVM_PORT_ALIAS = 'ua-ftvm-port';
 const FTVM_ALIAS_PREFIX = 'ua-ftvm-';
 /** The probe NIC's MAC: QEMU's default, what the raw `-device` of earlier versions got. */
@@ -202,15 +201,14 @@ const probeDevice = (bus: string, addr: string) => JSON.stringify({ driver: 'vir
 const FTVM_VALUE = /(^|,)(id|chardev|netdev|bus)=ftvm-|"(id|chardev|netdev)":"ftvm-/;
 
 /**
- * ftvm's devices as native libvirt XML, so that libvirt knows their PCI slots (it allocates them,
- * and a later hot-plug or libvirt's own devices never collide with them):
- * - `agent`: `<controller type='virtio-serial'>` (alias ua-ftvm-serial) for ftvm's agent port;
- * - `probe`: `<interface type='user'>` (alias ua-ftvm-probe, virtio, no ROM), whose frontend is
- *   pointed by `<qemu:override>` at ftvm's own `-netdev` (libvirt has no `hostfwd` for slirp; the
- *   netdev libvirt creates for it stays unused, and QEMU warns that it has no peer).
- * On q35 each sits on a pcie-root-port of its own (alias ua-ftvm-portN, explicit address), so
- * ftvm's devices never take the free root ports a user keeps for hot-plug. On pc (i440fx) libvirt
- * picks slots on pci.0. Earlier additions (by alias) are replaced; nothing else is touched.
+ * ftvm's devices placed so that libvirt never hands out their PCI slots:
+ * - `agent`: a native `<controller type='virtio-serial'>` (alias ua-ftvm-serial) for ftvm's agent
+ *   port; libvirt allocates its slot;
+ * - `probe` (test guest): the returned raw `-device` value for the probe's NIC, at an explicit
+ *   address (see below).
+ * On q35 each sits on a pcie-root-port of its own (alias ua-ftvm-portN), so ftvm's devices never
+ * take the free root ports a user keeps for hot-plug. Earlier additions (by alias) are replaced;
+ * nothing else is touched.
  */
 export function setFtvmDevices(doc: Document, wanted: { agent: boolean; probe: boolean }): { probeDevice?: string } {
   const root = doc.documentElement!;
@@ -218,7 +216,6 @@ export function setFtvmDevices(doc: Document, wanted: { agent: boolean; probe: b
   if (devices) {
     for (const el of childElements(devices)) if (isFtvmDevice(el)) removeElement(el);
   }
-  removeFtvmOverrides(root);
   if (!wanted.agent && !wanted.probe) return {};
   if (!devices) {
     devices = doc.createElement('devices');
@@ -271,16 +268,7 @@ export function setFtvmDevices(doc: Document, wanted: { agent: boolean; probe: b
 }
 
 function isFtvmDevice(el: Element): boolean {
-  return (el.localName === 'controller' || el.localName === 'interface') && childElements(el, 'alias').some((a) => (a.getAttribute('name') ?? '').startsWith(FTVM_ALIAS_PREFIX));
-}
-
-function removeFtvmOverrides(root: Element): void {
-  const override = childElementNS(root, QEMU_NS, 'override');
-  if (!override) return;
-  for (const d of childElements(override)) {
-    if (d.namespaceURI === QEMU_NS && d.localName === 'device' && (d.getAttribute('alias') ?? '').startsWith(FTVM_ALIAS_PREFIX)) removeElement(d);
-  }
-  if (childElements(override).length === 0) removeElement(override);
+  return el.localName === 'controller' && childElements(el, 'alias').some((a) => (a.getAttribute('name') ?? '').startsWith(FTVM_ALIAS_PREFIX));
 }
 
 /**
