@@ -33,6 +33,7 @@ export {
   type PathFixResult,
 } from './xml/ft-ready.js';
 export { checkProtectable, describeFindings, type Finding, type FindingSeverity } from './xml/checks.js';
+export { replicatedDisks, standbyDomainXml, type ReplicatedDisk } from './xml/disks.js';
 export {
   readProtection,
   ProtectionMetadataError,

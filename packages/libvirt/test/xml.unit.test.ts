@@ -9,6 +9,8 @@ import {
   parseDomainSpec,
   parseDomainXml,
   readProtection,
+  replicatedDisks,
+  standbyDomainXml,
   serializeXml,
   setIncomingDefer,
   SpecError,
@@ -240,16 +242,51 @@ describe('what ftvm cannot protect', () => {
     expect(ok.findings).toEqual([expect.objectContaining({ severity: 'warning', element: '/domain/devices/interface' })]);
   });
 
-  it('writable local disks need shared storage; read-only and network disks are fine', () => {
+  it('writable file disks are replicated; other writable storage needs shared storage', () => {
     const disks =
       "<disk type='file' device='disk'><source file='/var/lib/libvirt/images/vm.qcow2'/><target dev='vda'/></disk>" +
       "<disk type='file' device='cdrom'><source file='/iso/a.iso'/><target dev='hdc'/><readonly/></disk>" +
-      "<disk type='network' device='disk'><source protocol='rbd' name='pool/vm'/><target dev='vdb'/></disk>";
+      "<disk type='network' device='disk'><source protocol='rbd' name='pool/vm'/><target dev='vdb'/></disk>" +
+      "<disk type='volume' device='disk'><source pool='p' volume='v'/><target dev='vdc'/></disk>";
     expect(refusal(domain(disks))).toEqual([
-      { severity: 'shared-storage', element: '/domain/devices/disk[1]', reason: expect.stringMatching(/^disk '\/var\/lib\/libvirt\/images\/vm.qcow2': writable file disk/) },
+      { severity: 'shared-storage', element: '/domain/devices/disk[4]', reason: expect.stringMatching(/^disk 'v': writable volume disk: ftvm replicates file and block disks only/) },
     ]);
     const accepted = makeFtReady(domain(disks), OPTIONS);
-    expect(accepted.findings.map((f) => f.severity)).toEqual(['shared-storage', 'info', 'info']);
+    expect(accepted.findings.map((f) => f.severity)).toEqual(['info', 'info', 'info', 'shared-storage']);
+    expect(accepted.findings[0]?.reason).toMatch(/replicated to the backup with every checkpoint/);
+  });
+
+  it('replicatedDisks lists writable file and block disks by target, none with shared storage', () => {
+    const disks =
+      "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/img/a.qcow2'/><target dev='vda' bus='virtio'/></disk>" +
+      "<disk type='block' device='disk'><source dev='/dev/vg/b'/><target dev='vdb' bus='virtio'/></disk>" +
+      "<disk type='file' device='disk'><source file='/img/ro.raw'/><target dev='vdc'/><readonly/></disk>" +
+      "<disk type='file' device='disk'><source file='/img/shared.raw'/><target dev='vdd'/><shareable/></disk>" +
+      "<disk type='file' device='cdrom'><source file='/iso/a.iso'/><target dev='hdc'/><readonly/></disk>";
+    const { xml } = makeFtReady(domain(disks), { ...OPTIONS, sharedStorage: false });
+    expect(replicatedDisks(xml)).toEqual([
+      { target: 'vda', source: '/img/a.qcow2', format: 'qcow2', sourceType: 'file' },
+      { target: 'vdb', source: '/dev/vg/b', format: 'raw', sourceType: 'block' },
+    ]);
+    expect(replicatedDisks(makeFtReady(domain(disks), OPTIONS).xml)).toEqual([]); // sharedStorage: true
+  });
+
+  it('standbyDomainXml points each replicated disk at a raw replica and keeps the rest', () => {
+    const disks =
+      "<disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none'/><source file='/img/a.qcow2'/><backingStore type='file'><format type='raw'/><source file='/img/base.raw'/></backingStore><target dev='vda' bus='virtio'/><serial>s1</serial></disk>" +
+      "<disk type='block' device='disk'><source dev='/dev/vg/b'/><target dev='vdb' bus='virtio'/></disk>" +
+      "<disk type='file' device='cdrom'><source file='/iso/a.iso'/><target dev='hdc'/><readonly/></disk>";
+    const { xml } = makeFtReady(domain(disks), { ...OPTIONS, sharedStorage: false });
+    const standby = standbyDomainXml(xml, (target) => `/store/vm/disks/${target}.img`);
+    expect(replicatedDisks(standby)).toEqual([
+      { target: 'vda', source: '/store/vm/disks/vda.img', format: 'raw', sourceType: 'file' },
+      { target: 'vdb', source: '/store/vm/disks/vdb.img', format: 'raw', sourceType: 'file' },
+    ]);
+    expect(standby).toContain("cache=\"none\"");
+    expect(standby).toContain('<serial>s1</serial>');
+    expect(standby).not.toContain('backingStore');
+    expect(standby).toContain("/iso/a.iso");
+    expect(standbyDomainXml(makeFtReady(domain(disks), OPTIONS).xml, () => '/x')).toBe(makeFtReady(domain(disks), OPTIONS).xml);
   });
 
   it('transient disks, TPM passthrough, host input devices, non-QEMU domains', () => {
@@ -442,11 +479,10 @@ probe:
     expect(() => parseDomainSpec('name: [')).toThrow(SpecError);
   });
 
-  it('refuses a local writable disk unless the storage is declared shared', () => {
+  it('accepts a local writable disk (replicated), shared storage as an opt-in', () => {
     const withDisk = YAML.replace('serialLog:', 'disks:\n  - { path: /var/lib/vm.qcow2 }\nserialLog:');
-    expect(() => ftReadyFromSpec(withDisk)).toThrow(NotProtectableError);
-    expect(() => ftReadyFromSpec(withDisk.replace('path: /var/lib/vm.qcow2', 'path: /var/lib/vm.qcow2, shared: true'))).not.toThrow();
-    expect(() => ftReadyFromSpec(withDisk, { sharedStorage: true })).not.toThrow();
+    expect(replicatedDisks(ftReadyFromSpec(withDisk).xml).map((d) => d.source)).toEqual(['/var/lib/vm.qcow2']);
+    expect(replicatedDisks(ftReadyFromSpec(withDisk, { sharedStorage: true }).xml)).toEqual([]);
   });
 });
 

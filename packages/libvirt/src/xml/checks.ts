@@ -4,8 +4,9 @@ import { childElement, childElements, elementPath, type Element } from './dom.js
  * What a check found about a device or setting:
  * - `refuse`: ftvm cannot protect a domain with it (QEMU blocks migration, or the state lives on
  *   this host and would not be in a checkpoint);
- * - `shared-storage`: writable storage that only works if the backup sees the same bytes at the
- *   same path (shared or replicated storage) — refused unless the caller says the storage is shared;
+ * - `shared-storage`: writable storage ftvm does not replicate (not a file or block disk), which
+ *   only works if the backup sees the same bytes at the same path — refused unless the caller says
+ *   the storage is shared;
  * - `warning`: works, with a caveat the operator should know;
  * - `info`: noted, nothing to do.
  */
@@ -22,9 +23,9 @@ const attr = (el: Element, name: string) => el.getAttribute(name) ?? undefined;
 
 /**
  * Checks a domain against what ftvm's checkpoints can carry. A checkpoint is a QEMU migration
- * stream (RAM and device state, no disk contents), restored on the backup by a QEMU started with
- * the same device set: anything QEMU refuses to migrate, or whose state sits outside QEMU on this
- * host, cannot be protected.
+ * stream (RAM and device state) plus the writes of each writable file or block disk since the
+ * last one, restored on the backup by a QEMU started with the same device set: anything QEMU
+ * refuses to migrate, or whose state sits outside QEMU on this host, cannot be protected.
  */
 export function checkProtectable(root: Element): Finding[] {
   const findings: Finding[] = [];
@@ -119,10 +120,14 @@ function checkDisk(el: Element, add: (severity: FindingSeverity, el: Element, re
     add('info', el, `${label}: marked <shareable/>, taken to be on shared storage`);
     return;
   }
+  if ((type === 'file' || type === 'block') && device === 'disk') {
+    add('info', el, `${label}: writable ${type} disk: replicated to the backup with every checkpoint (unless sharedStorage says the backup sees the same disk)`);
+    return;
+  }
   add(
     'shared-storage',
     el,
-    `${label}: writable ${type} disk: a checkpoint carries RAM and device state, not disk contents, so the backup must see this disk at the same path (shared storage); pass sharedStorage to confirm it is`,
+    `${label}: writable ${type} disk: ftvm replicates file and block disks only, so the backup must see this one at the same path (shared storage); pass sharedStorage to confirm it does`,
   );
 }
 

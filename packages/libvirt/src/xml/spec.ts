@@ -30,6 +30,10 @@ export interface DiskSpec {
   readonly: boolean;
   /** The image is on storage the peer host shares (adds <shareable/>). */
   shared: boolean;
+  /** The guest-visible serial number (`/sys/block/vdX/serial`). */
+  serial?: string;
+  /** libvirt's cache mode (`none`: O_DIRECT on the host). */
+  cache?: 'none' | 'writeback' | 'writethrough' | 'directsync' | 'unsafe';
 }
 
 /** The whole YAML file: the domain, ftvm's protection settings and, for the test guest, the probe. */
@@ -99,7 +103,8 @@ function oneOf<T extends string>(o: Obj, key: string, field: string, values: rea
  * vcpus: 2
  * boot: { kernel: /boot/vmlinuz, initrd: /boot/initrd.img, cmdline: "console=ttyS0" }
  * disks:
- *   - { path: /srv/shared/web1.qcow2, format: qcow2, shared: true }
+ *   - { path: /var/lib/libvirt/images/web1.qcow2, format: qcow2 }   # replicated by ftvm
+ *   - { path: /srv/shared/data.qcow2, format: qcow2, shared: true, serial: data1, cache: none }
  * serialLog: /run/ftvm/web1.serial.log
  * ftvm:
  *   peer: { host: backup, uri: "qemu+ssh://backup/system" }
@@ -133,8 +138,10 @@ export function parseDomainSpec(yamlText: string): FtDomainSpec {
   if (!Array.isArray(disksRaw)) throw new SpecError('disks', 'must be a list');
   const disks = disksRaw.map((d, i): DiskSpec => {
     const f = `disks[${i}].`;
-    const o = mapping(d, `disks[${i}]`, ['path', 'format', 'target', 'bus', 'device', 'readonly', 'shared']);
+    const o = mapping(d, `disks[${i}]`, ['path', 'format', 'target', 'bus', 'device', 'readonly', 'shared', 'serial', 'cache']);
     const target = str(o, 'target', f);
+    const serial = str(o, 'serial', f);
+    const cache = o['cache'] === undefined ? undefined : oneOf(o, 'cache', f, ['none', 'writeback', 'writethrough', 'directsync', 'unsafe'] as const, 'writeback');
     return {
       path: str(o, 'path', f, true),
       format: oneOf(o, 'format', f, ['raw', 'qcow2'] as const, 'qcow2'),
@@ -143,6 +150,8 @@ export function parseDomainSpec(yamlText: string): FtDomainSpec {
       device: oneOf(o, 'device', f, ['disk', 'cdrom'] as const, 'disk'),
       readonly: bool(o, 'readonly', f, false),
       shared: bool(o, 'shared', f, false),
+      ...(serial ? { serial } : {}),
+      ...(cache ? { cache } : {}),
     };
   });
   if (!boot && disks.length === 0) throw new SpecError('boot', 'a domain needs a kernel (boot) or a disk to boot from');
@@ -235,10 +244,11 @@ export function domainSpecToXml(spec: DomainSpec): string {
     const prefix = d.bus === 'virtio' ? 'vd' : d.bus === 'ide' ? 'hd' : 'sd';
     lines.push(
       `    <disk type='file' device='${d.device}'>`,
-      `      <driver name='qemu' type='${d.format}'/>`,
+      `      <driver name='qemu' type='${d.format}'${d.cache ? ` cache='${d.cache}'` : ''}/>`,
       `      <source file='${esc(d.path)}'/>`,
       `      <target dev='${esc(d.target ?? `${prefix}${letters[i] ?? 'z'}`)}' bus='${d.bus}'/>`,
     );
+    if (d.serial) lines.push(`      <serial>${esc(d.serial)}</serial>`);
     if (d.readonly) lines.push('      <readonly/>');
     if (d.shared) lines.push('      <shareable/>');
     lines.push('    </disk>');
