@@ -1,6 +1,7 @@
 /**
  * Boots the ftvm test guest (test/guest/build.sh) in plain QEMU under TCG, with the clock probe's
- * UDP port forwarded to 127.0.0.1, the guest agent on a unix socket and QMP on another.
+ * UDP port forwarded to 127.0.0.1, the guest agent on a unix socket and QMP on another, and
+ * optionally the probe's disks (test/support/disk-check.ts).
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import dgram from 'node:dgram';
@@ -8,6 +9,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import type { ProbeDisk, ProbeDisks } from '../support/disk-check.js';
 import { waitForProbe, type ProbeTarget } from '../support/probe-client.js';
 
 const BUILD_SCRIPT = fileURLToPath(new URL('./build.sh', import.meta.url));
@@ -67,6 +69,42 @@ export interface BootOptions {
   timeoutMs?: number;
   /** Keep the run directory (serial log, QEMU stderr) after kill(). */
   keepDir?: boolean;
+  /**
+   * The probe's disks (createProbeDisks()), attached as virtio-blk with serials ftvm-ring /
+   * ftvm-fs: block nodes `ftvm-ring` / `ftvm-fs` (format) over `ftvm-ring-file` / `ftvm-fs-file`,
+   * devices `ftvm-ring-blk` / `ftvm-fs-blk`.
+   */
+  disks?: ProbeDisks;
+  /** Host cache mode of the disks. Default 'none' (O_DIRECT, flushes reach the host disk), aio native. */
+  diskCache?: DiskCache;
+}
+
+/** aio 'native' needs cache 'none' (O_DIRECT); QEMU refuses it otherwise. */
+export interface DiskCache {
+  cache: 'none' | 'writeback' | 'unsafe';
+  aio?: 'native' | 'threads';
+}
+
+/**
+ * QEMU arguments for the probe's disks. -blockdev (not -drive) as libvirt does: named nodes for
+ * QMP (dirty bitmaps, fleecing) and JSON, so paths need no comma escaping.
+ */
+export function probeDiskArgs(disks: ProbeDisks, cache: DiskCache = { cache: 'none', aio: 'native' }): string[] {
+  const attached = [disks.ring, disks.fs].filter((d): d is ProbeDisk => d !== undefined);
+  return attached.flatMap((disk) => {
+    const node = disk.serial; // ftvm-ring, ftvm-fs: valid node names
+    const file = {
+      driver: 'file',
+      'node-name': `${node}-file`,
+      filename: disk.path,
+      cache: { direct: cache.cache === 'none', 'no-flush': cache.cache === 'unsafe' },
+      aio: cache.aio ?? (cache.cache === 'none' ? 'native' : 'threads'),
+    };
+    return [
+      '-blockdev', JSON.stringify({ driver: disk.format, 'node-name': node, file }),
+      '-device', `virtio-blk-pci,drive=${node},id=${node}-blk,serial=${disk.serial}`,
+    ];
+  });
 }
 
 export interface BootedGuest {
@@ -131,6 +169,7 @@ async function bootOnce(options: BootOptions, probePort: number): Promise<Booted
     '-chardev', `socket,id=qga0,path=${gaSocket},server=on,wait=off`,
     '-device', 'virtio-serial', '-device', 'virtserialport,chardev=qga0,name=org.qemu.guest_agent.0',
     '-qmp', `unix:${qmpSocket},server=on,wait=off`,
+    ...(options.disks ? probeDiskArgs(options.disks, options.diskCache) : []),
     ...(options.qemuArgs ?? []),
   ];
   const stderrFd = fs.openSync(stderrLog, 'w');

@@ -62,7 +62,7 @@ pkg=$work/pkg
 
 # --- initramfs tree ---------------------------------------------------------------------------
 root=$work/root
-mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,run,tmp,var,lib/modules,lib64}
+mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,run,tmp,var,lib/modules,lib64,mnt/fs}
 ln -s ../run "$root/var/run"
 install -m 0755 "$here/init" "$root/init"
 # qemu-ga's guest-shutdown (what `virsh shutdown` asks the agent for) runs /sbin/shutdown, which
@@ -102,8 +102,12 @@ add_module() {
   install -m 0644 "$file" "$root/lib/modules/$name.ko"
   order+=("$name")
 }
+# virtio_blk, ext4 and crc32c (which ext4 and jbd2 ask the crypto API for) serve the disk
+# workloads; ext4, jbd2, mbcache, crc16 and crc32c_generic are built into the cloud kernel, and
+# add_module skips built-ins, so listing them only matters for a kernel that has them modular.
 for m in virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci \
-  failover net_failover virtio_net virtio_console evdev button; do
+  failover net_failover virtio_net virtio_console virtio_blk crc32c_generic crc16 mbcache jbd2 ext4 \
+  evdev button; do
   add_module "$m"
 done
 printf '%s\n' "${order[@]}" >"$root/etc/modules.order"

@@ -1,5 +1,6 @@
 /** The clock-probe test guest as an ftvm domain spec (YAML, as `ftReadyFromSpec` reads it). */
 import { stringify } from 'yaml';
+import type { ProbeDisk, ProbeDisks } from '../support/disk-check.js';
 import { buildGuest } from './boot-qemu.js';
 
 export interface ProbeGuestSpec {
@@ -14,6 +15,11 @@ export interface ProbeGuestSpec {
   memoryMiB?: number;
   /** Give the guest its qemu-ga channel (`virsh shutdown` through the agent, guest-exec). */
   agent?: boolean;
+  /**
+   * The probe's disks (createProbeDisks()), as the spec's `disks` (ring first). A spec cannot set a
+   * virtio serial, so the guest finds them by content: the ring's header, the fs label ftvm-fs.
+   */
+  disks?: ProbeDisks;
 }
 
 export async function probeGuestYaml(spec: ProbeGuestSpec): Promise<string> {
@@ -24,6 +30,7 @@ export async function probeGuestYaml(spec: ProbeGuestSpec): Promise<string> {
     memoryMiB: spec.memoryMiB ?? 256,
     boot: { kernel: image.kernel, initrd: image.initrd, cmdline: image.cmdline },
     serialLog: `/run/ftvm/${spec.name}.serial.log`,
+    ...(spec.disks ? { disks: [spec.disks.ring, spec.disks.fs].filter((d): d is ProbeDisk => d !== undefined).map(({ path, format }) => ({ path, format })) } : {}),
     ftvm: { peer: spec.peer, checkpointIntervalMs: spec.checkpointIntervalMs, ...(spec.agent ? { agent: true } : {}) },
     probe: { listen: spec.probeListen, ...(spec.workloadMiBps ? { workloadMiBps: spec.workloadMiBps } : {}) },
   });

@@ -1,9 +1,11 @@
 /*
  * ftvm clock probe: answers UDP requests with the guest's clocks, steps/sets CLOCK_REALTIME on
- * request, and optionally runs a memory-dirtying workload with a continuity counter.
- * Wire format (little-endian, fixed size): see test/guest/README.md.
+ * request, and optionally runs a memory-dirtying workload with a continuity counter, a disk counter
+ * ring (O_DIRECT|O_DSYNC sector writes every ms) and a file-system workload (create, append, fsync,
+ * rename), each in its own thread. Wire and disk formats (little-endian, fixed size): see
+ * test/guest/README.md.
  *
- *   probe [--port N] [--workload MiBps] [--ready-file PATH]
+ *   probe [--port N] [--workload MiBps] [--ready-file PATH] [--ring DEV] [--fs-dir DIR]
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -14,9 +16,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <inttypes.h>
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/time.h>
 #include <sys/timex.h>
 #include <time.h>
@@ -25,7 +31,7 @@
 #define MAGIC "FTVP"
 #define VERSION 1
 #define REQ_SIZE 24
-#define REPLY_SIZE 64
+#define REPLY_SIZE 128 /* 64 before the disk fields; the first 64 bytes are unchanged */
 #define REPLY_FLAG 0x80
 
 enum { CMD_TIME = 1, CMD_STEP = 2, CMD_SET = 3, CMD_WORKLOAD = 4 };
@@ -44,9 +50,26 @@ static uint32_t workload_mibps;
 static uint32_t bad_packets;
 static uint64_t boot_id;
 
+/* Disk workloads: states as reported in the reply. */
+enum { DISK_OFF = 0, DISK_RUNNING = 1, DISK_FAILED = 2 };
+static uint64_t ring_issued;    /* counter of the write in flight (or the last one), set before pwrite */
+static uint64_t ring_completed; /* counter of the last write whose pwrite (O_DSYNC) returned */
+static uint64_t ring_write_ns;  /* summed pwrite durations of the completed writes */
+static uint32_t ring_state, ring_errno, ring_slots;
+static uint32_t ring_checks;     /* read-back checks of the ring done (see ring_check) */
+static uint32_t ring_violations; /* checks that found the disk older or newer than this RAM */
+static uint64_t fs_cycles; /* fs cycles whose every fsync returned */
+static uint64_t fs_bytes;  /* bytes written by the fs workload */
+static uint32_t fs_state, fs_errno;
+
 static void put_u16(uint8_t *p, uint16_t v) { for (int i = 0; i < 2; i++) p[i] = (uint8_t)(v >> (8 * i)); }
 static void put_u32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }
 static void put_u64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
+static uint32_t get_u32(const uint8_t *p) {
+  uint32_t v = 0;
+  for (int i = 3; i >= 0; i--) v = (v << 8) | p[i];
+  return v;
+}
 static uint64_t get_u64(const uint8_t *p) {
   uint64_t v = 0;
   for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
@@ -118,12 +141,253 @@ static void *workload_main(void *arg) {
   return NULL;
 }
 
-static int start_workload_thread(void) {
+/* ---- disk counter ring ------------------------------------------------------------------------
+ * Sector 0 of the ring disk is a header (made by the host, test/support/disk-check.ts, or here if
+ * it is missing); sectors 1..slots hold records. Counter c goes to slot (c - 1) % slots. One write
+ * is in flight at a time and each returns only once durable (O_DSYNC), so after any crash the
+ * records of this boot are exactly the counters newest-slots+2 .. newest, plus perhaps one torn
+ * slot (the write in flight), which its crc exposes. */
+#define SECTOR 4096u
+#define RING_HEADER_MAGIC "FTVMRDSK"
+#define RING_RECORD_MAGIC "FTVMRING"
+#define RING_VERSION 1u
+#define RING_DEFAULT_SLOTS 256u
+#define RING_PERIOD_NS 1000000LL
+#define CRC_OFFSET (SECTOR - 4)
+
+static uint32_t crc_table[256];
+static void crc32_init(void) {
+  for (uint32_t i = 0; i < 256; i++) {
+    uint32_t c = i;
+    for (int k = 0; k < 8; k++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+    crc_table[i] = c;
+  }
+}
+/* zlib's crc32 (IEEE, reflected), so the host checks it with zlib.crc32. */
+static uint32_t crc32_of(const uint8_t *p, size_t n) {
+  uint32_t c = 0xFFFFFFFFu;
+  while (n--) c = crc_table[(c ^ *p++) & 0xff] ^ (c >> 8);
+  return c ^ 0xFFFFFFFFu;
+}
+
+static void seal(uint8_t *sector) { put_u32(sector + CRC_OFFSET, crc32_of(sector, CRC_OFFSET)); }
+
+static uint8_t *ring_buf; /* one sector, aligned for O_DIRECT, allocated (and locked) before the thread */
+static const char *ring_dev;
+
+static int full_pio(int write, int fd, uint8_t *buf, off_t off) {
+  for (;;) {
+    ssize_t n = write ? pwrite(fd, buf, SECTOR, off) : pread(fd, buf, SECTOR, off);
+    if (n == (ssize_t)SECTOR) return 0;
+    if (n < 0 && errno == EINTR) continue;
+    if (n >= 0) errno = EIO; /* a short transfer on a block device with O_DIRECT: treat as I/O error */
+    return -1;
+  }
+}
+
+static void ring_fail(const char *what, int err) {
+  fprintf(stderr, "probe: ring %s: %s: %s\n", ring_dev, what, strerror(err));
+  __atomic_store_n(&ring_errno, (uint32_t)err, __ATOMIC_RELAXED);
+  __atomic_store_n(&ring_state, DISK_FAILED, __ATOMIC_RELEASE);
+}
+
+/* Reads the header; writes a fresh one if there is none (init only hands us disks named ftvm-ring
+ * or carrying the header). Then stamps this boot's id into it, durably, before the first record. */
+static int ring_open(uint32_t *slots) {
+  int fd = open(ring_dev, O_RDWR | O_DIRECT | O_DSYNC | O_CLOEXEC);
+  if (fd < 0) { ring_fail("open", errno); return -1; }
+  off_t size = lseek(fd, 0, SEEK_END);
+  uint8_t *h = ring_buf;
+  if (size < 0 || full_pio(0, fd, h, 0) < 0) { ring_fail("read header", errno); close(fd); return -1; }
+  int valid = memcmp(h, RING_HEADER_MAGIC, 8) == 0 && get_u32(h + 8) == RING_VERSION && get_u32(h + 12) == SECTOR &&
+              get_u32(h + 16) >= 2 && get_u32(h + 16) <= 65535 && get_u32(h + CRC_OFFSET) == crc32_of(h, CRC_OFFSET);
+  *slots = valid ? get_u32(h + 16) : RING_DEFAULT_SLOTS;
+  if ((uint64_t)size < (uint64_t)(*slots + 1) * SECTOR) { ring_fail("device too small for the ring", ENOSPC); close(fd); return -1; }
+  if (!valid) fprintf(stderr, "probe: ring %s: no valid header, writing one (%u slots)\n", ring_dev, *slots);
+  memset(h, 0, SECTOR);
+  memcpy(h, RING_HEADER_MAGIC, 8);
+  put_u32(h + 8, RING_VERSION);
+  put_u32(h + 12, SECTOR);
+  put_u32(h + 16, *slots);
+  put_u64(h + 24, boot_id); /* records of other boots are stale: readRing skips them */
+  seal(h);
+  if (full_pio(1, fd, h, 0) < 0) { ring_fail("write header", errno); close(fd); return -1; }
+  return fd;
+}
+
+/* The guest's own view of disk/RAM consistency, read back before writing `next`: the last completed
+ * counter must be on disk (a disk older than RAM fails this), and the slot `next` goes to must not
+ * hold `next` or newer already (a disk newer than RAM fails this). Run after every gap in the write
+ * loop (a failover's resume: the guest clock jumps over the outage) and every 64th write. */
+static void ring_check(int fd, uint8_t *r, uint32_t slots, uint64_t next) {
+  uint64_t last = next - 1;
+  int bad = 0;
+  if (full_pio(0, fd, r, (off_t)(1 + (uint32_t)((last - 1) % slots)) * SECTOR) < 0) { ring_fail("read back", errno); return; }
+  if (memcmp(r, RING_RECORD_MAGIC, 8) != 0 || get_u64(r + 8) != boot_id || get_u64(r + 16) != last ||
+      get_u32(r + CRC_OFFSET) != crc32_of(r, CRC_OFFSET)) {
+    fprintf(stderr, "probe: ring check: counter %llu not on disk\n", (unsigned long long)last);
+    bad = 1;
+  }
+  if (full_pio(0, fd, r, (off_t)(1 + (uint32_t)((next - 1) % slots)) * SECTOR) < 0) { ring_fail("read back", errno); return; }
+  if (memcmp(r, RING_RECORD_MAGIC, 8) == 0 && get_u64(r + 8) == boot_id && get_u64(r + 16) >= next) {
+    fprintf(stderr, "probe: ring check: slot of %llu holds %llu, written after this RAM\n", (unsigned long long)next, (unsigned long long)get_u64(r + 16));
+    bad = 1;
+  }
+  __atomic_add_fetch(&ring_checks, 1, __ATOMIC_RELAXED);
+  if (bad) __atomic_add_fetch(&ring_violations, 1, __ATOMIC_RELAXED);
+}
+
+static void *ring_main(void *arg) {
+  (void)arg;
+  struct sched_param other = { 0 };
+  pthread_setschedparam(pthread_self(), SCHED_OTHER, &other);
+  uint32_t slots;
+  int fd = ring_open(&slots);
+  if (fd < 0) return NULL;
+  __atomic_store_n(&ring_slots, slots, __ATOMIC_RELAXED);
+  uint8_t *r = ring_buf;
+  /* Ticks at start + k ms, at most one write per tick, missed ticks skipped (no catch-up burst):
+   * so the counter never exceeds 1 + (ms since start), which the host uses as an upper bound. */
+  int64_t tick = now_ns(CLOCK_MONOTONIC);
+  int64_t last_done = tick;
+  for (uint64_t counter = 1;; counter++) {
+    uint32_t slot = (uint32_t)((counter - 1) % slots);
+    if (counter > 1 && (now_ns(CLOCK_MONOTONIC) - last_done > 100 * RING_PERIOD_NS || counter % 64 == 0)) {
+      ring_check(fd, r, slots, counter);
+      if (__atomic_load_n(&ring_state, __ATOMIC_ACQUIRE) == DISK_FAILED) break;
+    }
+    for (uint32_t i = 48; i < CRC_OFFSET; i++) r[i] = (uint8_t)(counter + i); /* a torn write shows in the crc */
+    memcpy(r, RING_RECORD_MAGIC, 8);
+    put_u64(r + 8, boot_id);
+    put_u64(r + 16, counter);
+    put_u32(r + 24, slot);
+    put_u32(r + 28, RING_VERSION);
+    put_u64(r + 32, (uint64_t)now_ns(CLOCK_MONOTONIC));
+    put_u64(r + 40, (uint64_t)now_ns(CLOCK_REALTIME));
+    seal(r);
+    __atomic_store_n(&ring_issued, counter, __ATOMIC_RELEASE);
+    int64_t t0 = now_ns(CLOCK_MONOTONIC);
+    if (full_pio(1, fd, r, (off_t)(1 + slot) * SECTOR) < 0) { ring_fail("write", errno); break; }
+    int64_t t1 = now_ns(CLOCK_MONOTONIC);
+    __atomic_add_fetch(&ring_write_ns, (uint64_t)(t1 - t0), __ATOMIC_RELAXED);
+    __atomic_store_n(&ring_completed, counter, __ATOMIC_RELEASE);
+    last_done = t1;
+    tick += RING_PERIOD_NS;
+    if (tick <= t1) tick += ((t1 - tick) / RING_PERIOD_NS + 1) * RING_PERIOD_NS;
+    struct timespec ts = ns_to_ts(tick);
+    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR) {}
+  }
+  close(fd);
+  return NULL;
+}
+
+/* ---- file-system workload ----------------------------------------------------------------------
+ * Every 50 ms in DIR (an ext4 mount): write tmp, fsync, rename over `current`, fsync DIR; replace
+ * one of 32 small files f-NN (unlink + create, no fsync: delayed allocation in flight); append a
+ * line to `log` and fsync it; rotate log to log.1 past 256 KiB. A cycle counts once all of that
+ * returned, so after any crash `current` and `log` hold at least the last counted cycle. */
+#define FS_PERIOD_NS 50000000LL
+#define FS_CURRENT_BYTES 16384u
+#define FS_SMALL_BYTES 4096u
+#define FS_SMALL_FILES 32u
+#define FS_LOG_ROTATE 262144
+#define EXT4_MAGIC 0xEF53
+
+static const char *fs_dir;
+
+static void fs_fail(const char *what, int err) {
+  fprintf(stderr, "probe: fs %s: %s: %s\n", fs_dir, what, strerror(err));
+  __atomic_store_n(&fs_errno, (uint32_t)err, __ATOMIC_RELAXED);
+  __atomic_store_n(&fs_state, DISK_FAILED, __ATOMIC_RELEASE);
+}
+
+static int write_all(int fd, const uint8_t *p, size_t n) {
+  while (n) {
+    ssize_t w = write(fd, p, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) { if (w == 0) errno = EIO; return -1; }
+    p += w;
+    n -= (size_t)w;
+  }
+  return 0;
+}
+
+/* Creates (or truncates) name in dirfd with len bytes from buf, fsynced if asked. */
+static int put_file(int dirfd, const char *name, int flags, const uint8_t *buf, size_t len, int sync) {
+  int fd = openat(dirfd, name, O_WRONLY | O_CREAT | O_CLOEXEC | flags, 0644);
+  if (fd < 0) return -1;
+  if (write_all(fd, buf, len) < 0 || (sync && fsync(fd) < 0)) { int e = errno; close(fd); errno = e; return -1; }
+  return close(fd);
+}
+
+static int open_log(int dirfd, off_t *size) {
+  int fd = openat(dirfd, "log", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  if (fd >= 0) *size = lseek(fd, 0, SEEK_END);
+  return fd;
+}
+
+static void *fs_main(void *arg) {
+  (void)arg;
+  struct sched_param other = { 0 };
+  pthread_setschedparam(pthread_self(), SCHED_OTHER, &other);
+  struct statfs st;
+  if (statfs(fs_dir, &st) < 0) { fs_fail("statfs", errno); return NULL; }
+  /* init mounts the disk here; if that failed this is the initramfs, and writing there tests nothing */
+  if (st.f_type != EXT4_MAGIC) { fs_fail("not an ext4 mount", ENODEV); return NULL; }
+  int dirfd = open(fs_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dirfd < 0) { fs_fail("open", errno); return NULL; }
+  static uint8_t data[FS_CURRENT_BYTES];
+  off_t log_size = 0;
+  int logfd = open_log(dirfd, &log_size);
+  if (logfd < 0) { fs_fail("open log", errno); return NULL; }
+  int64_t tick = now_ns(CLOCK_MONOTONIC);
+  for (uint64_t cycle = 1;; cycle++) {
+    const char *what;
+    char line[64], small[16];
+    char head[64];
+    int head_len = snprintf(head, sizeof head, "ftvm-fs %016" PRIx64 " %" PRIu64 "\n", boot_id, cycle);
+    for (size_t i = 0; i < sizeof data; i++) data[i] = (uint8_t)('a' + (cycle + i) % 26);
+    memcpy(data, head, (size_t)head_len); /* first line: what the host reads back from `current` */
+    int line_len = snprintf(line, sizeof line, "%" PRIu64 " %016" PRIx64 "\n", cycle, boot_id);
+    snprintf(small, sizeof small, "f-%02u", (unsigned)(cycle % FS_SMALL_FILES));
+    what = "write tmp";
+    if (put_file(dirfd, "tmp", O_TRUNC, data, FS_CURRENT_BYTES, 1) < 0) goto fail;
+    what = "rename tmp current";
+    if (renameat(dirfd, "tmp", dirfd, "current") < 0) goto fail;
+    what = "fsync dir";
+    if (fsync(dirfd) < 0) goto fail;
+    what = "replace small file";
+    if (unlinkat(dirfd, small, 0) < 0 && errno != ENOENT) goto fail;
+    if (put_file(dirfd, small, O_EXCL, data, FS_SMALL_BYTES, 0) < 0) goto fail;
+    what = "append log";
+    if (write_all(logfd, (const uint8_t *)line, (size_t)line_len) < 0 || fsync(logfd) < 0) goto fail;
+    log_size += line_len;
+    __atomic_add_fetch(&fs_bytes, FS_CURRENT_BYTES + FS_SMALL_BYTES + (uint64_t)line_len, __ATOMIC_RELAXED);
+    __atomic_store_n(&fs_cycles, cycle, __ATOMIC_RELEASE);
+    if (log_size > FS_LOG_ROTATE) {
+      what = "rotate log";
+      /* closed before the rename: the old log.1 it replaces is freed at once, never an orphan */
+      if (close(logfd) < 0 || renameat(dirfd, "log", dirfd, "log.1") < 0 || fsync(dirfd) < 0) goto fail;
+      if ((logfd = open_log(dirfd, &log_size)) < 0) goto fail;
+    }
+    tick += FS_PERIOD_NS;
+    int64_t now = now_ns(CLOCK_MONOTONIC);
+    if (tick <= now) tick += ((now - tick) / FS_PERIOD_NS + 1) * FS_PERIOD_NS;
+    struct timespec ts = ns_to_ts(tick);
+    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR) {}
+    continue;
+  fail:
+    fs_fail(what, errno);
+    return NULL;
+  }
+}
+
+static int start_thread(void *(*fn)(void *), size_t stack) {
   pthread_t th;
   pthread_attr_t attr;
   pthread_attr_init(&attr);
-  pthread_attr_setstacksize(&attr, 256 << 10); /* the workload needs little stack, and the guest may be small */
-  int err = pthread_create(&th, &attr, workload_main, NULL);
+  pthread_attr_setstacksize(&attr, stack); /* the guest may be small */
+  int err = pthread_create(&th, &attr, fn, NULL);
   pthread_attr_destroy(&attr);
   if (err) { fprintf(stderr, "probe: pthread_create: %s\n", strerror(err)); return -1; }
   pthread_detach(th);
@@ -211,6 +475,20 @@ static void serve(int fd) {
     put_u32(reply + 48, __atomic_load_n(&workload_mibps, __ATOMIC_RELAXED));
     put_u32(reply + 52, __atomic_load_n(&bad_packets, __ATOMIC_RELAXED));
     put_u64(reply + 56, boot_id);
+    /* completed before issued: completed <= issued always holds, and issued only grows */
+    uint64_t completed = __atomic_load_n(&ring_completed, __ATOMIC_ACQUIRE);
+    put_u64(reply + 72, completed);
+    put_u64(reply + 64, __atomic_load_n(&ring_issued, __ATOMIC_ACQUIRE));
+    put_u64(reply + 80, __atomic_load_n(&ring_write_ns, __ATOMIC_RELAXED));
+    put_u64(reply + 88, __atomic_load_n(&fs_cycles, __ATOMIC_ACQUIRE));
+    put_u64(reply + 96, __atomic_load_n(&fs_bytes, __ATOMIC_RELAXED));
+    reply[104] = (uint8_t)__atomic_load_n(&ring_state, __ATOMIC_ACQUIRE);
+    reply[105] = (uint8_t)__atomic_load_n(&fs_state, __ATOMIC_ACQUIRE);
+    put_u16(reply + 106, (uint16_t)__atomic_load_n(&ring_slots, __ATOMIC_RELAXED));
+    put_u16(reply + 108, (uint16_t)__atomic_load_n(&ring_errno, __ATOMIC_RELAXED));
+    put_u16(reply + 110, (uint16_t)__atomic_load_n(&fs_errno, __ATOMIC_RELAXED));
+    put_u32(reply + 112, __atomic_load_n(&ring_checks, __ATOMIC_RELAXED));
+    put_u32(reply + 116, __atomic_load_n(&ring_violations, __ATOMIC_RELAXED));
     /* The stamps go last, right before sendto: monotonic, then realtime (the one offsets use). */
     put_u64(reply + 32, (uint64_t)now_ns(CLOCK_MONOTONIC));
     put_u64(reply + 24, (uint64_t)now_ns(CLOCK_REALTIME));
@@ -238,7 +516,12 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[i], "--port") && i + 1 < argc) port = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--workload") && i + 1 < argc) workload = strtol(argv[++i], NULL, 10);
     else if (!strcmp(argv[i], "--ready-file") && i + 1 < argc) ready_file = argv[++i];
-    else { fprintf(stderr, "usage: %s [--port N] [--workload MiBps] [--ready-file PATH]\n", argv[0]); return 2; }
+    else if (!strcmp(argv[i], "--ring") && i + 1 < argc) ring_dev = argv[++i];
+    else if (!strcmp(argv[i], "--fs-dir") && i + 1 < argc) fs_dir = argv[++i];
+    else {
+      fprintf(stderr, "usage: %s [--port N] [--workload MiBps] [--ready-file PATH] [--ring DEV] [--fs-dir DIR]\n", argv[0]);
+      return 2;
+    }
   }
   if (workload < 0 || workload > MAX_MIBPS) { fprintf(stderr, "probe: bad --workload %ld\n", workload); return 2; }
   if (getrandom(&boot_id, sizeof boot_id, GRND_NONBLOCK) != sizeof boot_id)
@@ -246,19 +529,31 @@ int main(int argc, char **argv) {
 
   int fd = open_socket(port);
   if (fd < 0) return 1;
+  crc32_init();
+  if (ring_dev && posix_memalign((void **)&ring_buf, SECTOR, SECTOR) != 0) { fprintf(stderr, "probe: ring buffer\n"); return 1; }
   /* Keep the reply path free of page faults and ahead of everything else in the guest. MCL_CURRENT
    * only, and before the workload thread exists: its buffer is meant to be dirtied page by page,
    * and locked it would be populated whole at once. */
   if (mlockall(MCL_CURRENT) < 0) perror("probe: mlockall");
   __atomic_store_n(&workload_mibps, (uint32_t)workload, __ATOMIC_RELAXED);
-  if (start_workload_thread() < 0) return 1;
+  if (start_thread(workload_main, 256 << 10) < 0) return 1;
+  /* Each disk workload in its own thread: a slow disk must never delay a clock reply. */
+  if (ring_dev) {
+    __atomic_store_n(&ring_state, DISK_RUNNING, __ATOMIC_RELEASE);
+    if (start_thread(ring_main, 256 << 10) < 0) return 1;
+  }
+  if (fs_dir) {
+    __atomic_store_n(&fs_state, DISK_RUNNING, __ATOMIC_RELEASE);
+    if (start_thread(fs_main, 256 << 10) < 0) return 1;
+  }
   struct sched_param fifo = { .sched_priority = 50 };
   if (sched_setscheduler(0, SCHED_FIFO, &fifo) < 0) perror("probe: SCHED_FIFO");
   if (ready_file) {
     FILE *f = fopen(ready_file, "w");
     if (f) fclose(f);
   }
-  fprintf(stderr, "probe: listening on udp 0.0.0.0:%d, workload %ld MiB/s\n", port, workload);
+  fprintf(stderr, "probe: listening on udp 0.0.0.0:%d, workload %ld MiB/s, ring %s, fs %s\n", port, workload,
+          ring_dev ? ring_dev : "none", fs_dir ? fs_dir : "none");
   serve(fd);
   return 0;
 }

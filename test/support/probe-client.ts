@@ -1,7 +1,7 @@
 /**
  * Host side of the clock probe (test/guest/probe.c): measures guest CLOCK_REALTIME against host
- * CLOCK_REALTIME over UDP, NTP-style, and drives the probe's STEP/SET/WORKLOAD commands.
- * Wire format: test/guest/README.md.
+ * CLOCK_REALTIME over UDP, NTP-style, drives the probe's STEP/SET/WORKLOAD commands, and reads the
+ * counters of its disk workloads. Wire format: test/guest/README.md.
  */
 import { realtimeAnchorNs } from '@ftvm/kvmclock';
 import dgram from 'node:dgram';
@@ -19,8 +19,42 @@ const commandName = (code: CommandCode): string => ['', 'TIME', 'STEP', 'SET', '
 const MAGIC = Buffer.from('FTVP');
 const VERSION = 1;
 const REQUEST_SIZE = 24;
-const REPLY_SIZE = 64;
+/** Replies of probes built before the disk workloads: the first 64 bytes of today's. */
+const REPLY_SIZE_CLOCK_ONLY = 64;
+const REPLY_SIZE = 128;
 const REPLY_FLAG = 0x80;
+
+export const DISK_STATES = ['off', 'running', 'failed'] as const;
+export type DiskState = (typeof DISK_STATES)[number];
+
+/** The probe's disk workloads, as its reply reports them (bytes 64..127). */
+export interface DiskCounters {
+  ring: {
+    /** off: no ring disk; failed: an I/O error stopped it (errno says which). */
+    state: DiskState;
+    errno: number;
+    /** Slots of the ring on disk (0 until the ring is open). */
+    slots: number;
+    /** Counter of the newest write issued (set before its pwrite). */
+    issued: bigint;
+    /** Counter of the newest write completed (its O_DIRECT|O_DSYNC pwrite returned). completed ≤ issued. */
+    completed: bigint;
+    /** Summed duration of the completed pwrites, guest CLOCK_MONOTONIC ns. */
+    writeNs: bigint;
+    /** The guest's read-back checks of the ring (after every gap in its write loop, e.g. a failover's resume, and every 64th write). */
+    checks: number;
+    /** Checks that found the disk older than the guest's RAM (its last completed write missing) or newer (its next slot written already). */
+    violations: number;
+  };
+  fs: {
+    state: DiskState;
+    errno: number;
+    /** Cycles whose every write, fsync and rename returned. */
+    cycles: bigint;
+    /** Bytes written by the fs workload. */
+    bytes: bigint;
+  };
+}
 
 export interface ProbeReply {
   command: CommandCode;
@@ -37,6 +71,8 @@ export interface ProbeReply {
   badPackets: number;
   /** Random per guest boot: a workload counter is only comparable within one boot id. */
   bootId: bigint;
+  /** Absent when the probe predates the disk workloads (a 64-byte reply). */
+  disk?: DiskCounters;
 }
 
 export function encodeRequest(command: CommandCode, id: bigint, arg = 0n): Buffer {
@@ -49,12 +85,35 @@ export function encodeRequest(command: CommandCode, id: bigint, arg = 0n): Buffe
   return buf;
 }
 
-/** Returns undefined for anything that is not a well-formed reply (stray or garbled datagrams). */
+/**
+ * Returns undefined for anything that is not a well-formed reply (stray or garbled datagrams).
+ * Takes both sizes: 64 bytes (a probe from before the disk workloads) and 128.
+ */
 export function decodeReply(buf: Buffer): ProbeReply | undefined {
-  if (buf.length !== REPLY_SIZE || !buf.subarray(0, 4).equals(MAGIC) || buf.readUInt8(4) !== VERSION) return undefined;
+  if (buf.length !== REPLY_SIZE && buf.length !== REPLY_SIZE_CLOCK_ONLY) return undefined;
+  if (!buf.subarray(0, 4).equals(MAGIC) || buf.readUInt8(4) !== VERSION) return undefined;
   const raw = buf.readUInt8(5);
   const command = raw & ~REPLY_FLAG;
   if (!(raw & REPLY_FLAG) || !Object.values<number>(Command).includes(command)) return undefined;
+  let disk: DiskCounters | undefined;
+  if (buf.length === REPLY_SIZE) {
+    const ringState = DISK_STATES[buf.readUInt8(104)];
+    const fsState = DISK_STATES[buf.readUInt8(105)];
+    if (!ringState || !fsState) return undefined;
+    disk = {
+      ring: {
+        state: ringState,
+        errno: buf.readUInt16LE(108),
+        slots: buf.readUInt16LE(106),
+        issued: buf.readBigUInt64LE(64),
+        completed: buf.readBigUInt64LE(72),
+        writeNs: buf.readBigUInt64LE(80),
+        checks: buf.readUInt32LE(112),
+        violations: buf.readUInt32LE(116),
+      },
+      fs: { state: fsState, errno: buf.readUInt16LE(110), cycles: buf.readBigUInt64LE(88), bytes: buf.readBigUInt64LE(96) },
+    };
+  }
   return {
     command: command as CommandCode,
     status: buf.readUInt16LE(6),
@@ -66,6 +125,7 @@ export function decodeReply(buf: Buffer): ProbeReply | undefined {
     workloadMiBps: buf.readUInt32LE(48),
     badPackets: buf.readUInt32LE(52),
     bootId: buf.readBigUInt64LE(56),
+    ...(disk ? { disk } : {}),
   };
 }
 
@@ -218,7 +278,13 @@ export class ProbeClient {
       if (!best || sample.errorNs < best.errorNs) best = sample;
     }
     if (!best || !last) throw new ProbeError(`${this.describe()}: no sample within ${total} ms`);
-    return { ...best, workloadCounter: last.workloadCounter, workloadMiBps: last.workloadMiBps, samples };
+    return {
+      ...best,
+      workloadCounter: last.workloadCounter,
+      workloadMiBps: last.workloadMiBps,
+      ...(last.disk ? { disk: last.disk } : {}),
+      samples,
+    };
   }
 }
 
@@ -244,12 +310,14 @@ export interface ClockOffset {
   /** From the last reply. */
   workloadCounter: bigint;
   workloadMiBps: number;
+  /** From the last reply; absent from probes that predate the disk workloads. */
+  disk?: DiskCounters;
   bootId: bigint;
   samples: number;
 }
 
 /** One exchange's estimate; clockOffset() keeps the best of several. */
-export type OffsetSample = Omit<ClockOffset, 'samples' | 'workloadCounter' | 'workloadMiBps'>;
+export type OffsetSample = Omit<ClockOffset, 'samples' | 'workloadCounter' | 'workloadMiBps' | 'disk'>;
 
 /**
  * t1 host send, t2 guest receive, t3 guest send, t4 host receive. The guest stamps bound the
@@ -323,6 +391,18 @@ export function syncGuestClock(target: ProbeTarget, options?: ClockOffsetOptions
 /** Starts (mibPerSec > 0) or stops (0) the guest's memory-dirtying workload. */
 export function startWorkload(target: ProbeTarget, mibPerSec: number, options?: RequestOptions): Promise<ProbeReply> {
   return withProbe(target, async (client) => (await client.request(Command.workload, BigInt(mibPerSec), options)).reply);
+}
+
+/**
+ * The disk workloads' counters from one TIME reply, with the reply's boot id and guest monotonic
+ * time (rates are best taken on the guest's clock). Throws if the probe predates them.
+ */
+export function diskCounters(target: ProbeTarget, options?: RequestOptions): Promise<DiskCounters & { bootId: bigint; monotonicNs: bigint }> {
+  return withProbe(target, async (client) => {
+    const { reply } = await client.request(Command.time, 0n, options);
+    if (!reply.disk) throw new ProbeError(`probe at ${target.host}:${target.port}: its replies have no disk counters (a probe built before the disk workloads)`);
+    return { ...reply.disk, bootId: reply.bootId, monotonicNs: reply.monotonicNs };
+  });
 }
 
 /** Polls with TIME until the probe answers; throws after timeoutMs. */

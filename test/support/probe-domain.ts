@@ -2,8 +2,11 @@
  * libvirt domain XML for the clock-probe test guest: direct kernel boot, domain type `qemu` (TCG),
  * plus an ftvm QMP socket, the guest agent and user-mode networking with the probe's UDP port
  * forwarded to the host's lab address — all through <qemu:commandline>, so libvirt's own monitor
- * and agent handling stay untouched.
+ * and agent handling stay untouched. The probe's disks, when asked for, are ordinary libvirt
+ * <disk> elements: libvirt must know them (its block node names, its view of the domain).
  */
+import type { ProbeDisk, ProbeDisks } from './disk-check.js';
+
 export interface ProbeDomainSpec {
   name: string;
   kernel: string;
@@ -21,6 +24,13 @@ export interface ProbeDomainSpec {
   emulator?: string;
   /** Appended to QEMU's command line, e.g. ['-incoming', 'defer'] to restore a checkpoint. */
   extraQemuArgs?: string[];
+  /**
+   * The probe's disks (createProbeDisks(); paths as QEMU sees them): virtio, serials ftvm-ring /
+   * ftvm-fs, targets vda, vdb in that order. Without it the XML is exactly as before.
+   */
+  disks?: ProbeDisks;
+  /** <driver cache/io> of the disks. Default cache='none' io='native' (works under TCG too). */
+  diskDriver?: { cache: 'none' | 'writeback' | 'unsafe' | 'directsync'; io?: 'native' | 'threads' };
 }
 
 export const PROBE_GUEST_PORT = 5555;
@@ -65,13 +75,29 @@ export function probeDomainXml(spec: ProbeDomainSpec): string {
       <source path='${escapeXml(spec.serialLog)}'/>
       <target port='0'/>
     </serial>
-    <memballoon model='none'/>
+${probeDisksXml(spec.disks, spec.diskDriver)}    <memballoon model='none'/>
   </devices>
   <qemu:commandline>
 ${qemuArgs.map((arg) => `    <qemu:arg value='${escapeXml(arg)}'/>`).join('\n')}
   </qemu:commandline>
 </domain>
 `;
+}
+
+function probeDisksXml(disks: ProbeDisks | undefined, driver: ProbeDomainSpec['diskDriver'] = { cache: 'none', io: 'native' }): string {
+  const attached = [disks?.ring, disks?.fs].filter((d): d is ProbeDisk => d !== undefined);
+  const io = driver.io ? ` io='${driver.io}'` : '';
+  return attached
+    .map(
+      (disk, i) => `    <disk type='file' device='disk'>
+      <driver name='qemu' type='${disk.format}' cache='${driver.cache}'${io}/>
+      <source file='${escapeXml(disk.path)}'/>
+      <target dev='vd${'ab'[i]}' bus='virtio'/>
+      <serial>${escapeXml(disk.serial)}</serial>
+    </disk>
+`,
+    )
+    .join('');
 }
 
 function escapeXml(text: string): string {
