@@ -12,7 +12,7 @@ grep -q '^12' /etc/debian_version 2>/dev/null || log "warning: not Debian 12 ($(
 
 APT_PACKAGES=(
   # the VMM and the control plane
-  qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config libxml2-utils
+  qemu-system-x86 qemu-utils libnbd-bin libvirt-daemon-system libvirt-clients libvirt-dev pkg-config libxml2-utils  # libnbd-bin: nbdinfo cross-checks the NBD client (#15)
   # lab hosts: namespaces, their sshd, the witness's etcd (iptables: the heartbeat test drops UDP)
   iproute2 iptables openssh-server openssh-client etcd-server etcd-client procps psmisc
   # the test guest: static busybox + our static clock probe, initramfs tools
