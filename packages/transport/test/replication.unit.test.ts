@@ -59,8 +59,8 @@ describe('FrameDecoder', () => {
   });
 
   it('names what is wrong, with the offset', () => {
-    const bad = Buffer.concat([frames[0]!, Buffer.from([9, 0, 0, 0, 1, 0])]);
-    expect(() => new FrameDecoder().push(bad)).toThrow(`unknown frame type 9 at stream offset ${frames[0]!.length}`);
+    const bad = Buffer.concat([frames[0]!, Buffer.from([10, 0, 0, 0, 1, 0])]);
+    expect(() => new FrameDecoder().push(bad)).toThrow(`unknown frame type 10 at stream offset ${frames[0]!.length}`);
     const huge = Buffer.from([FrameType.Data, 0xff, 0xff, 0xff, 0xff]);
     expect(() => new FrameDecoder().push(huge)).toThrow(/frame of 4294967295 bytes at stream offset 0 exceeds/);
     const cut = new FrameDecoder();

@@ -4,8 +4,19 @@ import path from 'node:path';
 import type { Readable } from 'node:stream';
 import { assembleCheckpointChain, sameBlocks, type AssembledCheckpoint } from '../stream/chain.js';
 import type { StreamSummary } from '../stream/verifier.js';
+import {
+  DiskDeltaWriter,
+  scanDiskDelta,
+  invalidDiskList,
+  invalidExtent,
+  isValidDiskName,
+  type DiskGeometry,
+  type DiskSectionInput,
+} from './disk-delta.js';
 import { CheckpointStoreError } from './errors.js';
-import { invalidMetadataField, type CheckpointMetadata } from './metadata.js';
+import { invalidMetadataField, validDiskBase, validSeedId, type CheckpointMetadata, type DiskBase, type DiskDeltaMetadata } from './metadata.js';
+import { closeAll, Replica, syncDir, type DeltaToApply, type ReplicaMarker, type ReplicaState } from './replica.js';
+import { WriteBehind } from './write-behind.js';
 
 /**
  * Checks a checkpoint's bytes as they arrive (e.g. parses the migration stream to its end), so a
@@ -36,6 +47,12 @@ export interface LoadableCheckpoint {
   chain: CheckpointMetadata[];
   /** Their data, in the same order, each matching its checksum. */
   data: Buffer[];
+  /**
+   * When it has disks: the checkpoints whose disk deltas bring the replica from its applied state
+   * to this one's (verified), oldest first; empty when the replica is there already.
+   * `prepareDisks` applies them.
+   */
+  diskEpochs?: number[];
 }
 
 export interface CommitInput {
@@ -51,11 +68,28 @@ export interface CommitInput {
   trailer?: () => Promise<Pick<CommitInput, 'stopNs' | 'resumeNs'>>;
   /** Set for an incremental checkpoint: it must apply on the newest committed one, exactly this. */
   base?: CheckpointBase;
+  /**
+   * The disks' writes since `diskBase`, one section per disk of the replica, consumed after
+   * `data`. The checkpoint commits only if `diskBase` is the store's disk head (else `no-disk-base`).
+   */
+  disks?: AsyncIterable<DiskSectionInput>;
+  diskBase?: DiskBase;
+}
+
+/** A seed: every allocated extent of each disk, written into fresh replica images. */
+export interface SeedInput {
+  seed: string;
+  disks: DiskGeometry[];
+  /** One section per listed disk, in the listed order; extents ascending, not overlapping. */
+  sections: AsyncIterable<DiskSectionInput>;
 }
 
 const DATA_SUFFIX = '.ckpt';
 const META_SUFFIX = '.json';
 const TMP_SUFFIX = '.tmp';
+const DELTA_SUFFIX = '.delta';
+/** `<epoch>.<disk>.delta` */
+const DELTA_NAME = /^(\d+)\.([^.]+)\.delta$/;
 const HASH_SLICE_BYTES = 4 * 1024 * 1024;
 
 /**
@@ -70,17 +104,30 @@ const HASH_SLICE_BYTES = 4 * 1024 * 1024;
  * Incremental checkpoints (only the pages written since their base) are committed the same way,
  * only on top of the newest committed checkpoint, named with its checksum; pruning keeps every
  * checkpoint a kept one depends on, and reading assembles the chain into one loadable stream.
+ *
+ * Disks: a checkpoint may carry each disk's writes since its disk base, one delta file per disk
+ * (`<epoch>.<disk>.delta`, see disk-delta.ts), written and renamed before the metadata rename,
+ * so they commit with it. The replica (replica.ts) holds the disks as of a seed plus the deltas
+ * applied so far; after each commit's prune it is brought to the oldest checkpoint still present
+ * (no failover can pick an older one), and a delta file goes only with a checkpoint the replica
+ * has passed. At failover `prepareDisks` applies the rest up to the chosen checkpoint.
  */
 export class CheckpointStore {
-  /** Pruning after the last commit: it runs once the commit is durable, and the next commit waits for it. */
+  /** Pruning after the last commit (or a seed): it runs once the commit is durable, and the next commit waits for it. */
   private pruning: Promise<void> = Promise.resolve();
+  private readonly replica: Replica;
 
   constructor(
     readonly dir: string,
     private readonly keep = 3,
-    private readonly options: { onPruneError?: (error: CheckpointStoreError) => void } = {},
+    private readonly options: {
+      onPruneError?: (error: CheckpointStoreError) => void;
+      /** How long a seed, an apply or `prepareDisks` waits for another process's hold on the replica. */
+      replicaLockTimeoutMs?: number;
+    } = {},
   ) {
     if (!Number.isInteger(keep) || keep < 1) throw new RangeError(`keep must be an integer ≥ 1, got ${keep}`);
+    this.replica = new Replica(dir, options.replicaLockTimeoutMs);
   }
 
   /** Creates the directory and removes what a crash left behind (temporaries, uncommitted data). */
@@ -91,8 +138,11 @@ export class CheckpointStore {
       const committed = new Set(names.filter((n) => n.endsWith(META_SUFFIX)).map((n) => n.slice(0, -META_SUFFIX.length)));
       for (const name of names) {
         const uncommittedData = name.endsWith(DATA_SUFFIX) && !committed.has(name.slice(0, -DATA_SUFFIX.length));
-        if (name.endsWith(TMP_SUFFIX) || uncommittedData) await fs.rm(path.join(this.dir, name), { force: true });
+        const delta = DELTA_NAME.exec(name);
+        const uncommittedDelta = delta !== null && !committed.has(delta[1]!);
+        if (name.endsWith(TMP_SUFFIX) || uncommittedData || uncommittedDelta) await fs.rm(path.join(this.dir, name), { force: true });
       }
+      await this.replica.cleanup();
     } catch (error) {
       throw CheckpointStoreError.fromFs(error, `open checkpoint store ${this.dir}`);
     }
@@ -109,6 +159,7 @@ export class CheckpointStore {
     // the disk): its error then surfaces from the read loop below — an errored stream throws when
     // iterated — instead of as an uncaught 'error' event that would take the receiver down.
     input.data.on('error', ignoreHere);
+    ignoreErrorsUntilRead(input.disks);
     await this.pruning; // one change to the directory at a time
     const { epoch } = input;
     if (!Number.isSafeInteger(epoch) || epoch < 0) {
@@ -119,10 +170,12 @@ export class CheckpointStore {
       throw new CheckpointStoreError(`epoch ${epoch} is not newer than the latest committed (${latest})`, 'conflict', epoch);
     }
     const base = input.base ? await this.checkBase(epoch, input.base, latest) : undefined;
+    const replica = input.disks || input.diskBase ? await this.checkDiskBase(epoch, input, latest) : undefined;
     const dataPath = this.dataPath(epoch);
     const tmpData = `${dataPath}.${process.pid}${TMP_SUFFIX}`;
     let bytes = 0;
     const hash = createHash('sha256');
+    const deltas: { path: string; tmp: string; writer?: DiskDeltaWriter; metadata?: DiskDeltaMetadata }[] = [];
     try {
       const file = await fs.open(tmpData, 'wx');
       const writer = new WriteBehind(file);
@@ -146,6 +199,7 @@ export class CheckpointStore {
       }
       if (shape) checkShape(epoch, shape, base);
       if (bytes === 0) throw new CheckpointStoreError(`checkpoint ${epoch} is empty`, 'verify', epoch);
+      if (input.disks && replica) await this.writeDeltas(epoch, input.disks, replica, deltas);
       const late = input.trailer ? await input.trailer() : input;
       const metadata: CheckpointMetadata = {
         vm: input.vm,
@@ -161,19 +215,29 @@ export class CheckpointStore {
         ...(shape && shape.ramBlocks ? { ramBlocks: shape.ramBlocks } : {}),
         ...(shape && shape.layout ? { layout: shape.layout } : {}),
         ...(shape && shape.guestClockNs !== undefined ? { guestClockNs: shape.guestClockNs.toString() } : {}),
+        ...(input.diskBase ? { disks: deltas.map((d) => d.metadata!), diskBase: input.diskBase } : {}),
       };
       await fs.rename(tmpData, dataPath);
-      await this.syncDir(); // the data's name must be durable before the metadata that commits it
+      for (const delta of deltas) await fs.rename(delta.tmp, delta.path);
+      await this.syncDir(); // the data's and deltas' names must be durable before the metadata that commits them
       await this.writeDurably(this.metaPath(epoch), `${JSON.stringify(metadata, null, 2)}\n`);
       await this.syncDir();
-      this.pruning = this.prune().catch((error: unknown) => {
+      const previous = this.pruning; // (a seed queued meanwhile)
+      this.pruning = previous.then(() => this.prune()).catch((error: unknown) => {
         this.options.onPruneError?.(error instanceof CheckpointStoreError ? error : CheckpointStoreError.fromFs(error, `prune ${this.dir}`));
       });
       return metadata;
     } catch (error) {
       await fs.rm(tmpData, { force: true }).catch(() => undefined);
-      // A data file renamed but never given its metadata must not linger either.
-      if (!(await exists(this.metaPath(epoch)))) await fs.rm(dataPath, { force: true }).catch(() => undefined);
+      for (const delta of deltas) {
+        await delta.writer?.close().catch(() => undefined);
+        await fs.rm(delta.tmp, { force: true }).catch(() => undefined);
+      }
+      // A data file renamed but never given its metadata must not linger either, nor its deltas.
+      if (!(await exists(this.metaPath(epoch)))) {
+        await fs.rm(dataPath, { force: true }).catch(() => undefined);
+        for (const delta of deltas) await fs.rm(delta.path, { force: true }).catch(() => undefined);
+      }
       if (error instanceof CheckpointStoreError) throw error;
       throw CheckpointStoreError.fromFs(error, `commit checkpoint ${epoch} in ${this.dir}`, epoch);
     }
@@ -243,6 +307,8 @@ export class CheckpointStore {
    * The newest checkpoint whose data, and that of every checkpoint it builds on, still matches
    * its checksum — each file read once, and kept for loading. Corrupt ones are reported through
    * `onCorrupt` and skipped (never deleted: they are evidence), so an older intact one is used.
+   * A checkpoint with disks also needs a complete replica not past it, and every disk delta
+   * from the replica's applied state up to it intact (`diskEpochs`).
    */
   async latestVerified(onCorrupt?: (error: CheckpointStoreError) => void): Promise<LoadableCheckpoint | undefined> {
     const verified = new Map<number, Promise<Buffer>>();
@@ -250,9 +316,13 @@ export class CheckpointStore {
       if (!verified.has(meta.epoch)) verified.set(meta.epoch, this.readVerified(meta));
       return verified.get(meta.epoch)!;
     };
+    const deltasVerified = new Map<string, Promise<unknown>>();
+    let marker: Promise<ReplicaMarker | undefined> | undefined;
     for (const epoch of (await this.epochs()).reverse()) {
       try {
         const chain = await this.chain(epoch);
+        const head = chain.at(-1)!;
+        const diskEpochs = head.disks ? await this.verifyDiskState(head, await (marker ??= this.replica.readMarker()), deltasVerified) : undefined;
         const data: Buffer[] = [];
         for (const link of chain) {
           data.push(
@@ -262,7 +332,7 @@ export class CheckpointStore {
             }),
           );
         }
-        return { metadata: chain.at(-1)!, chain, data };
+        return { metadata: head, chain, data, ...(diskEpochs ? { diskEpochs } : {}) };
       } catch (error) {
         if (!(error instanceof CheckpointStoreError)) throw error;
         onCorrupt?.(error);
@@ -291,8 +361,51 @@ export class CheckpointStore {
     return Buffer.concat([...ram, deviceState]);
   }
 
+  /**
+   * Brings the replica to a loadable checkpoint's disk state (applies its `diskEpochs`, each
+   * verified again first, and fsyncs) and returns each disk's image. Call it with the receiver
+   * stopped: a later commit's prune would move the replica on. No disks: an empty map.
+   */
+  async prepareDisks(checkpoint: LoadableCheckpoint): Promise<Map<string, string>> {
+    const { metadata } = checkpoint;
+    if (!metadata.disks) return new Map();
+    await this.replica.withLock(() => this.applyLocked(metadata.epoch, true));
+    return new Map(metadata.disks.map((d) => [d.disk, this.replica.imagePath(d.disk)]));
+  }
+
+  /** Where the store in `storeDir` keeps its replica of `disk` (a raw image; it exists once seeded). */
+  static replicaImage(storeDir: string, disk: string): string {
+    return Replica.imagePath(storeDir, disk);
+  }
+
+  /** The replica's marker and images, or undefined when this store was never seeded. */
+  async replicaState(): Promise<ReplicaState | undefined> {
+    const marker = await this.replica.readMarker();
+    return marker && { ...marker, images: Object.fromEntries(marker.disks.map((d) => [d.disk, this.replica.imagePath(d.disk)])) };
+  }
+
+  /**
+   * Seeds the replica: marks it incomplete, removes every committed checkpoint (their disk state
+   * is about to go), writes fresh images from the sections, fsyncs them and marks it complete.
+   * Resolves with the data bytes written. The next checkpoint with disks names `{ seed }` as its
+   * disk base (and, the store being empty, carries full RAM).
+   */
+  async seed(input: SeedInput): Promise<{ bytes: number }> {
+    ignoreErrorsUntilRead(input.sections);
+    const run = this.pruning.then(() => this.seedNow(input));
+    this.pruning = run.then(
+      () => undefined,
+      () => undefined,
+    );
+    return run;
+  }
+
   dataPath(epoch: number): string {
     return path.join(this.dir, `${epoch}${DATA_SUFFIX}`);
+  }
+
+  deltaPath(epoch: number, disk: string): string {
+    return path.join(this.dir, `${epoch}.${disk}${DELTA_SUFFIX}`);
   }
 
   private metaPath(epoch: number): string {
@@ -341,21 +454,261 @@ export class CheckpointStore {
 
   /**
    * Keeps the newest `keep` checkpoints and every checkpoint they build on; metadata goes first
-   * so a half-pruned one is uncommitted.
+   * so a half-pruned one is uncommitted. The replica is first brought to the oldest checkpoint
+   * kept (no failover can pick an older one); a checkpoint whose delta it has not passed stays.
    */
   private async prune(): Promise<void> {
     const epochs = await this.epochs();
     const needed = new Set<number>();
+    const metas = new Map<number, CheckpointMetadata>();
     for (const epoch of epochs.slice(-this.keep)) {
       // a chain that cannot be followed (unreadable metadata): prune nothing, lose nothing
       const chain = await this.chain(epoch).catch(() => undefined);
       if (!chain) return;
-      for (const meta of chain) needed.add(meta.epoch);
+      for (const meta of chain) needed.add(meta.epoch), metas.set(meta.epoch, meta);
+    }
+    for (const epoch of epochs) if (!metas.has(epoch)) await this.metadata(epoch).then((m) => metas.set(epoch, m), () => undefined);
+    let applied: number | null = null;
+    let applyError: unknown;
+    if ([...metas.values()].some((m) => m.disks)) {
+      try {
+        applied = (await this.replica.withLock(() => this.applyLocked(Math.min(...needed), false))).appliedEpoch;
+      } catch (error) {
+        applyError = error;
+        applied = (await this.replica.readMarker().catch(() => undefined))?.appliedEpoch ?? null;
+      }
     }
     for (const epoch of epochs.filter((e) => !needed.has(e))) {
-      await fs.rm(this.metaPath(epoch), { force: true });
-      await fs.rm(this.dataPath(epoch), { force: true });
+      if (metas.get(epoch)?.disks && (applied === null || epoch > applied)) continue; // its delta is not applied yet
+      await this.removeCheckpoint(epoch);
     }
+    if (applyError !== undefined) throw applyError;
+  }
+
+  /** Metadata first (the checkpoint is no longer committed), then its data and disk deltas. */
+  private async removeCheckpoint(epoch: number): Promise<void> {
+    await fs.rm(this.metaPath(epoch), { force: true });
+    await fs.rm(this.dataPath(epoch), { force: true });
+    for (const name of await fs.readdir(this.dir)) {
+      if (DELTA_NAME.exec(name)?.[1] === String(epoch)) await fs.rm(path.join(this.dir, name), { force: true });
+    }
+  }
+
+  /**
+   * A checkpoint's disk deltas apply only on the store's disk head: the newest committed
+   * checkpoint (which has disks), or the replica's completed seed with nothing committed on it.
+   */
+  private async checkDiskBase(epoch: number, input: CommitInput, latest: number | undefined): Promise<ReplicaMarker> {
+    const { diskBase } = input;
+    if (!input.disks) throw new CheckpointStoreError(`checkpoint ${epoch} names a disk base but carries no disks`, 'verify', epoch);
+    if (diskBase === undefined) throw new CheckpointStoreError(`checkpoint ${epoch} carries disks but names no disk base: reseed the disks`, 'no-disk-base', epoch);
+    if (!validDiskBase(diskBase, epoch)) throw new CheckpointStoreError(`checkpoint ${epoch} names an invalid disk base ${JSON.stringify(diskBase)}`, 'verify', epoch);
+    const refuse = (why: string) => new CheckpointStoreError(`checkpoint ${epoch}'s disks apply on ${describeBase(diskBase)}, but ${why}: reseed the disks`, 'no-disk-base', epoch);
+    const marker = await this.replica.readMarker();
+    if (!marker) throw refuse('this backup holds no disk replica');
+    if (!marker.complete) throw refuse(`the replica's seed ${marker.seed} is incomplete`);
+    if ('epoch' in diskBase) {
+      if (diskBase.epoch !== latest) throw refuse(`the newest committed checkpoint is ${latest ?? 'none'}`);
+      if (!(await this.metadata(latest)).disks) throw refuse(`checkpoint ${latest} carries no disks`);
+    } else {
+      if (diskBase.seed !== marker.seed) throw refuse(`the replica holds seed ${marker.seed}`);
+      if (marker.appliedEpoch !== null) throw refuse(`the replica is applied up to checkpoint ${marker.appliedEpoch} since`);
+      for (const e of await this.epochs()) if ((await this.metadata(e)).disks) throw refuse(`checkpoint ${e} is committed on it already`);
+    }
+    return marker;
+  }
+
+  /** Writes each disk section to its delta's temporary (fsync'd); `deltas` collects them for the commit or its cleanup. */
+  private async writeDeltas(
+    epoch: number,
+    sections: AsyncIterable<DiskSectionInput>,
+    marker: ReplicaMarker,
+    deltas: { path: string; tmp: string; writer?: DiskDeltaWriter; metadata?: DiskDeltaMetadata }[],
+  ): Promise<void> {
+    const sizes = new Map(marker.disks.map((d) => [d.disk, d.sizeBytes]));
+    const seen = new Set<string>();
+    for await (const { disk, sizeBytes, extents } of sections) {
+      ignoreErrorsUntilRead(extents);
+      if (!isValidDiskName(disk)) throw new CheckpointStoreError(`checkpoint ${epoch} carries a disk with an invalid name ${JSON.stringify(disk)}`, 'verify', epoch);
+      if (seen.has(disk)) throw new CheckpointStoreError(`checkpoint ${epoch} carries disk '${disk}' twice`, 'verify', epoch);
+      seen.add(disk);
+      if (sizes.get(disk) !== sizeBytes) {
+        throw new CheckpointStoreError(`checkpoint ${epoch}'s disk '${disk}' of ${sizeBytes} bytes is not one the replica holds (${describeDisks(marker.disks)}): reseed the disks`, 'no-disk-base', epoch);
+      }
+      const delta: (typeof deltas)[number] = { path: this.deltaPath(epoch, disk), tmp: `${this.deltaPath(epoch, disk)}.${process.pid}${TMP_SUFFIX}` };
+      deltas.push(delta);
+      const writer = (delta.writer = await DiskDeltaWriter.create(delta.tmp, sizeBytes));
+      for await (const extent of extents) {
+        const bad = invalidExtent(extent, sizeBytes);
+        if (bad) throw new CheckpointStoreError(`checkpoint ${epoch}, disk '${disk}': ${bad}`, 'verify', epoch);
+        await writer.add(extent);
+      }
+      delta.metadata = { disk, sizeBytes, ...(await writer.finish()) };
+      delta.writer = undefined;
+    }
+    const missing = marker.disks.filter((d) => !seen.has(d.disk));
+    if (missing.length > 0) {
+      throw new CheckpointStoreError(`checkpoint ${epoch} lacks disk ${missing.map((d) => `'${d.disk}'`).join(', ')} of the replica: reseed the disks`, 'no-disk-base', epoch);
+    }
+  }
+
+  private async seedNow({ seed, disks, sections }: SeedInput): Promise<{ bytes: number }> {
+    if (!validSeedId(seed)) throw new CheckpointStoreError(`invalid seed id ${JSON.stringify(seed)}`, 'verify');
+    const bad = invalidDiskList(disks);
+    if (bad) throw new CheckpointStoreError(`seed ${seed}: invalid ${bad}`, 'verify');
+    try {
+      return await this.replica.withLock(async () => {
+        await this.replica.writeMarker({ seed, complete: false, appliedEpoch: null, disks });
+        // the images are about to change: no committed checkpoint's disk state survives
+        for (const epoch of await this.epochs()) await this.removeCheckpoint(epoch);
+        await this.syncDir();
+        const images = await this.replica.createImages(disks);
+        let bytes = 0;
+        try {
+          let next = 0;
+          for await (const section of sections) {
+            ignoreErrorsUntilRead(section.extents);
+            const listed = disks[next++];
+            if (!listed || section.disk !== listed.disk || section.sizeBytes !== listed.sizeBytes) {
+              throw new CheckpointStoreError(
+                `seed ${seed}: disk '${section.disk}' of ${section.sizeBytes} bytes came where ${listed ? `'${listed.disk}' of ${listed.sizeBytes} bytes` : 'no more disks'} was listed`,
+                'verify',
+              );
+            }
+            const image = images.get(listed.disk)!;
+            let end = 0;
+            for await (const extent of section.extents) {
+              const why = invalidExtent(extent, listed.sizeBytes) ?? (extent.offset < end ? `extent at ${extent.offset} overlaps or precedes the one ending at ${end}` : undefined);
+              if (why) throw new CheckpointStoreError(`seed ${seed}, disk '${listed.disk}': ${why}`, 'verify');
+              end = extent.offset + extent.length;
+              // a fresh image reads as zeros: a ZERO extent needs no write
+              if (extent.data) {
+                await image.write(extent);
+                bytes += extent.length;
+              }
+            }
+          }
+          if (next < disks.length) throw new CheckpointStoreError(`seed ${seed} ended without disk ${disks.slice(next).map((d) => `'${d.disk}'`).join(', ')}`, 'verify');
+          for (const image of images.values()) await image.sync();
+        } finally {
+          await closeAll(images);
+        }
+        await syncDir(this.replica.dir);
+        await this.replica.writeMarker({ seed, complete: true, appliedEpoch: null, disks });
+        return { bytes };
+      });
+    } catch (error) {
+      if (error instanceof CheckpointStoreError) throw error;
+      throw CheckpointStoreError.fromFs(error, `seed ${seed} into ${this.replica.dir}`);
+    }
+  }
+
+  /**
+   * Holding the replica's lock: applies the committed deltas after the replica's applied state up
+   * to the newest checkpoint with disks at or before `target` — `exact`: up to `target` itself,
+   * which must not be older than the replica's state (else `no-replica`).
+   */
+  private async applyLocked(target: number, exact: boolean): Promise<ReplicaMarker> {
+    const marker = await this.replica.readMarker();
+    if (!marker || !marker.complete) {
+      const why = marker ? `the replica's seed ${marker.seed} is incomplete` : 'this backup holds no disk replica';
+      throw new CheckpointStoreError(`checkpoint ${target}'s disks cannot be prepared: ${why}`, 'no-replica', target);
+    }
+    const applied = marker.appliedEpoch ?? -1;
+    const floor = Math.max(applied, marker.applying ?? -1);
+    if (target < floor) {
+      if (!exact) return marker;
+      throw new CheckpointStoreError(`checkpoint ${target}'s disk state is gone: the replica is ${marker.applying === undefined ? 'applied' : 'being applied'} up to checkpoint ${floor}`, 'no-replica', target);
+    }
+    let head: CheckpointMetadata | undefined;
+    if (exact) {
+      head = await this.metadata(target);
+    } else {
+      for (const epoch of (await this.epochs()).filter((e) => e > applied && e <= target).reverse()) {
+        const meta = await this.metadata(epoch);
+        if (meta.disks) {
+          head = meta;
+          break;
+        }
+      }
+    }
+    if (!head || head.epoch < floor) {
+      if (marker.applying === undefined) return marker;
+      throw new CheckpointStoreError(`the replica was being applied up to checkpoint ${marker.applying}, which is gone`, 'corrupt', marker.applying);
+    }
+    const chain = await this.diskChain(head, marker);
+    const deltas: DeltaToApply[] = chain.flatMap((meta) =>
+      meta.disks!.map((d) => ({ epoch: meta.epoch, disk: { disk: d.disk, sizeBytes: d.sizeBytes }, path: this.deltaPath(meta.epoch, d.disk), expected: d })),
+    );
+    return this.replica.apply(marker, head.epoch, deltas, (delta, error) => this.deltaError(delta.epoch, delta.epoch, delta.disk.disk, error));
+  }
+
+  /**
+   * The checkpoints whose deltas take the replica from its applied state to `head`'s disk state,
+   * oldest first (empty: it is there), following each one's disk base.
+   */
+  private async diskChain(head: CheckpointMetadata, marker: ReplicaMarker): Promise<CheckpointMetadata[]> {
+    const applied = marker.appliedEpoch;
+    const chain: CheckpointMetadata[] = [];
+    for (let meta = head; meta.epoch !== applied; ) {
+      if (!meta.disks || !meta.diskBase) {
+        throw new CheckpointStoreError(`checkpoint ${head.epoch}'s disks build on checkpoint ${meta.epoch}, which carries none`, 'corrupt', head.epoch);
+      }
+      if (!sameDisks(meta.disks, marker.disks)) {
+        throw new CheckpointStoreError(`checkpoint ${meta.epoch}'s disks (${describeDisks(meta.disks)}) are not the replica's (${describeDisks(marker.disks)})`, 'no-replica', head.epoch);
+      }
+      chain.unshift(meta);
+      const base: DiskBase = meta.diskBase;
+      if ('seed' in base) {
+        if (applied === null && base.seed === marker.seed) break;
+        throw new CheckpointStoreError(
+          `checkpoint ${head.epoch}'s disks build on seed ${base.seed}, but the replica holds seed ${marker.seed}${applied === null ? '' : ` applied up to checkpoint ${applied}`}`,
+          'no-replica',
+          head.epoch,
+        );
+      }
+      if (applied !== null && base.epoch < applied) {
+        throw new CheckpointStoreError(`checkpoint ${head.epoch}'s disk state is gone: the replica is applied up to checkpoint ${applied}`, 'no-replica', head.epoch);
+      }
+      if (base.epoch === applied) break;
+      meta = await this.metadata(base.epoch).catch((error: unknown) => {
+        throw error instanceof CheckpointStoreError && error.code === 'not-found'
+          ? new CheckpointStoreError(`checkpoint ${head.epoch}'s disks build on checkpoint ${base.epoch}, which is gone`, 'corrupt', head.epoch)
+          : error;
+      });
+    }
+    return chain;
+  }
+
+  /** What latestVerified checks of a checkpoint with disks: returns the epochs of the deltas it needs. */
+  private async verifyDiskState(head: CheckpointMetadata, marker: ReplicaMarker | undefined, verified: Map<string, Promise<unknown>>): Promise<number[]> {
+    if (!marker || !marker.complete) {
+      const why = marker ? `the replica's seed ${marker.seed} is incomplete` : 'this backup holds no disk replica';
+      throw new CheckpointStoreError(`checkpoint ${head.epoch} has disks, but ${why}`, 'no-replica', head.epoch);
+    }
+    const floor = Math.max(marker.appliedEpoch ?? -1, marker.applying ?? -1);
+    if (head.epoch < floor) {
+      throw new CheckpointStoreError(`checkpoint ${head.epoch}'s disk state is gone: the replica is ${marker.applying === undefined ? 'applied' : 'being applied'} up to checkpoint ${floor}`, 'no-replica', head.epoch);
+    }
+    const chain = await this.diskChain(head, marker);
+    for (const meta of chain) {
+      for (const delta of meta.disks!) {
+        const key = `${meta.epoch}.${delta.disk}`;
+        if (!verified.has(key)) verified.set(key, scanDiskDelta(this.deltaPath(meta.epoch, delta.disk), delta.sizeBytes, { expected: delta }));
+        await verified.get(key)!.catch((error: unknown) => {
+          throw this.deltaError(head.epoch, meta.epoch, delta.disk, error);
+        });
+      }
+    }
+    return chain.map((m) => m.epoch);
+  }
+
+  private deltaError(candidate: number, epoch: number, disk: string, error: unknown): CheckpointStoreError {
+    if (error instanceof CheckpointStoreError) return error;
+    const file = this.deltaPath(epoch, disk);
+    const what = (error as NodeJS.ErrnoException).code === 'ENOENT' ? 'is missing' : `is corrupt: ${(error as Error).message}`;
+    const message = candidate === epoch ? `checkpoint ${epoch}'s delta of disk '${disk}' ${what}` : `checkpoint ${candidate} builds on checkpoint ${epoch}'s delta of disk '${disk}', which ${what}`;
+    return new CheckpointStoreError(message, 'corrupt', candidate, file);
   }
 
   private async writeDurably(target: string, text: string): Promise<void> {
@@ -380,61 +733,6 @@ export class CheckpointStore {
   }
 }
 
-/**
- * Writes a checkpoint in batches (one writev per MiB, not one write per SSH packet) and starts
- * writing it back to disk every WRITE_BEHIND_BYTES while more arrives, so the fsync before the
- * ack finds little left to do: on a full checkpoint that fsync was a tenth of the time.
- */
-class WriteBehind {
-  private static readonly BATCH_BYTES = 1024 * 1024;
-  private static readonly WRITE_BEHIND_BYTES = 16 * 1024 * 1024;
-  private batch: Buffer[] = [];
-  private batchBytes = 0;
-  private unsynced = 0;
-  private syncing: Promise<void> | undefined;
-  private syncError: unknown;
-
-  constructor(private readonly file: fs.FileHandle) {}
-
-  async write(chunk: Buffer): Promise<void> {
-    this.batch.push(chunk);
-    this.batchBytes += chunk.length;
-    if (this.batchBytes >= WriteBehind.BATCH_BYTES) await this.flush();
-  }
-
-  /** Everything written and durable. */
-  async finish(): Promise<void> {
-    await this.flush();
-    await this.settled();
-    if (this.syncError !== undefined) throw this.syncError;
-    await this.file.sync();
-  }
-
-  /** Waits for a write-back in flight (before the file is closed). */
-  async settled(): Promise<void> {
-    await this.syncing;
-  }
-
-  private async flush(): Promise<void> {
-    if (this.batchBytes === 0) return;
-    const batch = this.batch;
-    this.unsynced += this.batchBytes;
-    this.batch = [];
-    this.batchBytes = 0;
-    await this.file.writev(batch);
-    if (this.unsynced >= WriteBehind.WRITE_BEHIND_BYTES && !this.syncing) {
-      this.unsynced = 0;
-      this.syncing = this.file.datasync().then(
-        () => (this.syncing = undefined),
-        (error: unknown) => {
-          this.syncError ??= error;
-          this.syncing = undefined;
-        },
-      );
-    }
-  }
-}
-
 /** A full checkpoint must carry every page; an incremental one the same RAM blocks as its base. */
 function checkShape(epoch: number, shape: StreamShape, base: CheckpointMetadata | undefined): void {
   if (!base && shape.ramBlocks && !shape.fullRam) {
@@ -454,6 +752,24 @@ function checkShape(epoch: number, shape: StreamShape, base: CheckpointMetadata 
 }
 
 function ignoreHere(): void {}
+
+/** A stream input's error surfaces when it is iterated (see commit), not as an uncaught 'error' event. */
+function ignoreErrorsUntilRead(input: unknown): void {
+  if (input && typeof (input as { on?: unknown }).on === 'function') (input as Readable).on('error', ignoreHere);
+}
+
+function describeBase(base: DiskBase): string {
+  return 'seed' in base ? `seed ${base.seed}` : `checkpoint ${base.epoch}`;
+}
+
+function describeDisks(disks: DiskGeometry[]): string {
+  return disks.length === 0 ? 'no disks' : disks.map((d) => `'${d.disk}' of ${d.sizeBytes} bytes`).join(', ');
+}
+
+function sameDisks(a: DiskGeometry[], b: DiskGeometry[]): boolean {
+  const sizes = new Map(b.map((d) => [d.disk, d.sizeBytes]));
+  return a.length === b.length && a.every((d) => sizes.get(d.disk) === d.sizeBytes);
+}
 
 async function exists(file: string): Promise<boolean> {
   return fs.access(file).then(

@@ -1,4 +1,20 @@
 import type { CheckpointLayout, RamBlockExtent } from '../stream/chain.js';
+import { invalidDiskList } from './disk-delta.js';
+
+/** What a checkpoint's disk deltas apply on: the previous committed checkpoint's disk state, or a completed seed. */
+export type DiskBase = { epoch: number } | { seed: string };
+
+/** One disk's delta file of a checkpoint (`<epoch>.<disk>.delta`), as committed. */
+export interface DiskDeltaMetadata {
+  disk: string;
+  sizeBytes: number;
+  /** The delta file's size and checksum. */
+  bytes: number;
+  sha256: string;
+  extents: number;
+  /** Bytes of data in it (ZERO extents carry none). */
+  dataBytes: number;
+}
 
 /** What the store keeps about each committed checkpoint, next to its data file. */
 export interface CheckpointMetadata {
@@ -24,9 +40,12 @@ export interface CheckpointMetadata {
   layout?: CheckpointLayout;
   /** The VM's virtual clock at the freeze, ns, decimal (idem; the `timer` section's cpu_clock_offset). */
   guestClockNs?: string;
+  /** The disks' writes since `diskBase`, one delta file per disk (present together with diskBase). */
+  disks?: DiskDeltaMetadata[];
+  diskBase?: DiskBase;
 }
 
-const REQUIRED: Record<Exclude<keyof CheckpointMetadata, 'base' | 'ramBlocks' | 'layout' | 'guestClockNs'>, 'string' | 'number' | 'optional-string'> = {
+const REQUIRED: Record<Exclude<keyof CheckpointMetadata, 'base' | 'ramBlocks' | 'layout' | 'guestClockNs' | 'disks' | 'diskBase'>, 'string' | 'number' | 'optional-string'> = {
   vm: 'string',
   epoch: 'number',
   stopNs: 'string',
@@ -56,5 +75,34 @@ export function invalidMetadataField(value: unknown): string | undefined {
   if (!/^[0-9a-f]{64}$/.test(String(record['sha256']))) return 'sha256';
   if (!/^-?\d+$/.test(String(record['stopNs'])) || !/^-?\d+$/.test(String(record['resumeNs']))) return 'stopNs/resumeNs';
   if (record['guestClockNs'] !== undefined && !/^\d+$/.test(String(record['guestClockNs']))) return 'guestClockNs';
+  const disks = record['disks'];
+  if (disks !== undefined && (invalidDiskList(disks) !== undefined || !(disks as unknown[]).every(validDeltaMetadata))) return 'disks';
+  const diskBase = record['diskBase'];
+  if (diskBase !== undefined && !validDiskBase(diskBase, record['epoch'] as number)) return 'diskBase';
+  if ((disks === undefined) !== (diskBase === undefined)) return disks === undefined ? 'disks' : 'diskBase';
   return undefined;
+}
+
+function validDeltaMetadata(value: unknown): boolean {
+  const d = value as Record<string, unknown>;
+  return (
+    ['bytes', 'extents', 'dataBytes'].every((k) => Number.isSafeInteger(d[k]) && (d[k] as number) >= 0) &&
+    (d['bytes'] as number) >= 8 &&
+    /^[0-9a-f]{64}$/.test(String(d['sha256']))
+  );
+}
+
+/** `{epoch}` of an earlier checkpoint, or `{seed}`: exactly one of them. */
+export function validDiskBase(value: unknown, epoch?: number): value is DiskBase {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) return false;
+  const keys = Object.keys(value);
+  if (keys.length !== 1) return false;
+  const base = value as Record<string, unknown>;
+  if (keys[0] === 'epoch') return Number.isSafeInteger(base['epoch']) && (base['epoch'] as number) >= 0 && (epoch === undefined || (base['epoch'] as number) < epoch);
+  return keys[0] === 'seed' && validSeedId(base['seed']);
+}
+
+/** A seed's id: 1–200 printable ASCII characters (it is written into the replica's marker and replies). */
+export function validSeedId(value: unknown): value is string {
+  return typeof value === 'string' && /^[\x21-\x7e]{1,200}$/.test(value);
 }
