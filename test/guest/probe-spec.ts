@@ -16,8 +16,8 @@ export interface ProbeGuestSpec {
   /** Give the guest its qemu-ga channel (`virsh shutdown` through the agent, guest-exec). */
   agent?: boolean;
   /**
-   * The probe's disks (createProbeDisks()), as the spec's `disks` (ring first). A spec cannot set a
-   * virtio serial, so the guest finds them by content: the ring's header, the fs label ftvm-fs.
+   * The probe's disks (createProbeDisks()), as the spec's `disks` (ring first), with their serials
+   * and cache='none' (the ring's O_DIRECT writes reach the image file, not a host page cache).
    */
   disks?: ProbeDisks;
 }
@@ -30,7 +30,7 @@ export async function probeGuestYaml(spec: ProbeGuestSpec): Promise<string> {
     memoryMiB: spec.memoryMiB ?? 256,
     boot: { kernel: image.kernel, initrd: image.initrd, cmdline: image.cmdline },
     serialLog: `/run/ftvm/${spec.name}.serial.log`,
-    ...(spec.disks ? { disks: [spec.disks.ring, spec.disks.fs].filter((d): d is ProbeDisk => d !== undefined).map(({ path, format }) => ({ path, format })) } : {}),
+    ...(spec.disks ? { disks: [spec.disks.ring, spec.disks.fs].filter((d): d is ProbeDisk => d !== undefined).map(({ path, format, serial }) => ({ path, format, serial, cache: 'none' })) } : {}),
     ftvm: { peer: spec.peer, checkpointIntervalMs: spec.checkpointIntervalMs, ...(spec.agent ? { agent: true } : {}) },
     probe: { listen: spec.probeListen, ...(spec.workloadMiBps ? { workloadMiBps: spec.workloadMiBps } : {}) },
   });

@@ -13,6 +13,7 @@ import { ftReadyFromSpec } from '@ftvm/libvirt';
 import { Etcd3 } from 'etcd3';
 import { stringify as toYaml } from 'yaml';
 import { probeGuestYaml } from '../guest/probe-spec.js';
+import { createProbeDisks, type DiskFormat, type ProbeDisks } from './disk-check.js';
 import { hostInfo, labEtcdEndpoint, labKnownHosts, labSshKey, labUp, restartHost, spawnDaemonIn, type LabHostName } from '../lab/lab.js';
 import { allPids, isAlive } from '../lab/procs.js';
 import { sleep } from '../lab/wait.js';
@@ -48,6 +49,26 @@ export interface ClusterOptions {
   probePort?: number;
   /** The peer named in the domain's ftvm metadata (default `backup`). */
   peer?: AgentHost;
+  /**
+   * Give the probe its two disks (counter ring, ext4), local to the host the VM starts on and
+   * replicated by ftvm (created afresh under that host's /var/lib/libvirt/images/<vm>/).
+   */
+  disks?: { format: DiskFormat; ringMiB?: number; fsMiB?: number };
+}
+
+/** Where a host keeps a VM's disk images, as the host sees it and as this process does. */
+export function vmImageDir(host: AgentHost, vm: string): { inHost: string; here: string } {
+  const inHost = path.posix.join('/var/lib/libvirt/images', vm);
+  return { inHost, here: path.join(hostInfo(host).libvirtLibDir, 'images', vm) };
+}
+
+/** The probe's disks, made afresh on `host`; paths as the host (and its libvirt) sees them. */
+export async function makeProbeDisks(host: AgentHost, vm: string, options: NonNullable<ClusterOptions['disks']>): Promise<Required<ProbeDisks>> {
+  const { inHost, here } = vmImageDir(host, vm);
+  fs.rmSync(here, { recursive: true, force: true });
+  const made = await createProbeDisks(here, { format: options.format, ...(options.ringMiB ? { ringMiB: options.ringMiB } : {}), ...(options.fsMiB ? { fsMiB: options.fsMiB } : {}) });
+  const inside = (p: string) => path.posix.join(inHost, path.basename(p));
+  return { ring: { ...made.ring, path: inside(made.ring.path) }, fs: { ...made.fs, path: inside(made.fs.path) } };
 }
 
 export function agentLog(host: AgentHost): string {
@@ -115,8 +136,9 @@ export const probeOn = (host: AgentHost, port = PROBE_PORT): ProbeTarget => ({ h
 export const virsh = (host: LabHostName, ...args: string[]) => run('virsh', ['-c', hostInfo(host).libvirtUri, ...args], { timeout: 60_000 }).then((r) => r.stdout);
 
 /** FT-ready XML of the probe guest (probe port forwarded on every address, so it follows the VM). */
-export async function probeVmXml(options: ClusterOptions = {}): Promise<{ name: string; xml: string }> {
+export async function probeVmXml(options: ClusterOptions & { host?: AgentHost } = {}): Promise<{ name: string; xml: string }> {
   const name = options.vm ?? 'ft-probe';
+  const disks = options.disks ? await makeProbeDisks(options.host ?? 'primary', name, options.disks) : undefined;
   const yaml = await probeGuestYaml({
     name,
     peer: { host: options.peer ?? 'backup' },
@@ -125,6 +147,7 @@ export async function probeVmXml(options: ClusterOptions = {}): Promise<{ name: 
     ...(options.workloadMiBps ? { workloadMiBps: options.workloadMiBps } : {}),
     ...(options.memoryMiB ? { memoryMiB: options.memoryMiB } : {}),
     ...(options.agent ? { agent: true } : {}),
+    ...(disks ? { disks } : {}),
   });
   const ready = ftReadyFromSpec(yaml, options.emulator ? { emulator: { path: options.emulator, require: true } } : {});
   return { name, xml: ready.xml };
@@ -178,7 +201,7 @@ export async function startCluster(options: ClusterOptions = {}): Promise<Cluste
  */
 export async function addProtectedVm(cluster: Cluster, options: ClusterOptions & { vm: string; primary: AgentHost }): Promise<void> {
   const backup = other(options.primary);
-  const { name, xml } = await probeVmXml({ ...options, peer: backup });
+  const { name, xml } = await probeVmXml({ ...options, peer: backup, host: options.primary });
   if (name === cluster.vm) throw new Error(`${name} is the cluster's first VM already`);
   await removeVm(name);
   const xmlFile = path.join(CLUSTER_DIR, `${name}.xml`);

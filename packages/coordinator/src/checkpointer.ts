@@ -1,6 +1,6 @@
 import { stopInstantFromClock, type StopInstant, type VirtualClockReference } from '@ftvm/kvmclock';
 import type { QmpClient, QmpEvent } from '@ftvm/qmp';
-import { ReplicationError, type ReplicationSender } from '@ftvm/transport';
+import { ReplicationError, type DiskBase, type DiskSection, type ReplicationSender } from '@ftvm/transport';
 import { MigrationSocket } from './migration-socket.js';
 
 export interface CheckpointerOptions {
@@ -80,6 +80,16 @@ export interface CheckpointResult {
   frozeAt: StopInstant;
 }
 
+/**
+ * A checkpoint's disks (see DiskReplicator): armed before `migrate` so ftvm's QEMU captures them at
+ * the stop instant, read after it, settled once the backup answered.
+ */
+export interface CheckpointDisks {
+  arm(epoch: number): Promise<{ disks: { disk: string; sizeBytes: number }[]; diskBase: DiskBase }>;
+  sections(): AsyncIterable<DiskSection>;
+  settle(committed: boolean): Promise<void>;
+}
+
 const SELF_RESUME_CAPABILITY = 'x-ftvm-resume-source';
 const INCREMENTAL_CAPABILITY = 'x-ftvm-incremental';
 
@@ -151,8 +161,9 @@ export class Checkpointer {
    * last checkpoint) the VM stays stopped once the stream is out: nothing runs after the state the
    * backup receives, so the move loses nothing. `full` starts a new chain whatever the last one.
    */
-  async checkpoint(epoch: number, sender: ReplicationSender, options: { leaveStopped?: boolean; full?: boolean } = {}): Promise<CheckpointResult> {
+  async checkpoint(epoch: number, sender: ReplicationSender, options: { leaveStopped?: boolean; full?: boolean; disks?: CheckpointDisks } = {}): Promise<CheckpointResult> {
     const { qmp, vm } = this.options;
+    const { disks } = options;
     const leaveStopped = options.leaveStopped ?? false;
     const timeoutMs = this.options.timeoutMs ?? 60_000;
     const started = performance.now();
@@ -213,6 +224,7 @@ export class Checkpointer {
       }
       if (!base && this.qemuMayHoldBase) await this.dropQemuBase();
       this.qemuMayHoldBase = this.incremental;
+      const diskHeader = await disks?.arm(epoch);
       await qmp.execute('migrate', { uri: `unix:${this.options.qemuSocketPath ?? this.socket.path}` });
       const stream = await connection;
       const sending = sender.send({
@@ -222,8 +234,20 @@ export class Checkpointer {
           qemuVersion: this.options.qemuVersion,
           ...(this.options.domainXml ? { domainXml: this.options.domainXml } : {}),
           ...(base ? { base: { epoch: base.epoch, sha256: base.sha256 } } : {}),
+          ...(diskHeader ?? {}),
         },
         data: stream,
+        // the disks are read through their fleecing points once the stop instant is behind
+        ...(disks
+          ? {
+              disks: async function* () {
+                const outcome = await migration;
+                if (!outcome.ok) throw new Error(outcome.reason);
+                await resumedPromise;
+                yield* disks.sections();
+              },
+            }
+          : {}),
         trailer: async () => {
           const outcome = await migration;
           if (!outcome.ok) throw new Error(outcome.reason);
@@ -246,6 +270,7 @@ export class Checkpointer {
       }
       const info = await qmp.execute<{ downtime?: number }>('query-migrate').catch(() => ({}) as { downtime?: number });
       const ack = await sending;
+      await disks?.settle(true);
       if (this.incremental) this.tip = { epoch, sha256: ack.sha256, sender, length: (base?.length ?? 0) + 1 };
       const guestClockNs = ack.guestClockNs === undefined ? undefined : BigInt(ack.guestClockNs);
       const frozeAt = this.frozeAt(stopNs!, guestClockNs, reference);
@@ -267,6 +292,7 @@ export class Checkpointer {
     } catch (error) {
       // The primary VM must keep running whatever happened to the backup or the link.
       await qmp.execute('migrate_cancel').catch(() => undefined);
+      await disks?.settle(false).catch(() => undefined);
       if (leaveStopped && this.selfResuming) {
         await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: SELF_RESUME_CAPABILITY, state: true }] }).catch(() => undefined);
       }

@@ -63,6 +63,8 @@ const rows: [string, VmSnapshot, ActionKind, Phase][] = [
   // ---- the backup ----
   ['backup, steady, standby ready', view(backupView, {}), 'none', 'protected'],
   ['backup without a standby yet', view(backupView, { standby: 'none' }), 'keep-standby', 'protected'],
+  ['backup without a standby, its disks seeded', view(backupView, { standby: 'none', disksSeeded: true }), 'keep-standby', 'protected'],
+  ['backup without a standby: the primary has not seeded its disks here yet', view(backupView, { standby: 'none', disksSeeded: false }), 'none', 'protected'],
   ['backup: the domain XML in the record changed (hot-plug on the primary)', view(backupView, { standby: 'stale' }), 'drop-standby', 'protected'],
   ['backup of an unprotected VM drops its standby', view(backupView, { record: { protected: false, reason: 'unprotect' } }), 'drop-standby', 'unprotected'],
   ['backup: primary silent, its lease still holds: stage', view(backupView, { peer: { name: 'a', alive: false, runsVm: false } }), 'stage', 'staging'],

@@ -18,7 +18,8 @@ import {
   type VmRole,
   type VmStatus,
 } from './control.js';
-import { dropStandby, keepStandby, newestEpoch, stage, type BackupHost } from './backup-side.js';
+import { disksSeeded, dropStandby, keepStandby, newestEpoch, stage, type BackupHost } from './backup-side.js';
+import { hasReplicatedDisks } from './staged-restore.js';
 import { decide, type Action, type VmSnapshot } from './decide.js';
 import { fenceLocal } from './fence.js';
 import { keepLease } from './lease-keeper.js';
@@ -436,6 +437,7 @@ export class Agent implements AgentControl {
       },
       staged: slot.staged ? { epoch: slot.staged.epoch } : undefined,
       standby: !slot.standby ? 'none' : slot.standbyXml !== record?.xml ? 'stale' : 'present',
+      ...(record?.backup === self && hasReplicatedDisks(record) ? { disksSeeded: await disksSeeded(slot, this.backupHost) } : {}),
       newestEpoch: record?.backup === self || record?.primary === self ? await newestEpoch(slot, this.backupHost) : undefined,
       checkpointFailures: slot.primary?.consecutiveFailures ?? 0,
     };

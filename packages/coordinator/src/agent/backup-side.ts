@@ -1,7 +1,6 @@
-import path from 'node:path';
 import { readProtection, type LibvirtConnection } from '@ftvm/libvirt';
 import { CheckpointStore } from '@ftvm/transport';
-import { NoCheckpointError, StagedRestore, prepareStandby } from './staged-restore.js';
+import { NoCheckpointError, StagedRestore, prepareStandby, vmStoreDir } from './staged-restore.js';
 import type { VmSlot } from './vm-slot.js';
 
 /** What the backup's steps need of its host. */
@@ -15,7 +14,7 @@ export async function keepStandby(slot: VmSlot, host: BackupHost): Promise<void>
   const current = await slot.standby?.catch(() => undefined);
   if (current?.usable) return;
   await current?.discard();
-  const standby = prepareStandby(slot.record!, host.conn, slot.log);
+  const standby = prepareStandby(slot.record!, host.conn, slot.log, host.storeDir);
   slot.standby = standby;
   slot.standbyXml = slot.record!.xml;
   standby.then(
@@ -25,6 +24,12 @@ export async function keepStandby(slot: VmSlot, host: BackupHost): Promise<void>
       if (slot.standby === standby) slot.standby = undefined;
     },
   );
+}
+
+/** The primary's seed has filled this host's replicas of the VM's disks (a standby runs on them). */
+export async function disksSeeded(slot: VmSlot, host: BackupHost): Promise<boolean> {
+  const replica = await new CheckpointStore(vmStoreDir(host.storeDir, slot.record!), slot.record!.keep).replicaState().catch(() => undefined);
+  return replica?.complete === true;
 }
 
 export async function dropStandby(slot: VmSlot): Promise<void> {
@@ -37,7 +42,7 @@ export async function dropStandby(slot: VmSlot): Promise<void> {
 /** Newest committed checkpoint here that is not known to be corrupt (a directory listing, no reads). */
 export async function newestEpoch(slot: VmSlot, host: BackupHost): Promise<number | undefined> {
   const record = slot.record!;
-  const epochs = await new CheckpointStore(path.posix.join(host.storeDir, record.name), record.keep).epochs().catch(() => [] as number[]);
+  const epochs = await new CheckpointStore(vmStoreDir(host.storeDir, record), record.keep).epochs().catch(() => [] as number[]);
   return epochs.filter((e) => !slot.badEpochs.has(e)).at(-1);
 }
 

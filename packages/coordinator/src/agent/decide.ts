@@ -78,6 +78,8 @@ export interface VmSnapshot {
   staged: { epoch: number } | undefined;
   /** a warm standby: `stale` when it was defined from an older domain XML than the record's */
   standby: 'none' | 'present' | 'stale';
+  /** backup of a VM with replicated disks: the primary's seed has filled this host's replicas (undefined: no such disks) */
+  disksSeeded?: boolean;
   /** newest committed checkpoint here that is not known to be corrupt */
   newestEpoch: number | undefined;
   /** primary only: consecutive failed checkpoints */
@@ -193,6 +195,7 @@ export function decide(s: VmSnapshot): Action {
     }
     if (r.backup === self && protectedNow(r)) {
       if (s.standby === 'stale') return act('drop-standby', 'protected', `the record's domain XML changed (a device added or removed on ${s.owner}): rebuild the standby`);
+      if (s.standby === 'none' && s.disksSeeded === false) return act('none', 'protected', `backup of ${s.owner}: its disks are not seeded here yet, no standby before they are`);
       if (s.standby === 'none') return act('keep-standby', 'protected', `backup of ${s.owner}: keep a warm standby`);
       return act('none', 'protected', `backup of ${s.owner}, warm standby ready`);
     }

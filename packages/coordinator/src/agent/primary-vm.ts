@@ -1,9 +1,10 @@
 import path from 'node:path';
 import { ClockHook, DriftLedger, InPlaceActuator } from '@ftvm/kvmclock';
-import { readProtection } from '@ftvm/libvirt';
+import { readProtection, replicatedDisks } from '@ftvm/libvirt';
 import { GuestAgentClient, QmpClient } from '@ftvm/qmp';
-import { openRemoteReceiver, type ReplicationSender, type SshConnection } from '@ftvm/transport';
+import { openRemoteReceiver, ReplicationError, type ReplicationSender, type SshConnection } from '@ftvm/transport';
 import { Checkpointer, type CheckpointResult } from '../checkpointer.js';
+import { DiskReplicator, type DiskAudit } from '../disk/disk-replicator.js';
 import type { CheckpointSummary } from './control.js';
 import type { Log, MetricsSink } from './types.js';
 import type { VmRecord } from './vm-records.js';
@@ -60,6 +61,8 @@ export class PrimaryVm {
     readonly qmp: QmpClient,
     private readonly hook: ClockHook,
     private readonly checkpointer: Checkpointer,
+    /** The VM's writable local disks, replicated with each checkpoint (none: shared storage or no disk). */
+    private readonly disks: DiskReplicator | undefined,
   ) {
     this.record = options.record;
     this.ledger = options.ledger ?? new DriftLedger(options.record.name);
@@ -116,7 +119,24 @@ export class PrimaryVm {
         : {}),
       timeoutMs: 30_000,
     });
-    vm = new PrimaryVm({ ...options, ledger }, qmp, hook, checkpointer);
+    const toReplicate = replicatedDisks(options.record.xml);
+    const disks =
+      toReplicate.length === 0
+        ? undefined
+        : await DiskReplicator.create({
+            qmp,
+            vm: options.record.name,
+            disks: toReplicate,
+            runDir: protection.runDir,
+            log: (message, fields) => log.info(fields ?? {}, message),
+            ...(process.env['FTVM_TEST_DISK_AUDIT'] ? { audit: (entry: DiskAudit) => log.info({ role: 'fleece', ...entry }, 'disk audit') } : {}),
+          }).catch(async (error: Error) => {
+            await checkpointer.close().catch(() => undefined);
+            hook.close();
+            if (!options.qmp) await qmp.close().catch(() => undefined);
+            throw error;
+          });
+    vm = new PrimaryVm({ ...options, ledger }, qmp, hook, checkpointer, disks);
     qmp.onEvent((event) => {
       if (event.event !== 'SHUTDOWN') return;
       const reason = String((event.data as { reason?: unknown }).reason ?? 'unknown');
@@ -184,6 +204,7 @@ export class PrimaryVm {
     this.receiver?.sender.close();
     this.receiver = undefined;
     this.hook.close();
+    await this.disks?.close();
     await this.checkpointer.close().catch(() => undefined);
     await this.qmp.close().catch(() => undefined);
   }
@@ -216,10 +237,16 @@ export class PrimaryVm {
   private async takeCheckpoint(leaveStopped: boolean): Promise<CheckpointResult> {
     if (this.failed) throw new Error('the VM has failed');
     const sender = await this.openReceiver();
+    let full = false;
+    if (this.disks?.needsSeed) {
+      // a new backup (or one that lost the disk state): its replica is filled before the first delta
+      await this.disks.seed(sender);
+      full = true; // the seed dropped the backup's older checkpoints
+    }
     const epoch = Date.now();
     this.hook.expect('checkpoint');
     try {
-      const result = await this.checkpointer.checkpoint(epoch, sender, { leaveStopped });
+      const result = await this.checkpointer.checkpoint(epoch, sender, { leaveStopped, full, ...(this.disks ? { disks: this.disks } : {}) });
       // The ledger counted the pause from QEMU's STOP stamp, which comes ~1 ms after the freeze.
       if (result.frozeAt.source === 'stream') this.ledger.redateStop(result.stopNs, result.frozeAt.stopNs);
       const pauseMs = nsToMs(result.resumeNs - result.stopNs);
@@ -229,6 +256,7 @@ export class PrimaryVm {
       return result;
     } catch (error) {
       if (!sender.isOpen) this.receiver = undefined;
+      if (error instanceof ReplicationError && error.code === 'no-disk-base') this.disks?.forgetBase();
       throw error;
     }
   }
@@ -236,6 +264,9 @@ export class PrimaryVm {
   private async openReceiver(): Promise<ReplicationSender> {
     const backup = this.record.backup;
     if (this.receiver && this.receiver.host === backup && this.receiver.sender.isOpen) return this.receiver.sender;
+    // another backup: its replica must be seeded (the same one, reconnected, keeps its store; one
+    // that lost it refuses the next delta with no-disk-base)
+    if (this.receiver && this.receiver.host !== backup) this.disks?.forgetBase();
     this.receiver?.sender.close();
     const ssh = await this.options.ssh(backup);
     const { sender } = await openRemoteReceiver(ssh, { storeDir: path.posix.join(this.options.storeDir, this.name), keep: this.record.keep });

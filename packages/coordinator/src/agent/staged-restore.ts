@@ -1,8 +1,11 @@
+import { createHash } from 'node:crypto';
 import { once } from 'node:events';
+import { createReadStream } from 'node:fs';
+import fs from 'node:fs/promises';
 import path from 'node:path';
 import { advanceClockSections, InPlaceActuator, realtimeClock, resumeOnTime, splitAssembledCheckpoint, type OnTimeResume } from '@ftvm/kvmclock';
 import type { QmpClient } from '@ftvm/qmp';
-import { PreparedRestore, type LibvirtConnection, type RestoreResult } from '@ftvm/libvirt';
+import { PreparedRestore, replicatedDisks, standbyDomainXml, type LibvirtConnection, type RestoreResult } from '@ftvm/libvirt';
 import { CheckpointStore, type AssembledCheckpoint, type CheckpointMetadata } from '@ftvm/transport';
 import type { Log } from './types.js';
 import type { VmRecord } from './vm-records.js';
@@ -20,9 +23,24 @@ export interface StagedRestoreOptions {
   onCorrupt?: (epoch: number) => void;
 }
 
+/** The VM's checkpoint store on this host. */
+export function vmStoreDir(storeDir: string, record: VmRecord): string {
+  return path.posix.join(storeDir, record.name);
+}
+
+/** The domain XML a backup runs the VM with: its replicated disks on this host's replicas. */
+export function standbyXml(record: VmRecord, storeDir: string): string {
+  return standbyDomainXml(record.xml, (target) => CheckpointStore.replicaImage(vmStoreDir(storeDir, record), target));
+}
+
+/** The VM has disks this backup keeps replicas of. */
+export function hasReplicatedDisks(record: VmRecord): boolean {
+  return replicatedDisks(record.xml).length > 0;
+}
+
 /** Defines and starts the VM's domain paused, waiting for a stream (see PreparedRestore). */
-export function prepareStandby(record: VmRecord, conn: LibvirtConnection, log: Log): Promise<PreparedRestore> {
-  return PreparedRestore.prepare({ connection: conn, xml: record.xml, replace: true, timeoutMs: 120_000, log: (line) => log.debug(line) });
+export function prepareStandby(record: VmRecord, conn: LibvirtConnection, log: Log, storeDir: string): Promise<PreparedRestore> {
+  return PreparedRestore.prepare({ connection: conn, xml: standbyXml(record, storeDir), replace: true, timeoutMs: 120_000, log: (line) => log.debug(line) });
 }
 
 export interface CompletedRestore {
@@ -76,6 +94,24 @@ async function giveBackLateness(qmp: QmpClient, lateNs: bigint, log: Log): Promi
   return correction;
 }
 
+/**
+ * Test harnesses only (FTVM_TEST_DISK_AUDIT=<dir>): the replicas as the VM will resume on them —
+ * hashed, to compare with the primary's fleece at the same stop instant, and copied into <dir> for
+ * the harness's own checks (its file system, its counter ring).
+ */
+async function auditReplicas(images: Map<string, string>, epoch: number, vm: string, log: Log): Promise<void> {
+  const dir = process.env['FTVM_TEST_DISK_AUDIT'];
+  if (!dir) return;
+  await fs.mkdir(dir, { recursive: true });
+  for (const [disk, image] of images) {
+    const hash = createHash('sha256');
+    for await (const chunk of createReadStream(image, { highWaterMark: 4 * 1024 * 1024 })) hash.update(chunk as Buffer);
+    const copy = path.posix.join(dir, `${vm}-${epoch}-${disk}.img`);
+    await fs.copyFile(image, copy);
+    log.info({ role: 'replica', epoch, disk, sha256: hash.digest('hex'), copy }, 'disk audit');
+  }
+}
+
 export class NoCheckpointError extends Error {
   override name = 'NoCheckpointError';
 }
@@ -101,6 +137,8 @@ export class StagedRestore {
     readonly metadata: CheckpointMetadata,
     checkpoint: AssembledCheckpoint,
     private readonly options: StagedRestoreOptions,
+    /** The replicas brought to this checkpoint's disk state (applied and fsync'd), when it has disks. */
+    disksReady: Promise<unknown>,
   ) {
     const clock = realtimeClock();
     const stopNs = BigInt(metadata.stopNs);
@@ -118,10 +156,10 @@ export class StagedRestore {
     });
     this.ready.catch(() => undefined);
 
-    const standby = (options.standby ?? prepareStandby(options.record, options.conn, options.log)).then(async (prepared) => {
+    const standby = (options.standby ?? prepareStandby(options.record, options.conn, options.log, options.storeDir)).then(async (prepared) => {
       if (prepared.usable) return prepared;
       await prepared.discard();
-      return prepareStandby(options.record, options.conn, options.log);
+      return prepareStandby(options.record, options.conn, options.log, options.storeDir);
     });
     this.restoring = standby.then((prepared) => prepared.load({
       checkpoint: '/dev/null', // the writer sends the stream from memory
@@ -140,6 +178,9 @@ export class StagedRestore {
         // it carries QEMU's reason for refusing the stream, which this socket's error does not
         const signal = AbortSignal.timeout(120_000);
         for (const part of split.head) if (!socket.write(part)) await Promise.race([once(socket, 'drain', { signal }), gone]);
+        // the disks must hold the checkpoint's state before the device state loads and QEMU
+        // activates them
+        await Promise.race([disksReady, gone]);
         headSent();
         const marginNs = await Promise.race([released, gone]);
         this.targetNs = clock() + marginNs;
@@ -165,7 +206,7 @@ export class StagedRestore {
 
   /** Picks the newest committed checkpoint that verifies and starts loading it. */
   static async begin(options: StagedRestoreOptions): Promise<StagedRestore> {
-    const store = await new CheckpointStore(path.posix.join(options.storeDir, options.record.name), options.record.keep).open();
+    const store = await new CheckpointStore(vmStoreDir(options.storeDir, options.record), options.record.keep).open();
     const latest = await store.latestVerified((error) => {
       options.log.warn({ err: error.message }, 'skipping a checkpoint that does not verify');
       if (error.epoch !== undefined) options.onCorrupt?.(error.epoch);
@@ -173,8 +214,14 @@ export class StagedRestore {
     if (!latest) throw new NoCheckpointError(`no committed checkpoint of '${options.record.name}' in ${store.dir}`);
     const data = store.assemble(latest);
     const bytes = data.ram.reduce((n, part) => n + part.length, data.deviceState.length);
-    options.log.info({ epoch: latest.metadata.epoch, chain: latest.chain.length, bytes }, 'staging restore');
-    return new StagedRestore(latest.metadata, data, options);
+    options.log.info({ epoch: latest.metadata.epoch, chain: latest.chain.length, bytes, disks: latest.metadata.disks?.length ?? 0 }, 'staging restore');
+    if (hasReplicatedDisks(options.record) && !latest.metadata.disks) {
+      throw new NoCheckpointError(`checkpoint ${latest.metadata.epoch} of '${options.record.name}' carries no disk state, but the VM has replicated disks`);
+    }
+    // applied while the RAM streams into the standby
+    const disksReady = latest.metadata.disks ? store.prepareDisks(latest).then((images) => auditReplicas(images, latest.metadata.epoch, options.record.name, options.log)) : Promise.resolve();
+    disksReady.catch(() => undefined);
+    return new StagedRestore(latest.metadata, data, options, disksReady);
   }
 
   get epoch(): number {
