@@ -19,13 +19,15 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { Checkpointer, type CheckpointResult } from '@ftvm/coordinator';
+import { Checkpointer, DiskReplicator, type CheckpointResult } from '@ftvm/coordinator';
 import type { QmpClient } from '@ftvm/qmp';
 import { openRemoteReceiver } from '@ftvm/transport';
 import { hostInfo, labKnownHosts, labSshKey, labUp } from '../test/lab/lab.js';
 import { connectLabSsh } from '../test/support/lab-ssh.js';
 import { patchedQemu } from '../test/support/patched-qemu.js';
-import { startProbeVm } from '../test/support/probe-vm.js';
+import { makeProbeDisks } from '../test/support/ft-cluster.js';
+import { diskCounters } from '../test/support/probe-client.js';
+import { startProbeVm, type ProbeVm } from '../test/support/probe-vm.js';
 import { describeEnvironment } from './environment.js';
 import { round, summarize } from './stats.js';
 
@@ -39,6 +41,10 @@ const VM = 'bench-ckpt';
 const EMULATOR = process.env.FTVM_BENCH_EMULATOR === 'stock' ? undefined : (process.env.FTVM_BENCH_EMULATOR ?? patchedQemu());
 const RESULT_NAME = process.env.FTVM_BENCH_RESULT ?? 'checkpoint.json';
 const DOWNTIME_LIMIT_MS = process.env.FTVM_BENCH_DOWNTIME_MS === undefined ? undefined : Number(process.env.FTVM_BENCH_DOWNTIME_MS);
+// disk section: the probe's ring + ext4 disks, the fs workload sized for ~4 MiB/s (20 cycles/s)
+const DISK_SECTION = process.env.FTVM_BENCH_DISK !== '0';
+const DISK_CHECKPOINTS = Number(process.env.FTVM_BENCH_DISK_CHECKPOINTS ?? 30);
+const DISK_FS_KIB = Number(process.env.FTVM_BENCH_DISK_FS_KIB ?? 200);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const sshArgs = (ip: string, command: string) => ['-i', labSshKey(), '-o', `UserKnownHostsFile=${labKnownHosts()}`, '-o', 'StrictHostKeyChecking=yes', '-o', 'BatchMode=yes', `root@${ip}`, command];
 const pauseMs = (r: CheckpointResult) => Number(r.resumeNs - r.stopNs) / 1e6;
@@ -161,13 +167,104 @@ try {
     throughput_runs: throughputRuns,
     full_checkpoint_pause_ms: summarize([...full, ...fullForThroughput].map(pauseMs)),
     baseline: { local_migrate_pause_ms: summarize(localPausesMs), runs: BASELINE_RUNS },
-    targets: { pause_ms_p50: 10, pause_ms_p99: 25, throughput_vs_raw_ssh: 0.8 },
+    targets: { pause_ms_p50: 10, pause_ms_p99: 25, throughput_vs_raw_ssh: 0.8, disk_added_pause_ms_p50: 2 },
+    ...(DISK_SECTION ? { disk: await diskSection() } : {}),
   };
   fs.mkdirSync(new URL('./results/', import.meta.url), { recursive: true });
   fs.writeFileSync(new URL(`./results/${RESULT_NAME}`, import.meta.url), `${JSON.stringify(result, null, 2)}\n`);
   console.log(JSON.stringify(result, null, 2));
 } finally {
   await vm.destroy();
+}
+
+/**
+ * Disk section (issue #15): a second probe guest with the ring and ext4 disks under a disk write
+ * load, checkpointed the same way, alternately with and without disk replication (the same guest,
+ * the same load, interleaved in blocks so both see the same host): the pause each way, the delta
+ * bytes against the guest's write rate, and the seed's throughput against raw ssh.
+ */
+async function diskSection(): Promise<object> {
+  const name = 'bench-disk';
+  const disks = await makeProbeDisks('primary', name, { format: 'qcow2', ringMiB: 4, fsMiB: 256 });
+  const dvm: ProbeVm = await startProbeVm({ host: 'primary', name, memoryMiB: 256, probePort: 5556, workloadMiBps: WORKLOAD_MIBPS, disks, fsKiB: DISK_FS_KIB, ...(EMULATOR ? { emulator: EMULATOR } : {}) });
+  const store = `/var/lib/libvirt/ftvm/${name}`;
+  fs.rmSync(path.join(hostInfo('backup').libvirtLibDir, 'ftvm', name), { recursive: true, force: true });
+  const ssh = await connectLabSsh('backup');
+  try {
+    let receiver = await openRemoteReceiver(ssh, { storeDir: store, keep: 3 });
+    const checkpointer = await Checkpointer.create({
+      vm: name,
+      qmp: dvm.qmp,
+      socketPath: dvm.paths.migrationOutside,
+      qemuSocketPath: dvm.paths.migration,
+      qemuVersion: '7',
+      domainXml: dvm.xml,
+      ...(DOWNTIME_LIMIT_MS === undefined ? {} : { downtimeLimitMs: DOWNTIME_LIMIT_MS }),
+    });
+    const replicator = await DiskReplicator.create({ qmp: dvm.qmp, vm: name, disks: [
+      { target: 'vda', source: disks.ring.path, format: 'qcow2', sourceType: 'file' },
+      { target: 'vdb', source: disks.fs.path, format: 'qcow2', sourceType: 'file' },
+    ], runDir: dvm.paths.run, runDirHere: path.join(hostInfo('primary').runDir, 'ftvm') });
+    // the seed, against raw ssh of as many bytes right after
+    const seed = await replicator.seed(receiver.sender);
+    const rawSeed = await rawSshTransfer(hostInfo('backup').ip, seed.bytes);
+    const probe = { host: hostInfo('primary').ip, port: 5556 };
+    const withDisk: CheckpointResult[] = [];
+    const without: CheckpointResult[] = [];
+    let failures = 0;
+    let epoch = 0;
+    let full = true;
+    const startCounters = await diskCounters(probe);
+    const started = performance.now();
+    for (let i = 0; i < DISK_CHECKPOINTS * 2; i++) {
+      // blocks of 5: with, without, with, ...
+      const replicate = Math.floor(i / 5) % 2 === 0;
+      const t0 = performance.now();
+      epoch++;
+      try {
+        const result = await checkpointer.checkpoint(epoch, receiver.sender, { full, ...(replicate ? { disks: replicator } : {}) });
+        full = false;
+        (replicate ? withDisk : without).push(result);
+      } catch (error) {
+        failures++;
+        full = true;
+        console.error(`disk section: checkpoint ${epoch} failed: ${(error as Error).message}; ${receiver.stderr()}`);
+        if (!receiver.sender.isOpen) receiver = await openRemoteReceiver(ssh, { storeDir: store, keep: 3 });
+        if (replicator.needsSeed) await replicator.seed(receiver.sender);
+      }
+      await sleep(Math.max(0, INTERVAL_MS - (performance.now() - t0)));
+    }
+    const seconds = (performance.now() - started) / 1000;
+    const endCounters = await diskCounters(probe);
+    await replicator.close();
+    await checkpointer.close();
+    receiver.sender.close();
+    // the guest's own write rate: ring sectors + fs bytes, in the guest's clock
+    const guestBytes = Number(endCounters.ring.completed - startCounters.ring.completed) * 4096 + Number(endCounters.fs.bytes - startCounters.fs.bytes);
+    const guestSeconds = Number(endCounters.monotonicNs - startCounters.monotonicNs) / 1e9;
+    // delta bytes ≈ what the checkpoints with disks carried beyond those without (same RAM load)
+    const perCheckpoint = (rs: CheckpointResult[]) => rs.reduce((n, r) => n + r.bytes, 0) / Math.max(1, rs.length);
+    const deltaBytesPerS = Math.max(0, perCheckpoint(withDisk) - perCheckpoint(without)) / (INTERVAL_MS / 1000);
+    return {
+      guest: { disks: 'ring 4 MiB + ext4 256 MiB, qcow2, cache=none', fs_kib_per_cycle: DISK_FS_KIB, memory_workload_mib_per_s: WORKLOAD_MIBPS },
+      checkpoints: { with_disk: withDisk.length, without_disk: without.length, failed: failures, interval_ms: INTERVAL_MS, seconds: round(seconds) },
+      pause_ms: summarize(withDisk.map(pauseMs)),
+      no_disk_pause_ms: summarize(without.map(pauseMs)),
+      added_pause_ms_p50: round(summarize(withDisk.map(pauseMs)).p50 - summarize(without.map(pauseMs)).p50),
+      checkpoint_duration_ms: summarize(withDisk.map((r) => r.durationMs)),
+      no_disk_checkpoint_duration_ms: summarize(without.map((r) => r.durationMs)),
+      delta_bytes_per_s: round(deltaBytesPerS),
+      guest_write_bytes_per_s: round(guestBytes / guestSeconds),
+      seed_bytes: seed.bytes,
+      seed_mb_per_s: round(seed.bytes / 1e6 / (seed.ms / 1000)),
+      seed_raw_ssh_mb_per_s: round(mbPerS([rawSeed])),
+      seed_vs_raw_ssh: round(seed.bytes / 1e6 / (seed.ms / 1000) / mbPerS([rawSeed])),
+      basis: 'one guest, checkpoints alternating in blocks of 5 with and without disk replication; delta bytes = checkpoint bytes with disks − without, per second; seed = all allocated extents of both disks over the same channel, vs raw ssh of as many bytes',
+    };
+  } finally {
+    ssh.close();
+    await dvm.destroy();
+  }
 }
 
 /** QEMU's `migrate` into a local file, `cont` on the completed event; pause from STOP/RESUME. */

@@ -10,26 +10,14 @@
  * - reprotect reseeds the old primary, and a failover back works the same way.
  */
 import fs from 'node:fs';
-import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { fsckCopy, readRing } from '../support/disk-check.js';
+import { AUDIT_DIR, checkDisksAfterFailover } from '../support/disk-audit.js';
 import { killQemuAndFailOver, reprotectToOther } from '../support/failover-runs.js';
-import { agentLogEntries, CLUSTER_DIR, probeOn, startCluster, stopCluster, untilAgents, waitProtectedOn, type AgentHost, type Cluster } from '../support/ft-cluster.js';
+import { probeOn, startCluster, stopCluster, untilAgents, waitProtectedOn, type Cluster } from '../support/ft-cluster.js';
 import { patchedQemu } from '../support/patched-qemu.js';
 import { diskCounters } from '../support/probe-client.js';
 
-const AUDIT_DIR = path.join(CLUSTER_DIR, 'disk-audit');
 let cluster: Cluster | undefined;
-
-interface Audit {
-  role: 'fleece' | 'replica';
-  epoch: number;
-  disk: string;
-  sha256: string;
-  copy?: string;
-}
-
-const audits = (host: AgentHost, role: Audit['role']) => (agentLogEntries(host, 'disk audit') as unknown as Audit[]).filter((a) => a.role === role);
 
 beforeAll(async () => {
   // the agents inherit it (test harness only): fleece hashes per checkpoint, replica copies at failover
@@ -52,40 +40,25 @@ async function failOverAndCheck(): Promise<void> {
   expect(before.fs.state).toBe('running');
   const { record, doubles } = await killQemuAndFailOver(c);
   expect(doubles).toBe(0);
-  const epoch = record.lastMove!.epoch;
   const to = c.primary;
-
+  const check = await checkDisksAfterFailover({ from, to, epoch: record.lastMove!.epoch, bootId: before.bootId, checksBefore: before.ring.checks });
   // byte equality, disk by disk, at the checkpoint the backup resumed
-  const replicas = await untilAgents(`${to} audits its replicas of epoch ${epoch}`, async () => {
-    const found = audits(to, 'replica').filter((a) => a.epoch === epoch);
-    return found.length === 2 ? found : undefined;
-  });
-  const fleeces = audits(from, 'fleece').filter((a) => a.epoch === epoch);
-  expect(fleeces.map((f) => f.disk).sort()).toEqual(['vda', 'vdb']);
-  for (const replica of replicas) expect(replica.sha256, `disk ${replica.disk} at epoch ${epoch}`).toBe(fleeces.find((f) => f.disk === replica.disk)!.sha256);
-
-  // the guest's own view: a read-back check after the resume found no disk/RAM mismatch, and it writes on
-  const after = await untilAgents(`the guest on ${to} checks its ring after the resume`, async () => {
-    const d = await diskCounters(probeOn(to));
-    return d.bootId === before.bootId && d.ring.checks > before.ring.checks && d.ring.completed > before.ring.completed - 2000n ? d : undefined;
-  });
-  expect(after.ring.violations).toBe(0);
-  expect(after.ring.state).toBe('running');
-  expect(after.fs.state).toBe('running');
+  expect(check.disks.map((d) => d.disk).sort()).toEqual(['vda', 'vdb']);
+  for (const d of check.disks) expect(d.replica, `disk ${d.disk} at epoch ${check.epoch}`).toBe(d.fleece);
+  // the guest's own view: no disk/RAM mismatch in its read-back after the resume, and it writes on
+  expect(check.ring.violations).toBe(0);
+  expect(check.ring.state).toBe('running');
+  expect(check.fs.state).toBe('running');
   const later = await untilAgents('the ring and fs advance on the new primary', async () => {
     const d = await diskCounters(probeOn(to));
-    return d.ring.completed > after.ring.completed && d.fs.cycles > after.fs.cycles ? d : undefined;
+    return d.ring.completed > check.ring.completed && d.fs.cycles > check.fs.cycles ? d : undefined;
   });
   expect(later.ring.violations).toBe(0);
-
   // the replicas as the VM resumed on them: a consistent file system, a ring of this boot
-  const fsCopy = replicas.find((r) => r.disk === 'vdb')!.copy!;
-  const fsck = await fsckCopy(path.join(AUDIT_DIR, path.basename(fsCopy)), 'raw');
-  expect(fsck.clean, fsck.output).toBe(true);
-  const ring = await readRing(path.join(AUDIT_DIR, path.basename(replicas.find((r) => r.disk === 'vda')!.copy!)), 'raw', { bootId: before.bootId });
-  expect(ring.corrupt).toBeLessThanOrEqual(1);
-  expect(ring.missing).toBe(0);
-  expect(ring.newest).toBeGreaterThan(0n);
+  expect(check.fsck.clean, check.fsck.output).toBe(true);
+  expect(check.ringOnDisk.corrupt).toBeLessThanOrEqual(1);
+  expect(check.ringOnDisk.missing).toBe(0);
+  expect(check.ringOnDisk.newest).toBeGreaterThan(0n);
 }
 
 describe('disk replication', () => {

@@ -5,7 +5,7 @@
  * rename), each in its own thread. Wire and disk formats (little-endian, fixed size): see
  * test/guest/README.md.
  *
- *   probe [--port N] [--workload MiBps] [--ready-file PATH] [--ring DEV] [--fs-dir DIR]
+ *   probe [--port N] [--workload MiBps] [--ready-file PATH] [--ring DEV] [--fs-dir DIR] [--fs-kib N]
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -287,7 +287,9 @@ static void *ring_main(void *arg) {
  * line to `log` and fsync it; rotate log to log.1 past 256 KiB. A cycle counts once all of that
  * returned, so after any crash `current` and `log` hold at least the last counted cycle. */
 #define FS_PERIOD_NS 50000000LL
-#define FS_CURRENT_BYTES 16384u
+#define FS_CURRENT_DEFAULT_BYTES 16384u
+#define FS_CURRENT_MAX_BYTES (4u << 20)
+static uint32_t fs_current_bytes = FS_CURRENT_DEFAULT_BYTES; /* --fs-kib: the disk write load */
 #define FS_SMALL_BYTES 4096u
 #define FS_SMALL_FILES 32u
 #define FS_LOG_ROTATE 262144
@@ -336,7 +338,8 @@ static void *fs_main(void *arg) {
   if (st.f_type != EXT4_MAGIC) { fs_fail("not an ext4 mount", ENODEV); return NULL; }
   int dirfd = open(fs_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dirfd < 0) { fs_fail("open", errno); return NULL; }
-  static uint8_t data[FS_CURRENT_BYTES];
+  uint8_t *data = malloc(fs_current_bytes);
+  if (!data) { fs_fail("allocate", ENOMEM); return NULL; }
   off_t log_size = 0;
   int logfd = open_log(dirfd, &log_size);
   if (logfd < 0) { fs_fail("open log", errno); return NULL; }
@@ -346,12 +349,12 @@ static void *fs_main(void *arg) {
     char line[64], small[16];
     char head[64];
     int head_len = snprintf(head, sizeof head, "ftvm-fs %016" PRIx64 " %" PRIu64 "\n", boot_id, cycle);
-    for (size_t i = 0; i < sizeof data; i++) data[i] = (uint8_t)('a' + (cycle + i) % 26);
+    for (size_t i = 0; i < fs_current_bytes; i++) data[i] = (uint8_t)('a' + (cycle + i) % 26);
     memcpy(data, head, (size_t)head_len); /* first line: what the host reads back from `current` */
     int line_len = snprintf(line, sizeof line, "%" PRIu64 " %016" PRIx64 "\n", cycle, boot_id);
     snprintf(small, sizeof small, "f-%02u", (unsigned)(cycle % FS_SMALL_FILES));
     what = "write tmp";
-    if (put_file(dirfd, "tmp", O_TRUNC, data, FS_CURRENT_BYTES, 1) < 0) goto fail;
+    if (put_file(dirfd, "tmp", O_TRUNC, data, fs_current_bytes, 1) < 0) goto fail;
     what = "rename tmp current";
     if (renameat(dirfd, "tmp", dirfd, "current") < 0) goto fail;
     what = "fsync dir";
@@ -362,7 +365,7 @@ static void *fs_main(void *arg) {
     what = "append log";
     if (write_all(logfd, (const uint8_t *)line, (size_t)line_len) < 0 || fsync(logfd) < 0) goto fail;
     log_size += line_len;
-    __atomic_add_fetch(&fs_bytes, FS_CURRENT_BYTES + FS_SMALL_BYTES + (uint64_t)line_len, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&fs_bytes, fs_current_bytes + FS_SMALL_BYTES + (uint64_t)line_len, __ATOMIC_RELAXED);
     __atomic_store_n(&fs_cycles, cycle, __ATOMIC_RELEASE);
     if (log_size > FS_LOG_ROTATE) {
       what = "rotate log";
@@ -517,9 +520,14 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--workload") && i + 1 < argc) workload = strtol(argv[++i], NULL, 10);
     else if (!strcmp(argv[i], "--ready-file") && i + 1 < argc) ready_file = argv[++i];
     else if (!strcmp(argv[i], "--ring") && i + 1 < argc) ring_dev = argv[++i];
+    else if (!strcmp(argv[i], "--fs-kib") && i + 1 < argc) {
+      long kib = strtol(argv[++i], NULL, 10);
+      if (kib < 1 || (uint64_t)kib * 1024 > FS_CURRENT_MAX_BYTES) { fprintf(stderr, "probe: --fs-kib must be 1..%u\n", FS_CURRENT_MAX_BYTES >> 10); return 2; }
+      fs_current_bytes = (uint32_t)kib * 1024;
+    }
     else if (!strcmp(argv[i], "--fs-dir") && i + 1 < argc) fs_dir = argv[++i];
     else {
-      fprintf(stderr, "usage: %s [--port N] [--workload MiBps] [--ready-file PATH] [--ring DEV] [--fs-dir DIR]\n", argv[0]);
+      fprintf(stderr, "usage: %s [--port N] [--workload MiBps] [--ready-file PATH] [--ring DEV] [--fs-dir DIR] [--fs-kib N]\n", argv[0]);
       return 2;
     }
   }

@@ -21,6 +21,8 @@ export interface ProbeDomainSpec {
   agentSocket: string;
   serialLog: string;
   workloadMiBps?: number;
+  /** KiB the guest's fs workload writes per 50 ms cycle (default 16): the disk write load. */
+  fsKiB?: number;
   emulator?: string;
   /** Appended to QEMU's command line, e.g. ['-incoming', 'defer'] to restore a checkpoint. */
   extraQemuArgs?: string[];
@@ -36,7 +38,7 @@ export interface ProbeDomainSpec {
 export const PROBE_GUEST_PORT = 5555;
 
 export function probeDomainXml(spec: ProbeDomainSpec): string {
-  const cmdline = [spec.cmdline, spec.workloadMiBps ? `ftvm.workload=${spec.workloadMiBps}` : '']
+  const cmdline = [spec.cmdline, spec.workloadMiBps ? `ftvm.workload=${spec.workloadMiBps}` : '', spec.fsKiB ? `ftvm.fskib=${spec.fsKiB}` : '']
     .filter(Boolean)
     .join(' ');
   const qemuArgs = [

@@ -9,6 +9,7 @@ import { QmpClient } from '@ftvm/qmp';
 import { buildGuest, type GuestImage } from '../guest/boot-qemu.js';
 import { hostInfo, type LabHostName } from '../lab/lab.js';
 import { waitForProbe, syncGuestClock, type ProbeTarget } from './probe-client.js';
+import type { ProbeDisks } from './disk-check.js';
 import { probeDomainXml } from './probe-domain.js';
 
 const run = promisify(execFile);
@@ -41,6 +42,10 @@ export interface ProbeVmOptions {
   incoming?: boolean;
   /** QEMU binary (e.g. ftvm's patched build); libvirt's default otherwise. */
   emulator?: string;
+  /** The probe's disks, paths as the host sees them (see ft-cluster makeProbeDisks). */
+  disks?: ProbeDisks;
+  /** KiB per fs-workload cycle (20 cycles/s): the disk write load. */
+  fsKiB?: number;
 }
 
 /**
@@ -69,6 +74,8 @@ export async function startProbeVm(options: ProbeVmOptions): Promise<ProbeVm> {
     ...(options.workloadMiBps ? { workloadMiBps: options.workloadMiBps } : {}),
     ...(options.incoming ? { extraQemuArgs: ['-incoming', 'defer'] } : {}),
     ...(options.emulator ? { emulator: options.emulator } : {}),
+    ...(options.disks ? { disks: options.disks } : {}),
+    ...(options.fsKiB ? { fsKiB: options.fsKiB } : {}),
   });
   const virsh = async (...args: string[]) =>
     (await run('virsh', ['-c', host.libvirtUri, ...args], { timeout: 60_000 })).stdout;

@@ -1,4 +1,5 @@
-export { Checkpointer, type CheckpointerOptions, type CheckpointResult } from './checkpointer.js';
+export { Checkpointer, type CheckpointerOptions, type CheckpointResult, type CheckpointDisks } from './checkpointer.js';
+export { DiskReplicator, DiskReplicatorError, KEEP_BLOCK_ACTIVE, type DiskAudit } from './disk/disk-replicator.js';
 export { MigrationSocket } from './migration-socket.js';
 export { Agent } from './agent/agent.js';
 export { runAgent } from './agent/run.js';

@@ -30,7 +30,9 @@ interface DiskNode {
   node: string;
   sizeBytes: number;
   fleeceNode: string;
+  /** The fleece overlay's file as QEMU sees it, and as this process does. */
   fleeceFile: string;
+  fleeceFileHere: string;
   template: string;
 }
 
@@ -81,6 +83,8 @@ export class DiskReplicator {
     private readonly vm: string,
     private readonly nodes: DiskNode[],
     private readonly runDir: string,
+    /** runDir as this process sees it (the same unless QEMU runs in another mount namespace). */
+    private readonly runDirHere: string,
     private readonly log: (message: string, fields?: object) => void,
     /** Test harnesses only: hash each disk's whole fleece (its state at the stop instant) per checkpoint. */
     private readonly audit: ((entry: DiskAudit) => void) | undefined,
@@ -95,10 +99,13 @@ export class DiskReplicator {
     vm: string;
     disks: ReplicatedDisk[];
     runDir: string;
+    /** runDir as this process sees it, when QEMU runs in another mount namespace (benchmarks). */
+    runDirHere?: string;
     log?: (message: string, fields?: object) => void;
     audit?: (entry: DiskAudit) => void;
   }): Promise<DiskReplicator> {
     const { qmp, vm, disks, runDir } = options;
+    const runDirHere = options.runDirHere ?? runDir;
     const capabilities = await qmp.execute<{ capability: string }[]>('query-migrate-capabilities');
     if (!capabilities.some((c) => c.capability === KEEP_BLOCK_ACTIVE)) {
       throw new DiskReplicatorError(
@@ -109,18 +116,19 @@ export class DiskReplicator {
     const nodes: DiskNode[] = disks.map((disk) => {
       const info = findBlock(blocks, disk);
       if (!info?.inserted) throw new DiskReplicatorError(`VM '${vm}': QEMU has no block device for disk ${disk.target} (${disk.source})`);
-      const base = path.posix.join(runDir, `${vm}-${disk.target}`);
+      const name = `${vm}-${disk.target}`;
       return {
         disk,
         node: info.inserted['node-name'],
         sizeBytes: info.inserted.image['virtual-size'],
         fleeceNode: `ftvm-fleece-${disk.target}`,
-        fleeceFile: `${base}.fleece.qcow2`,
-        template: `${base}.fleece-template.qcow2`,
+        fleeceFile: path.posix.join(runDir, `${name}.fleece.qcow2`),
+        fleeceFileHere: path.join(runDirHere, `${name}.fleece.qcow2`),
+        template: path.join(runDirHere, `${name}.fleece-template.qcow2`),
       };
     });
     await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: KEEP_BLOCK_ACTIVE, state: true }] });
-    const replicator = new DiskReplicator(qmp, vm, nodes, runDir, options.log ?? (() => {}), options.audit);
+    const replicator = new DiskReplicator(qmp, vm, nodes, runDir, runDirHere, options.log ?? (() => {}), options.audit);
     await replicator.cleanUpLeftovers();
     return replicator;
   }
@@ -266,14 +274,14 @@ export class DiskReplicator {
   }
 
   private async addFleece(n: DiskNode): Promise<void> {
-    await fs.rm(n.fleeceFile, { force: true });
+    await fs.rm(n.fleeceFileHere, { force: true });
     if (!(await exists(n.template))) {
       await fs.mkdir(path.dirname(n.template), { recursive: true });
       const tmp = `${n.template}.${process.pid}.tmp`;
       await run('qemu-img', ['create', '-q', '-f', 'qcow2', tmp, String(n.sizeBytes)], { timeout: 30_000 });
       await fs.rename(tmp, n.template);
     }
-    await fs.copyFile(n.template, n.fleeceFile);
+    await fs.copyFile(n.template, n.fleeceFileHere);
     await this.qmp.execute('blockdev-add', {
       driver: 'qcow2',
       'node-name': n.fleeceNode,
@@ -282,7 +290,7 @@ export class DiskReplicator {
     });
     // A full fleece file system would fail the guest's own writes (QEMU 7.2's backup job breaks the
     // guest write when its copy-before-write fails): stop the fleece well before that.
-    const { bavail, bsize } = await fs.statfs(path.dirname(n.fleeceFile));
+    const { bavail, bsize } = await fs.statfs(path.dirname(n.fleeceFileHere));
     const threshold = Math.floor((bavail * bsize) / (2 * this.nodes.length));
     await this.qmp.execute('block-set-write-threshold', { 'node-name': `${n.fleeceNode}-file`, 'write-threshold': threshold });
   }
@@ -298,19 +306,21 @@ export class DiskReplicator {
     await this.qmp.execute('blockdev-del', { 'node-name': n.fleeceNode }).catch((error: Error) => {
       if (!/not found|cannot find|failed to find/i.test(error.message)) this.log('cannot remove a fleecing node', { node: n.fleeceNode, err: error.message });
     });
-    await fs.rm(n.fleeceFile, { force: true });
+    await fs.rm(n.fleeceFileHere, { force: true });
   }
 
+  /** QEMU's NBD server for this VM; returns its socket as this process reaches it. */
   private async nbdServer(): Promise<string> {
     const socket = path.posix.join(this.runDir, `${this.vm}.nbd`);
+    const here = path.join(this.runDirHere, `${this.vm}.nbd`);
     if (!this.nbdStarted) {
       await this.qmp.execute('nbd-server-stop').catch(() => undefined);
-      await fs.rm(socket, { force: true });
+      await fs.rm(here, { force: true });
       // 7.2 takes the legacy SocketAddress form here ({type, data})
       await this.qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: socket } } });
       this.nbdStarted = true;
     }
-    return socket;
+    return here;
   }
 
   private async bitmapNames(): Promise<Map<string, Set<string>>> {
