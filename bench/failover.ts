@@ -15,13 +15,20 @@
  * other two keep running and say they lost their backup; `primary` comes back, `ftvm reprotect`
  * protects all four again, and a switchover sends the two home for the next kill.
  *
- * FTVM_FAILOVER_SECTIONS=single,multi (default both) picks what runs; a section left out keeps
+ * disk: the single VM with its two local disks (counter ring, ext4; replicated by ftvm),
+ * FTVM_FAILOVER_DISK_RUNS kills (default 5): failover time with disks beside the single
+ * section's, and the guest's own ring check after each resume. (Byte equality of the replicas is
+ * pnpm bench:disk-faults' and the tests' job: its audit hashing would add to the time here.)
+ *
+ * FTVM_FAILOVER_SECTIONS=single,multi,disk (default all) picks what runs; a section left out keeps
  * its figures from the existing bench/results/failover.json.
  */
 import fs from 'node:fs';
 import { labDown } from '../test/lab/lab.js';
 import { startCluster, stopCluster, type Cluster } from '../test/support/ft-cluster.js';
 import { runFault, type FaultKind, type FaultRun } from '../test/support/failover-runs.js';
+import { probeOn } from '../test/support/ft-cluster.js';
+import { diskCounters } from '../test/support/probe-client.js';
 import { MULTI_VMS, runMultiKill, sendHome, startMultiCluster, stopMultiCluster, type MultiCluster, type MultiKillRun } from '../test/support/multi-vm.js';
 import { patchedQemu } from '../test/support/patched-qemu.js';
 import { describeEnvironment } from './environment.js';
@@ -32,10 +39,12 @@ const KINDS = (process.env.FTVM_FAILOVER_KINDS ?? 'kill,partition,freeze').split
 const MULTI_RUNS = Number(process.env.FTVM_FAILOVER_MULTI_RUNS ?? 3);
 // the issue's 128 MiB per VM (the probe's workload buffer takes at most a quarter of it)
 const MULTI_MEMORY_MIB = Number(process.env.FTVM_FAILOVER_MULTI_MEMORY_MIB ?? 128);
-const SECTIONS = (process.env.FTVM_FAILOVER_SECTIONS ?? 'single,multi').split(',').map((s) => s.trim());
+const DISK_RUNS = Number(process.env.FTVM_FAILOVER_DISK_RUNS ?? 5);
+const SECTIONS = (process.env.FTVM_FAILOVER_SECTIONS ?? 'single,multi,disk').split(',').map((s) => s.trim());
 for (const section of SECTIONS) {
-  if (section !== 'single' && section !== 'multi') throw new Error(`FTVM_FAILOVER_SECTIONS: unknown section '${section}' (single, multi)`);
+  if (section !== 'single' && section !== 'multi' && section !== 'disk') throw new Error(`FTVM_FAILOVER_SECTIONS: unknown section '${section}' (single, multi, disk)`);
 }
+if (!Number.isInteger(DISK_RUNS) || DISK_RUNS < 1) throw new Error(`FTVM_FAILOVER_DISK_RUNS must be a positive integer, got '${process.env.FTVM_FAILOVER_DISK_RUNS}'`);
 if (!Number.isInteger(MULTI_RUNS) || MULTI_RUNS < 1) throw new Error(`FTVM_FAILOVER_MULTI_RUNS must be a positive integer, got '${process.env.FTVM_FAILOVER_MULTI_RUNS}'`);
 if (!Number.isInteger(MULTI_MEMORY_MIB) || MULTI_MEMORY_MIB < 64) throw new Error(`FTVM_FAILOVER_MULTI_MEMORY_MIB must be an integer ≥ 64, got '${process.env.FTVM_FAILOVER_MULTI_MEMORY_MIB}'`);
 const resultFile = new URL('./results/failover.json', import.meta.url);
@@ -44,14 +53,15 @@ const emulator = patchedQemu();
 const previous: Record<string, unknown> = fs.existsSync(resultFile) ? JSON.parse(fs.readFileSync(resultFile, 'utf8')) : {};
 const single = SECTIONS.includes('single') ? await singleVmSection() : withoutMulti(previous);
 const multi = SECTIONS.includes('multi') ? await multiVmSection() : previous['multi_vm'];
-const result = { ...single, ...(multi !== undefined ? { multi_vm: multi } : {}) };
+const disk = SECTIONS.includes('disk') ? await diskSection((single['failover_s'] as { p50?: number } | undefined)?.p50) : previous['disk'];
+const result = { ...single, ...(multi !== undefined ? { multi_vm: multi } : {}), ...(disk !== undefined ? { disk } : {}) };
 fs.mkdirSync(new URL('./results/', import.meta.url), { recursive: true });
 fs.writeFileSync(resultFile, `${JSON.stringify(result, null, 2)}\n`);
 console.log(JSON.stringify({ ...result, runs: undefined, multi_vm: multi && { ...(multi as Record<string, unknown>), kills: undefined } }, null, 2));
 if (process.env.FTVM_BENCH_LAB_DOWN) await labDown();
 
 function withoutMulti(figures: Record<string, unknown>): Record<string, unknown> {
-  const { multi_vm: _multi, ...rest } = figures;
+  const { multi_vm: _multi, disk: _disk, ...rest } = figures;
   if (!('failover_s' in rest)) console.error(`no single-VM figures in ${resultFile.pathname}: run with FTVM_FAILOVER_SECTIONS=single to measure them`);
   return rest;
 }
@@ -109,6 +119,48 @@ async function singleVmSection(): Promise<Record<string, unknown>> {
     runs,
   };
   return result;
+}
+
+/** The single VM with two replicated local disks: DISK_RUNS kills, failover time and the guest's disk check. */
+async function diskSection(noDiskP50: number | undefined): Promise<Record<string, unknown>> {
+  let cluster: Cluster | undefined;
+  const runs: Record<string, unknown>[] = [];
+  const errors: string[] = [];
+  try {
+    cluster = await startCluster({ emulator, workloadMiBps: 4, checkpointIntervalMs: 1000, disks: { format: 'qcow2', ringMiB: 4, fsMiB: 32 } });
+    for (let i = 1; i <= DISK_RUNS; i++) {
+      try {
+        const from = cluster.primary;
+        const before = await diskCounters(probeOn(from));
+        const run = await runFault(cluster, 'kill', (line) => console.error(line));
+        // runFault re-protected the VM (a reseed) and waited for a checkpoint: the guest has checked its ring since the resume
+        const after = await diskCounters(probeOn(run.to));
+        const ringOk = after.bootId === before.bootId && after.ring.state === 'running' && after.fs.state === 'running' && after.ring.checks > before.ring.checks;
+        runs.push({ failover_s: run.failoverS, offset_ms: run.offsetMs, continuity_ok: run.continuityOk, double_active: run.doubleActive, ring_checked: ringOk, ring_violations: after.ring.violations, epoch: run.epoch });
+        console.error(`disk kill ${i}/${DISK_RUNS}: failover ${run.failoverS} s, ring checked ${ringOk}, violations ${after.ring.violations}`);
+      } catch (error) {
+        errors.push(`disk kill ${i}: ${(error as Error).message}`);
+        console.error(`disk kill ${i}/${DISK_RUNS} FAILED: ${(error as Error).message}`);
+        break;
+      }
+    }
+  } finally {
+    await stopCluster(cluster).catch(() => undefined);
+  }
+  const failoverS = summarize(runs.map((r) => r['failover_s']).filter((s): s is number => typeof s === 'number'));
+  return {
+    guest: { memory_mib: 256, workload_mib_per_s: 4, disks: 'ring 4 MiB + ext4 32 MiB, qcow2, replicated' },
+    runs: DISK_RUNS,
+    failover_s: { ...failoverS, note: "kill runs, as the single section's, with two replicated disks" },
+    no_disk_failover_s_p50: noDiskP50 ?? null,
+    added_failover_s_p50: noDiskP50 === undefined || failoverS.p50 === undefined ? null : round(failoverS.p50 - noDiskP50),
+    ring_checked: runs.filter((r) => r['ring_checked'] === true).length,
+    ring_violations: runs.reduce((n, r) => n + Number(r['ring_violations'] ?? 0), 0),
+    continuity_ok: runs.filter((r) => r['continuity_ok'] === true).length,
+    double_active: runs.filter((r) => r['double_active'] === true).length,
+    errors,
+    kills: runs,
+  };
 }
 
 /** Four VMs on the host pair: MULTI_RUNS kills of `primary`, each failing its two VMs over. */

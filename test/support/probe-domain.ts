@@ -44,9 +44,10 @@ export function probeDomainXml(spec: ProbeDomainSpec): string {
   const qemuArgs = [
     '-qmp', `unix:${spec.qmpSocket},server=on,wait=off`,
     '-netdev', `user,id=ftvmprobe,hostfwd=udp:${spec.probeListen.address}:${spec.probeListen.port}-:${PROBE_GUEST_PORT}`,
-    '-device', 'virtio-net-pci,netdev=ftvmprobe,romfile=',
+    // a fixed slot libvirt never hands out (it numbers its own devices from slot 2 up)
+    '-device', `virtio-net-pci,netdev=ftvmprobe,romfile=${spec.disks ? ',bus=pci.0,addr=0x1f' : ''}`,
     '-chardev', `socket,id=ftvmqga,path=${spec.agentSocket},server=on,wait=off`,
-    '-device', 'virtio-serial-pci,id=ftvmserial',
+    '-device', `virtio-serial-pci,id=ftvmserial${spec.disks ? ',bus=pci.0,addr=0x1e' : ''}`,
     '-device', 'virtserialport,bus=ftvmserial.0,chardev=ftvmqga,name=org.qemu.guest_agent.0',
     ...(spec.extraQemuArgs ?? []),
   ];
