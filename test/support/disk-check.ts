@@ -4,6 +4,7 @@
  * image, and checks a copy of the file system with e2fsck. Formats: test/guest/README.md.
  */
 import { execFile } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -207,6 +208,8 @@ async function readRingBytes(image: string, format: DiskFormat): Promise<Buffer>
 
 export interface CreateProbeDisksOptions {
   ringMiB?: number;
+  /** Fill the ring disk beyond its slots with random bytes (a seed then has that much to copy). */
+  fillRing?: boolean;
   fsMiB?: number;
   format?: DiskFormat;
 }
@@ -232,6 +235,14 @@ export async function createProbeDisks(dir: string, options: CreateProbeDisksOpt
   const fsRaw = path.join(dir, format === 'raw' ? 'fs.raw' : 'fs.raw.tmp');
   fs.writeFileSync(ringRaw, encodeRingHeader({ slots: RING_SLOTS, bootId: 0n }));
   fs.truncateSync(ringRaw, ringMiB << 20);
+  if (options.fillRing) {
+    const fd = fs.openSync(ringRaw, 'r+');
+    try {
+      for (let at = (RING_SLOTS + 1) * SECTOR; at < ringMiB << 20; at += 1 << 20) fs.writeSync(fd, crypto.randomBytes(Math.min(1 << 20, (ringMiB << 20) - at)), 0, undefined, at);
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
   fs.rmSync(fsRaw, { force: true });
   await run('mke2fs', ['-q', '-F', '-t', 'ext4', '-b', '4096', '-L', FS_LABEL, '-E', 'lazy_itable_init=0,lazy_journal_init=0', fsRaw, `${fsMiB}M`]);
   if (format === 'raw') {

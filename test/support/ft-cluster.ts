@@ -53,7 +53,7 @@ export interface ClusterOptions {
    * Give the probe its two disks (counter ring, ext4), local to the host the VM starts on and
    * replicated by ftvm (created afresh under that host's /var/lib/libvirt/images/<vm>/).
    */
-  disks?: { format: DiskFormat; ringMiB?: number; fsMiB?: number };
+  disks?: { format: DiskFormat; ringMiB?: number; fsMiB?: number; fillRing?: boolean };
 }
 
 /** Where a host keeps a VM's disk images, as the host sees it and as this process does. */
@@ -66,7 +66,7 @@ export function vmImageDir(host: AgentHost, vm: string): { inHost: string; here:
 export async function makeProbeDisks(host: AgentHost, vm: string, options: NonNullable<ClusterOptions['disks']>): Promise<Required<ProbeDisks>> {
   const { inHost, here } = vmImageDir(host, vm);
   fs.rmSync(here, { recursive: true, force: true });
-  const made = await createProbeDisks(here, { format: options.format, ...(options.ringMiB ? { ringMiB: options.ringMiB } : {}), ...(options.fsMiB ? { fsMiB: options.fsMiB } : {}) });
+  const made = await createProbeDisks(here, { format: options.format, ...(options.ringMiB ? { ringMiB: options.ringMiB } : {}), ...(options.fsMiB ? { fsMiB: options.fsMiB } : {}), ...(options.fillRing ? { fillRing: true } : {}) });
   const inside = (p: string) => path.posix.join(inHost, path.basename(p));
   return { ring: { ...made.ring, path: inside(made.ring.path) }, fs: { ...made.fs, path: inside(made.fs.path) } };
 }
