@@ -2,6 +2,7 @@ import { stopInstantFromClock, type StopInstant, type VirtualClockReference } fr
 import type { QmpClient, QmpEvent } from '@ftvm/qmp';
 import { ReplicationError, type DiskBase, type DiskSection, type ReplicationSender } from '@ftvm/transport';
 import { MigrationSocket } from './migration-socket.js';
+import { testPausePoint } from './test-pause.js';
 
 export interface CheckpointerOptions {
   vm: string;
@@ -244,6 +245,7 @@ export class Checkpointer {
                 const outcome = await migration;
                 if (!outcome.ok) throw new Error(outcome.reason);
                 await resumedPromise;
+                await testPausePoint('before-disk-frames', { epoch });
                 yield* disks.sections();
               },
             }

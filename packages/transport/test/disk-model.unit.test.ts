@@ -2,8 +2,9 @@
 // the model's dirty blocks as the primary makes them from its bitmaps, sent through the real
 // sender and receiver into the real store; at random points a failover's view (latestVerified,
 // then prepareDisks) must be byte for byte the model's disks at the chosen checkpoint. Reseeds,
-// refused disk bases (the primary keeps the writes for the next delta), receiver restarts and a
-// corrupted newest delta are mixed in.
+// refused disk bases (the primary keeps the writes for the next delta), lost acks (the store
+// committed, the primary keeps the writes and its base), receiver restarts and a corrupted newest
+// delta are mixed in.
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -27,8 +28,9 @@ async function run(seed: number, steps: number) {
   let base: DiskBase | undefined;
   let epoch = 0;
   let newest: number | undefined; // the newest committed checkpoint
+  const committed = new Set<number>(); // every checkpoint committed since the last seed
   const snapshots = new Map<number, Buffer[]>();
-  const counts = { writes: 0, checkpoints: 0, refused: 0, seeds: 0, restarts: 0, checks: 0, fallbacks: 0 };
+  const counts = { writes: 0, checkpoints: 0, refused: 0, lostAcks: 0, seeds: 0, restarts: 0, checks: 0, fallbacks: 0 };
 
   const write = () => {
     const d = disks[random.int(disks.length)]!;
@@ -45,13 +47,18 @@ async function run(seed: number, steps: number) {
     disks.forEach((d) => d.dirty.clear());
     base = { seed: id };
     newest = undefined;
+    committed.clear();
     snapshots.clear();
   };
 
   const checkpoint = async () => {
     if (!base) await reseed();
     epoch += 1 + random.int(3);
-    const wrong: DiskBase | undefined = random.chance(0.1) ? (newest !== undefined && random.chance(0.5) ? { epoch: newest - 1 } : { seed: 'stale' }) : undefined;
+    // a base this store never committed (an epoch in a gap, or another seed); an older committed
+    // one (an ack lost) is no error: see lostAck
+    const gap = newest === undefined ? undefined : [newest - 1, newest - 2].find((e) => e >= 0 && !committed.has(e));
+    const wrong: DiskBase | undefined = random.chance(0.1) ? (gap !== undefined && random.chance(0.5) ? { epoch: gap } : { seed: 'stale' }) : undefined;
+    const lostAck = !wrong && random.chance(0.15);
     const maxRun = 1 + random.int(64);
     const zeroAsZero = random.chance(0.5);
     const sending = link.sender.send({
@@ -69,11 +76,17 @@ async function run(seed: number, steps: number) {
       return;
     }
     await sending;
-    disks.forEach((d) => d.dirty.clear());
     snapshots.set(epoch, disks.map((d) => Buffer.from(d.image)));
-    base = { epoch };
+    committed.add(epoch);
     newest = epoch;
     counts.checkpoints++;
+    if (lostAck) {
+      // committed, but the ack never reached the primary: it keeps the epoch's writes and its base
+      counts.lostAcks++;
+      return;
+    }
+    disks.forEach((d) => d.dirty.clear());
+    base = { epoch };
   };
 
   /** What a failover finds, checked against the model. */
@@ -133,6 +146,7 @@ describe('disk replication against a model', () => {
     it(`run ${seed}: a failover always finds the disks exactly as they were at its checkpoint`, async () => {
       const counts = await run(seed, 70);
       expect(counts.checks).toBeGreaterThan(2);
+      expect(counts.refused + counts.lostAcks).toBeGreaterThan(0);
       expect(counts.checkpoints).toBeGreaterThan(10);
     }, 60_000);
   }

@@ -127,11 +127,62 @@ describe('CheckpointStore with disks', () => {
     await refused(1, { seed: 's1' }, /lacks disk 'vdb' of the replica/, [w.disks[0]!.section([])]);
     expect((await fs.readdir(dir)).sort()).toEqual(['disks']);
     await commit(store, w, 1, { seed: 's1' });
-    await refused(2, { seed: 's1' }, /the replica is applied up to checkpoint 1 since|checkpoint 1 is committed on it already/);
+    await refused(2, { epoch: 0 }, /apply on checkpoint 0, but checkpoint 0 is not committed here \(the newest committed checkpoint is 1\)/);
     await store.commit({ ...input(2, w, undefined), disks: undefined }); // a checkpoint without disks
     await refused(3, { epoch: 2 }, /checkpoint 2 carries no disks/);
     await refused(3, { epoch: 1 }, /the newest committed checkpoint is 2/);
     expect((await fs.readdir(dir)).filter((n) => n.includes('delta')).sort()).toEqual(['1.vda.delta', '1.vdb.delta']);
+  });
+
+  it('takes a delta on an older committed checkpoint (its ack was lost) on the newest, and the failover gets the disks exactly', async () => {
+    const w = world(21);
+    const store = await openStore(3);
+    await seed(store, w);
+    w.scribble();
+    await commit(store, w, 1, { seed: 's1' });
+    // 2 and 3 commit, but the primary never hears of them: it keeps their writes for the next delta
+    const lost = async (epoch: number, diskBase: DiskBase) => {
+      w.scribble();
+      const meta = await store.commit(input(epoch, w, diskBase));
+      w.images.set(epoch, w.disks.map((d) => Buffer.from(d.image)));
+      return meta;
+    };
+    expect((await lost(2, { epoch: 1 })).diskBase).toEqual({ epoch: 1 });
+    expect((await lost(3, { epoch: 1 })).diskBase).toEqual({ epoch: 2 }); // on the head, not on 1
+    await store.pruned();
+    w.scribble();
+    const fourth = await commit(store, w, 4, { epoch: 1 }); // everything since 1
+    expect(fourth.diskBase).toEqual({ epoch: 3 });
+    await store.pruned(); // keep 3: 1 went, the replica is at 2
+    expect(await readMarker()).toMatchObject({ appliedEpoch: 2 });
+    const latest = (await store.latestVerified())!;
+    expect(latest.metadata.epoch).toBe(4);
+    expect(latest.diskEpochs).toEqual([3, 4]);
+    await expectImages(await store.prepareDisks(latest), w.images.get(4)!, w);
+
+    // a delta on a base that is gone (pruned) or was never here: no lineage to show, reseed
+    w.scribble();
+    await expect(store.commit(input(5, w, { epoch: 1 }))).rejects.toMatchObject({ code: 'no-disk-base', message: expect.stringContaining('checkpoint 1 is not committed here (the newest committed checkpoint is 4)') });
+    await expect(store.commit(input(5, w, { seed: 's0' }))).rejects.toMatchObject({ code: 'no-disk-base', message: expect.stringContaining('the replica holds seed s1') });
+  });
+
+  it("takes a delta on the seed after checkpoints on it whose acks were lost, even once the replica is past the seed; the previous one stays exact", async () => {
+    const w = world(23);
+    const store = await openStore(1); // keep 1: the replica follows the newest at once
+    await seed(store, w);
+    for (const epoch of [1, 2]) {
+      w.scribble();
+      const meta = await store.commit(input(epoch, w, { seed: 's1' }));
+      expect(meta.diskBase).toEqual(epoch === 1 ? { seed: 's1' } : { epoch: 1 });
+      w.images.set(epoch, w.disks.map((d) => Buffer.from(d.image)));
+      await store.pruned();
+    }
+    expect(await readMarker()).toMatchObject({ appliedEpoch: 2 });
+    w.scribble();
+    await commit(store, w, 3, { seed: 's1' });
+    const latest = (await store.latestVerified())!;
+    expect(latest.diskEpochs).toEqual([3]);
+    await expectImages(await store.prepareDisks(latest), w.images.get(3)!, w);
   });
 
   it('refuses an extent out of the disk as verify, naming the disk', async () => {

@@ -14,6 +14,7 @@ import {
   type DiskSection,
   type ReplicationSender,
 } from '@ftvm/transport';
+import { pauseAfterFirst } from '../test-pause.js';
 
 const run = promisify(execFile);
 
@@ -226,12 +227,13 @@ export class DiskReplicator {
     const pending = this.pending;
     if (!pending) throw new DiskReplicatorError('no checkpoint armed');
     const socket = await this.nbdServer();
-    for (const n of this.nodes) {
+    for (const [index, n] of this.nodes.entries()) {
       const id = `ftvm-delta-${n.disk.target}`;
       await this.qmp.execute('block-export-add', { type: 'nbd', id, 'node-name': n.fleeceNode, name: id, writable: false, bitmaps: [pending.closing] });
       const client = await NbdClient.connect({ path: socket }, { exportName: id, metaContexts: ['base:allocation', `qemu:dirty-bitmap:${pending.closing}`], timeoutMs: 10_000 });
       try {
-        yield { disk: n.disk.target, sizeBytes: n.sizeBytes, extents: readExtents(client, dirtyExtents(client, { bitmap: `qemu:dirty-bitmap:${pending.closing}` }), {}) };
+        const extents = readExtents(client, dirtyExtents(client, { bitmap: `qemu:dirty-bitmap:${pending.closing}` }), {});
+        yield { disk: n.disk.target, sizeBytes: n.sizeBytes, extents: index === 0 ? pauseAfterFirst(extents, 'delta-read', { epoch: pending.epoch, disk: n.disk.target }) : extents };
         if (pending.overflowed) throw new DiskReplicatorError(pending.overflowed);
         if (this.audit) this.audit({ epoch: pending.epoch, disk: n.disk.target, sha256: await hashExport(client, n.sizeBytes) });
       } finally {

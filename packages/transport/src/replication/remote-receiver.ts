@@ -14,6 +14,8 @@ export interface RemoteReceiverOptions {
 // The compiled receiver, whether this module runs from src/ (tests) or dist/ (both are two deep).
 const DEFAULT_RECEIVER = fileURLToPath(new URL('../../dist/bin/ftvm-receive.js', import.meta.url));
 
+const TEST_ENV = ['FTVM_TEST_PAUSE_AT', 'FTVM_TEST_PAUSE_MS'];
+
 /** Quotes one word for the remote shell. */
 const shellWord = (word: string) => `'${word.replace(/'/g, `'\\''`)}'`;
 
@@ -25,16 +27,12 @@ export async function openRemoteReceiver(
   ssh: SshConnection,
   options: RemoteReceiverOptions,
 ): Promise<{ sender: ReplicationSender; stderr: () => string }> {
+  // test harnesses' pause points (test-pause.ts) reach the receiver through its command line
+  const testEnv = TEST_ENV.filter((name) => process.env[name]).map((name) => `${name}=${shellWord(process.env[name]!)}`);
   const command = [
-    options.nodePath ?? 'node',
-    options.receiverPath ?? DEFAULT_RECEIVER,
-    '--store',
-    options.storeDir,
-    '--keep',
-    String(options.keep ?? 3),
-  ]
-    .map(shellWord)
-    .join(' ');
+    ...testEnv,
+    ...[options.nodePath ?? 'node', options.receiverPath ?? DEFAULT_RECEIVER, '--store', options.storeDir, '--keep', String(options.keep ?? 3)].map(shellWord),
+  ].join(' ');
   const channel = await ssh.exec(command);
   let stderr = '';
   channel.stderr.on('data', (chunk: Buffer) => {

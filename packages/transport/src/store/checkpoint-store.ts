@@ -17,6 +17,7 @@ import { CheckpointStoreError } from './errors.js';
 import { invalidMetadataField, validDiskBase, validSeedId, type CheckpointMetadata, type DiskBase, type DiskDeltaMetadata } from './metadata.js';
 import { closeAll, Replica, syncDir, type DeltaToApply, type ReplicaMarker, type ReplicaState } from './replica.js';
 import { WriteBehind } from './write-behind.js';
+import { testPausePoint } from '../test-pause.js';
 
 /**
  * Checks a checkpoint's bytes as they arrive (e.g. parses the migration stream to its end), so a
@@ -170,7 +171,8 @@ export class CheckpointStore {
       throw new CheckpointStoreError(`epoch ${epoch} is not newer than the latest committed (${latest})`, 'conflict', epoch);
     }
     const base = input.base ? await this.checkBase(epoch, input.base, latest) : undefined;
-    const replica = input.disks || input.diskBase ? await this.checkDiskBase(epoch, input, latest) : undefined;
+    const onDisks = input.disks || input.diskBase ? await this.checkDiskBase(epoch, input, latest) : undefined;
+    const replica = onDisks?.marker;
     const dataPath = this.dataPath(epoch);
     const tmpData = `${dataPath}.${process.pid}${TMP_SUFFIX}`;
     let bytes = 0;
@@ -215,13 +217,15 @@ export class CheckpointStore {
         ...(shape && shape.ramBlocks ? { ramBlocks: shape.ramBlocks } : {}),
         ...(shape && shape.layout ? { layout: shape.layout } : {}),
         ...(shape && shape.guestClockNs !== undefined ? { guestClockNs: shape.guestClockNs.toString() } : {}),
-        ...(input.diskBase ? { disks: deltas.map((d) => d.metadata!), diskBase: input.diskBase } : {}),
+        ...(onDisks ? { disks: deltas.map((d) => d.metadata!), diskBase: onDisks.base } : {}),
       };
       await fs.rename(tmpData, dataPath);
       for (const delta of deltas) await fs.rename(delta.tmp, delta.path);
       await this.syncDir(); // the data's and deltas' names must be durable before the metadata that commits them
+      await testPausePoint('before-meta-rename', { epoch });
       await this.writeDurably(this.metaPath(epoch), `${JSON.stringify(metadata, null, 2)}\n`);
       await this.syncDir();
+      await testPausePoint('after-meta-rename', { epoch });
       const previous = this.pruning; // (a seed queued meanwhile)
       this.pruning = previous.then(() => this.prune()).catch((error: unknown) => {
         this.options.onPruneError?.(error instanceof CheckpointStoreError ? error : CheckpointStoreError.fromFs(error, `prune ${this.dir}`));
@@ -495,10 +499,20 @@ export class CheckpointStore {
   }
 
   /**
-   * A checkpoint's disk deltas apply only on the store's disk head: the newest committed
-   * checkpoint (which has disks), or the replica's completed seed with nothing committed on it.
+   * A checkpoint's disk deltas are committed on the store's disk head — the newest committed
+   * checkpoint (which must have disks), or the replica's completed seed with nothing committed on
+   * it — and its metadata names that head as its disk base.
+   *
+   * The primary names the last disk state it knows committed: its bitmaps hold every write since
+   * that one's stop instant (an epoch it was not told of merged into the next). When an ack was
+   * lost (the link or the backup died after the metadata rename), the store holds newer
+   * checkpoints than the one named. Those came from the same lineage, each covering writes since
+   * the named one, so this delta — a superset of theirs — turns the head's state into this
+   * checkpoint's exactly: it is taken, on the head, rather than forcing a reseed. What must hold
+   * is only that the named base is of this store's lineage: a committed checkpoint with disks, or
+   * the replica's seed (a seed removes every checkpoint before it).
    */
-  private async checkDiskBase(epoch: number, input: CommitInput, latest: number | undefined): Promise<ReplicaMarker> {
+  private async checkDiskBase(epoch: number, input: CommitInput, latest: number | undefined): Promise<{ marker: ReplicaMarker; base: DiskBase }> {
     const { diskBase } = input;
     if (!input.disks) throw new CheckpointStoreError(`checkpoint ${epoch} names a disk base but carries no disks`, 'verify', epoch);
     if (diskBase === undefined) throw new CheckpointStoreError(`checkpoint ${epoch} carries disks but names no disk base: reseed the disks`, 'no-disk-base', epoch);
@@ -508,14 +522,19 @@ export class CheckpointStore {
     if (!marker) throw refuse('this backup holds no disk replica');
     if (!marker.complete) throw refuse(`the replica's seed ${marker.seed} is incomplete`);
     if ('epoch' in diskBase) {
-      if (diskBase.epoch !== latest) throw refuse(`the newest committed checkpoint is ${latest ?? 'none'}`);
-      if (!(await this.metadata(latest)).disks) throw refuse(`checkpoint ${latest} carries no disks`);
+      if (latest === undefined) throw refuse('the newest committed checkpoint is none');
+      const named = await this.metadata(diskBase.epoch).catch((error: unknown) => {
+        if (error instanceof CheckpointStoreError && error.code === 'not-found') throw refuse(`checkpoint ${diskBase.epoch} is not committed here (the newest committed checkpoint is ${latest})`);
+        throw refuse((error as Error).message); // unreadable: its lineage cannot be shown
+      });
+      if (!named.disks) throw refuse(`checkpoint ${diskBase.epoch} carries no disks`);
     } else {
       if (diskBase.seed !== marker.seed) throw refuse(`the replica holds seed ${marker.seed}`);
-      if (marker.appliedEpoch !== null) throw refuse(`the replica is applied up to checkpoint ${marker.appliedEpoch} since`);
-      for (const e of await this.epochs()) if ((await this.metadata(e)).disks) throw refuse(`checkpoint ${e} is committed on it already`);
+      if (latest === undefined && marker.appliedEpoch !== null) throw refuse(`the replica is applied up to checkpoint ${marker.appliedEpoch} since`);
     }
-    return marker;
+    if (latest === undefined) return { marker, base: { seed: marker.seed } };
+    if (!(await this.metadata(latest)).disks) throw refuse(`the newest committed checkpoint is ${latest}, which carries no disks`);
+    return { marker, base: { epoch: latest } };
   }
 
   /** Writes each disk section to its delta's temporary (fsync'd); `deltas` collects them for the commit or its cleanup. */

@@ -17,6 +17,7 @@ import path from 'node:path';
 import { CheckpointStoreError } from './errors.js';
 import { invalidDiskList, scanDiskDelta, DiskDeltaError, type DiskDeltaSummary, type DiskExtent, type DiskGeometry } from './disk-delta.js';
 import { validSeedId } from './metadata.js';
+import { testPausePoint } from '../test-pause.js';
 
 export interface ReplicaMarker {
   seed: string;
@@ -229,6 +230,7 @@ export class Replica {
         const image = images.get(delta.disk.disk);
         if (!image) throw new CheckpointStoreError(`checkpoint ${delta.epoch} has a delta for disk '${delta.disk.disk}', which the replica does not hold`, 'corrupt', delta.epoch, delta.path);
         await scanOrThrow(delta, { onRecord: (extent) => image.write(extent) }, onCorrupt);
+        if (delta === deltas[0]) await testPausePoint('mid-apply', { target, epoch: delta.epoch, disk: delta.disk.disk, deltas: deltas.length });
       }
       for (const image of images.values()) await image.sync();
     } finally {
