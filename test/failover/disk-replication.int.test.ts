@@ -12,8 +12,9 @@
 import fs from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AUDIT_DIR, checkDisksAfterFailover } from '../support/disk-audit.js';
-import { killQemuAndFailOver, reprotectToOther } from '../support/failover-runs.js';
-import { probeOn, startCluster, stopCluster, untilAgents, waitProtectedOn, type Cluster } from '../support/ft-cluster.js';
+import { killQemuAndFailOver, readRecord, reprotectToOther } from '../support/failover-runs.js';
+import { other, probeOn, startAgent, startCluster, stopCluster, untilAgents, vmStatus, waitProtectedOn, type Cluster } from '../support/ft-cluster.js';
+import { isAlive } from '../lab/procs.js';
 import { patchedQemu } from '../support/patched-qemu.js';
 import { diskCounters } from '../support/probe-client.js';
 
@@ -68,4 +69,31 @@ describe('disk replication', () => {
     await failOverAndCheck();
     expect(fs.readdirSync(AUDIT_DIR).length).toBeGreaterThanOrEqual(4);
   }, 600_000);
+
+  it("stopping the primary's agent hands the VM and its disks over by switchover", async () => {
+    const c = cluster!;
+    await reprotectToOther(c); // a failover leaves the VM unprotected
+    const from = c.primary;
+    const to = other(from);
+    await untilAgents(`${to} keeps a warm standby`, async () => ((await vmStatus(to, c.vm))?.phase === 'protected' ? true : undefined), 120_000);
+    await waitProtectedOn(from, c.vm, { committedAfter: Date.now() });
+    const before = await diskCounters(probeOn(from));
+    const previous = (await readRecord(c.vm)).lastMove?.at;
+    const pid = c.agentPids[from];
+    process.kill(pid, 'SIGTERM');
+    await untilAgents(`agent on ${from} exits after SIGTERM`, async () => (isAlive(pid) ? undefined : true), 60_000, 50);
+    const record = await untilAgents(`${to} runs ${c.vm} after the switchover`, async () => {
+      const r = await readRecord(c.vm);
+      return r.lastMove && r.lastMove.at !== previous && r.lastMove.kind === 'switchover' && r.lastMove.to === to ? r : undefined;
+    });
+    c.primary = to;
+    const check = await checkDisksAfterFailover({ from, to, epoch: record.lastMove!.epoch, bootId: before.bootId, checksBefore: before.ring.checks });
+    for (const d of check.disks) expect(d.replica, `disk ${d.disk} at the switchover's checkpoint ${check.epoch}`).toBe(d.fleece);
+    expect(check.ring.violations).toBe(0);
+    expect(check.fsck.clean, check.fsck.output).toBe(true);
+    // the agent comes back as the backup, reseeded
+    c.agentPids[from] = await startAgent(from);
+    await waitProtectedOn(to, c.vm, { committedAfter: Date.now() });
+    await untilAgents(`${from} keeps a standby on its reseeded replicas`, async () => ((await vmStatus(from, c.vm))?.phase === 'protected' ? true : undefined), 120_000);
+  }, 300_000);
 });
