@@ -1,8 +1,7 @@
 import { stopInstantFromClock, type StopInstant, type VirtualClockReference } from '@ftvm/kvmclock';
 import type { QmpClient, QmpEvent } from '@ftvm/qmp';
-import { ReplicationError, type DiskBase, type DiskSection, type ReplicationSender } from '@ftvm/transport';
+import { ReplicationError, testPausePoint, type DiskBase, type DiskSection, type ReplicationSender } from '@ftvm/transport';
 import { MigrationSocket } from './migration-socket.js';
-import { testPausePoint } from './test-pause.js';
 
 export interface CheckpointerOptions {
   vm: string;

@@ -1,7 +1,7 @@
 /**
  * Test-only pause points, so a fault-injection harness can strike at a precise moment of a
  * checkpoint (bench/disk-faults.ts, test/failover/disk-faults.int.test.ts). Unset, a pause point
- * costs one environment lookup. (packages/coordinator/src/test-pause.ts is the same for the agent.)
+ * costs one environment lookup. The agent uses it too (exported from @ftvm/transport).
  *
  * - `FTVM_TEST_PAUSE_AT=<point>[,<point>…]` pauses every time a named point is reached — each is
  *   reached once per checkpoint — for `FTVM_TEST_PAUSE_MS` (default 5000).

@@ -9,12 +9,12 @@ import {
   allocatedExtents,
   dirtyExtents,
   NbdClient,
+  pauseAfterFirst,
   readExtents,
   type DiskBase,
   type DiskSection,
   type ReplicationSender,
 } from '@ftvm/transport';
-import { pauseAfterFirst } from '../test-pause.js';
 
 const run = promisify(execFile);
 
