@@ -189,9 +189,14 @@ export class Agent implements AgentControl {
     else await this.records.create({ name: vm, keep: 3, ...fields });
     progress({ step: 'record protection in etcd', state: 'done' });
     progress({ step: 'first checkpoint committed on the backup', state: 'start' });
-    const slot = await pollFor(`a committed checkpoint of '${vm}'`, 30_000, () => {
+    // a seed of the VM's disks comes first and takes as long as its data: wait while it copies
+    let deadline = performance.now() + 30_000;
+    const slot = await pollFor(`a committed checkpoint of '${vm}'`, 60 * 60_000, () => {
       const s = this.slots.get(vm);
-      return s?.primary?.lastCheckpoint ? s : undefined;
+      if (s?.primary?.lastCheckpoint) return s;
+      if (s?.primary?.seeding) deadline = performance.now() + 30_000;
+      if (performance.now() > deadline) throw new ControlError(`a committed checkpoint of '${vm}': not within 30000 ms (after any disk seed)`, 500);
+      return undefined;
     });
     progress({ step: 'first checkpoint committed on the backup', state: 'done', detail: `epoch ${slot.primary!.lastCheckpoint!.epoch}` });
     return this.vmStatus(slot);

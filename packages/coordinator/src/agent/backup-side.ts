@@ -11,12 +11,14 @@ export interface BackupHost {
 
 /** A backup keeps the VM's domain started paused, waiting for a stream: a failover then only sends it. */
 export async function keepStandby(slot: VmSlot, host: BackupHost): Promise<void> {
+  const record = slot.record; // read before the awaits: the VM may be removed meanwhile
+  if (!record) return;
   const current = await slot.standby?.catch(() => undefined);
   if (current?.usable) return;
   await current?.discard();
-  const standby = prepareStandby(slot.record!, host.conn, slot.log, host.storeDir);
+  const standby = prepareStandby(record, host.conn, slot.log, host.storeDir);
   slot.standby = standby;
-  slot.standbyXml = slot.record!.xml;
+  slot.standbyXml = record.xml;
   standby.then(
     () => slot.log.info('warm standby ready (domain paused, waiting for a checkpoint stream)'),
     (error: Error) => {
@@ -28,7 +30,9 @@ export async function keepStandby(slot: VmSlot, host: BackupHost): Promise<void>
 
 /** The primary's seed has filled this host's replicas of the VM's disks (a standby runs on them). */
 export async function disksSeeded(slot: VmSlot, host: BackupHost): Promise<boolean> {
-  const replica = await new CheckpointStore(vmStoreDir(host.storeDir, slot.record!), slot.record!.keep).replicaState().catch(() => undefined);
+  const record = slot.record;
+  if (!record) return false;
+  const replica = await new CheckpointStore(vmStoreDir(host.storeDir, record), record.keep).replicaState().catch(() => undefined);
   return replica?.complete === true;
 }
 
@@ -41,7 +45,8 @@ export async function dropStandby(slot: VmSlot): Promise<void> {
 
 /** Newest committed checkpoint here that is not known to be corrupt (a directory listing, no reads). */
 export async function newestEpoch(slot: VmSlot, host: BackupHost): Promise<number | undefined> {
-  const record = slot.record!;
+  const record = slot.record;
+  if (!record) return undefined;
   const epochs = await new CheckpointStore(vmStoreDir(host.storeDir, record), record.keep).epochs().catch(() => [] as number[]);
   return epochs.filter((e) => !slot.badEpochs.has(e)).at(-1);
 }

@@ -55,6 +55,8 @@ export class PrimaryVm {
   private failed = false;
   /** Checkpoints that failed in a row (reset by a committed one). */
   consecutiveFailures = 0;
+  /** A disk seed is copying (it can take minutes for large disks; protect waits for it). */
+  seeding = false;
 
   private constructor(
     private readonly options: PrimaryVmOptions,
@@ -129,7 +131,7 @@ export class PrimaryVm {
             disks: toReplicate,
             runDir: protection.runDir,
             log: (message, fields) => log.info(fields ?? {}, message),
-            ...(process.env['FTVM_TEST_DISK_AUDIT'] ? { audit: (entry: DiskAudit) => log.info({ role: 'fleece', ...entry }, 'disk audit') } : {}),
+            ...(process.env['FTVM_TEST_DISK_AUDIT'] && process.env['FTVM_TEST_DISK_AUDIT_FLEECE'] !== '0' ? { audit: (entry: DiskAudit) => log.info({ role: 'fleece', ...entry }, 'disk audit') } : {}),
           }).catch(async (error: Error) => {
             await checkpointer.close().catch(() => undefined);
             hook.close();
@@ -240,7 +242,12 @@ export class PrimaryVm {
     let full = false;
     if (this.disks?.needsSeed) {
       // a new backup (or one that lost the disk state): its replica is filled before the first delta
-      await this.disks.seed(sender);
+      this.seeding = true;
+      try {
+        await this.disks.seed(sender);
+      } finally {
+        this.seeding = false;
+      }
       full = true; // the seed dropped the backup's older checkpoints
     }
     const epoch = Date.now();
