@@ -25,6 +25,8 @@ APT_PACKAGES=(
   # tasks on the lab hosts (which have no route to a mirror: what the roles install must be here),
   # Vagrant with the libvirt provider for `vagrant validate`
   ansible ansible-lint python3-apt vagrant vagrant-libvirt git ca-certificates
+  # bench:workload builds a Debian root file system for its guest
+  debootstrap
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
