@@ -182,10 +182,12 @@ export async function startCluster(options: ClusterOptions = {}): Promise<Cluste
   await virsh('primary', 'start', name);
   await waitForProbe(probeOn('primary', options.probePort), 60_000);
   await syncGuestClock(probeOn('primary', options.probePort));
-  // a fresh cluster: no record or owner key left from an earlier run
+  // a fresh cluster: no record or owner key left from an earlier run — of any VM: the new agents
+  // would take over what other test clusters left (a standby of another probe VM on the backup
+  // then holds the probe port this VM's restore needs)
   const etcd = new Etcd3({ hosts: [labEtcdEndpoint()] });
   try {
-    await etcd.delete().prefix(`${ETCD_PREFIX}/vms/${name}/`);
+    await etcd.delete().prefix(`${ETCD_PREFIX}/vms/`);
   } finally {
     etcd.close();
   }
