@@ -238,6 +238,28 @@ describe('HostLease', () => {
   });
 });
 
+describe('HostLease.open with openRetryMs', () => {
+  it('waits out an etcd that does not answer for a while, and still gives up at its deadline', async () => {
+    const etcd = labEtcdPid();
+    expect(etcd, 'the witness runs etcd').toBeDefined();
+    process.kill(etcd!, 'SIGSTOP');
+    cleanups.push(() => thaw(etcd!));
+    const thawAt = performance.now() + 1_500;
+    setTimeout(() => thaw(etcd!), 1_500);
+    const retried: string[] = [];
+    const lease = await openLease('primary', prefix(), { openRetryMs: 10_000, log: (_level, message) => void (/asking again/.test(message) && retried.push(message)) });
+    expect(performance.now()).toBeGreaterThan(thawAt);
+    expect(lease.state).toBe('held');
+    expect(retried.length, 'it asked again at least once while etcd was frozen').toBeGreaterThan(0);
+    // Without an answer at all it fails after openRetryMs, with etcd's error.
+    const started = performance.now();
+    const error = await HostLease.open({ endpoints: ['http://127.0.0.1:9'], prefix: '/x', holder: 'h', ...TIMING, openRetryMs: 2_000 }).catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(EtcdCallError);
+    expect(performance.now() - started).toBeGreaterThan(1_500);
+    expect(performance.now() - started).toBeLessThan(2_000 + TIMING.requestTimeoutMs + 1_000);
+  });
+});
+
 describe('watches across an outage', () => {
   it('owner and prefix watches report the outage, re-establish, and deliver what changed meanwhile', async () => {
     const p = prefix();

@@ -1,6 +1,6 @@
 import { EtcdLeaseInvalidError, type IDuplexStream, type ILeaseKeepAliveRequest, type ILeaseKeepAliveResponse } from 'etcd3';
 import { ClusterStore } from './cluster-store.js';
-import { EtcdCallError, EtcdSession, silentLog, type ComponentLog } from './etcd-session.js';
+import { EtcdCallError, EtcdSession, isUnavailableError, silentLog, type ComponentLog } from './etcd-session.js';
 import { normalizePrefix, ownerKey } from './keys.js';
 import type { WatchOptions } from './range-watch.js';
 import { RenewalTracker } from './renewal-tracker.js';
@@ -23,6 +23,12 @@ export interface HostLeaseOptions {
   /** The deadline of every etcd call; also how long a keepalive may go unanswered before the
    * connection is thrown away and dialled afresh. */
   requestTimeoutMs: number;
+  /**
+   * open(): keep asking for the grant this long while etcd does not answer (a loaded host, a
+   * leader election); 0 (the default) fails on the first unanswered grant. An answer that says no
+   * fails at once either way.
+   */
+  openRetryMs?: number;
   log?: ComponentLog;
 }
 
@@ -112,6 +118,20 @@ export class HostLease {
   /** Grants the lease and starts renewing it. Throws EtcdCallError when etcd does not answer. */
   static async open(options: HostLeaseOptions): Promise<HostLease> {
     validateOptions(options);
+    const deadline = performance.now() + (options.openRetryMs ?? 0);
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await HostLease.openOnce(options);
+      } catch (error) {
+        const pause = Math.min(500, options.requestTimeoutMs);
+        if (!isUnavailableError(error) || performance.now() + pause > deadline) throw error;
+        options.log?.('warn', 'etcd did not grant the lease in time: asking again', { attempt, error: (error as Error).message });
+        await new Promise((resolve) => setTimeout(resolve, pause));
+      }
+    }
+  }
+
+  private static async openOnce(options: HostLeaseOptions): Promise<HostLease> {
     const session = new EtcdSession(options.endpoints, options.requestTimeoutMs, options.log ?? silentLog);
     const lease = new HostLease(options, session);
     try {
@@ -498,6 +518,7 @@ function validateOptions(options: HostLeaseOptions): void {
   if (!(options.keepaliveIntervalMs > 0) || options.keepaliveIntervalMs >= options.fenceAfterMs) {
     problems.push(`keepaliveIntervalMs must be positive and below fenceAfterMs (${options.fenceAfterMs}), got ${options.keepaliveIntervalMs}`);
   }
+  if (options.openRetryMs !== undefined && !(options.openRetryMs >= 0)) problems.push(`openRetryMs must be ≥ 0, got ${options.openRetryMs}`);
   if (!(options.requestTimeoutMs > 0)) problems.push(`requestTimeoutMs must be positive, got ${options.requestTimeoutMs}`);
   if (!options.holder) problems.push('holder (this host\'s name) is empty');
   if (options.endpoints.length === 0) problems.push('no etcd endpoints');
