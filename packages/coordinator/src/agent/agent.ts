@@ -141,7 +141,7 @@ export class Agent implements AgentControl {
       if (vm.primary !== this.config.host && vm.backup !== this.config.host) continue;
       const xml = fs.readFileSync(vm.domainXml, 'utf8');
       if (!readProtection(xml)) throw new ControlError(`vms[${vm.name}].domainXml (${vm.domainXml}) has no ftvm metadata: make it FT-ready first`);
-      await this.records.create({ name: vm.name, xml, primary: vm.primary, backup: vm.backup, protected: true, checkpointIntervalMs: vm.checkpointIntervalMs, keep: vm.keep, fullEvery: vm.fullEvery, reason: 'config' });
+      await this.records.create({ name: vm.name, xml, primary: vm.primary, backup: vm.backup, protected: true, checkpointIntervalMs: vm.checkpointIntervalMs, outputCommit: vm.outputCommit, keep: vm.keep, ...(vm.fullEvery === undefined ? {} : { fullEvery: vm.fullEvery }), reason: 'config' });
     }
     this.unwatchRecords = await this.records.watch(
       (vm, record) => this.onRecord(vm, record),
@@ -183,8 +183,19 @@ export class Agent implements AgentControl {
     progress({ step: `read domain ${vm} from libvirt`, state: 'done' });
     progress({ step: 'record protection in etcd', state: 'start' });
     const existing = await this.records.get(vm);
+    const since = Date.now();
     if (existing && existing.primary !== this.config.host) throw new ControlError(`VM '${vm}' is already protected with primary ${existing.primary}`, 409);
-    const fields = { xml, primary: this.config.host, backup, protected: true, checkpointIntervalMs: request.checkpointIntervalMs ?? existing?.checkpointIntervalMs ?? 1_000, reason: 'protect', stopped: undefined, suspended: undefined };
+    const fields = {
+      xml,
+      primary: this.config.host,
+      backup,
+      protected: true,
+      checkpointIntervalMs: request.checkpointIntervalMs ?? existing?.checkpointIntervalMs ?? 1_000,
+      outputCommit: request.outputCommit ?? existing?.outputCommit ?? false,
+      reason: 'protect',
+      stopped: undefined,
+      suspended: undefined,
+    };
     if (existing) await this.records.update(vm, () => fields);
     else await this.records.create({ name: vm, keep: 3, ...fields });
     progress({ step: 'record protection in etcd', state: 'done' });
@@ -193,11 +204,18 @@ export class Agent implements AgentControl {
     let deadline = performance.now() + 30_000;
     const slot = await pollFor(`a committed checkpoint of '${vm}'`, 60 * 60_000, () => {
       const s = this.slots.get(vm);
-      if (s?.primary?.lastCheckpoint) return s;
+      if (s?.primary?.refusal) return s;
+      if ((s?.primary?.lastCheckpoint?.at ?? 0) >= since) return s;
       if (s?.primary?.seeding) deadline = performance.now() + 30_000;
       if (performance.now() > deadline) throw new ControlError(`a committed checkpoint of '${vm}': not within 30000 ms (after any disk seed)`, 500);
       return undefined;
     });
+    const refusal = slot.primary!.refusal;
+    if (refusal) {
+      // it keeps running here, unprotected: no backup may think it has its checkpoints
+      await this.records.update(vm, () => ({ protected: false, reason: `protect refused: ${refusal}` }));
+      throw new ControlError(refusal, 409);
+    }
     progress({ step: 'first checkpoint committed on the backup', state: 'done', detail: `epoch ${slot.primary!.lastCheckpoint!.epoch}` });
     return this.vmStatus(slot);
   }
@@ -271,7 +289,7 @@ export class Agent implements AgentControl {
     const slot = this.slots.get(event.domain);
     if (slot) return this.cycleSoon(slot);
     if (event.op !== 'protect' || this.stopping) return;
-    const protection = event.protection as { peer?: { host?: string }; checkpointIntervalMs?: number } | undefined;
+    const protection = event.protection as { peer?: { host?: string }; checkpointIntervalMs?: number; outputCommit?: boolean } | undefined;
     const backup = protection?.peer?.host;
     const log = this.log.child({ vm: event.domain });
     if (!backup || !(backup in this.config.hosts) || backup === this.config.host) {
@@ -280,7 +298,12 @@ export class Agent implements AgentControl {
     }
     void (async () => {
       await pollFor(`domain ${event.domain} running`, 30_000, async () => ((await this.conn.state(event.domain).catch(() => 'absent')) === 'running' ? true : undefined), 100);
-      const request = { vm: event.domain, backup, ...(protection?.checkpointIntervalMs ? { checkpointIntervalMs: protection.checkpointIntervalMs } : {}) };
+      const request = {
+        vm: event.domain,
+        backup,
+        ...(protection?.checkpointIntervalMs ? { checkpointIntervalMs: protection.checkpointIntervalMs } : {}),
+        ...(protection?.outputCommit !== undefined ? { outputCommit: protection.outputCommit } : {}),
+      };
       await this.protect(request, (e) => log.debug({ step: e.step, state: e.state }, 'protect'));
       log.info({ backup }, 'libvirt hook: protected');
     })().catch((error: Error) => log.error({ err: error.message }, 'libvirt hook: cannot protect'));
@@ -331,6 +354,8 @@ export class Agent implements AgentControl {
     try {
       await this.records.update(slot.name, () => ({ protected: false, suspended: { by: this.config.host, at: new Date().toISOString() }, reason: 'agent-stop' }));
       slot.log.warn('agent stop: VM keeps running here, protection suspended until the agent is back');
+      // nobody can take it over now: output commit has nothing left to protect
+      await slot.primary?.releaseOutput().catch((error: Error) => slot.log.warn({ err: error.message }, 'agent stop: releasing held output'));
     } catch (error) {
       slot.log.error({ err: (error as Error).message }, 'agent stop: cannot suspend protection in etcd: stopping the VM before the lease goes');
       await this.fenceOwn(slot, 'agent stop without etcd', 2_000);
@@ -640,11 +665,19 @@ export class Agent implements AgentControl {
       reason: slot.reason,
       ...(slot.record?.stopped ? { stopped: { by: slot.record.stopped.by, reason: slot.record.stopped.reason, at: slot.record.stopped.at } } : {}),
       lastCheckpoint: last ? { epoch: last.epoch, bytes: last.bytes, pauseMs: last.pauseMs, ageMs: Date.now() - last.at } : undefined,
+      outputCommit: slot.record?.outputCommit ?? false,
+      checkpointIntervalMs: slot.record?.checkpointIntervalMs,
       clockResidualMs: slot.primary ? -nsToMs(slot.primary.ledger.predictedLagNs) : undefined,
     };
   }
 }
 
+
+/**
+ * A starting agent keeps asking a slow or briefly unreachable etcd for its lease this long rather
+ * than exiting on the first late answer.
+ */
+const LEASE_OPEN_RETRY_MS = 20_000;
 
 async function openLease(config: AgentConfig, log: Log): Promise<HostLease> {
   return HostLease.open({
@@ -655,6 +688,7 @@ async function openLease(config: AgentConfig, log: Log): Promise<HostLease> {
     keepaliveIntervalMs: config.etcd.keepaliveIntervalMs,
     fenceAfterMs: fenceAfterMs(config),
     requestTimeoutMs: config.etcd.requestTimeoutMs,
+    openRetryMs: LEASE_OPEN_RETRY_MS,
     log: (level, message, fields) => log[level]({ ...fields }, message),
   });
 }
