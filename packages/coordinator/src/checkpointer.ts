@@ -85,12 +85,25 @@ export interface CheckpointResult {
  * the stop instant, read after it, settled once the backup answered.
  */
 export interface CheckpointDisks {
-  arm(epoch: number): Promise<{ disks: { disk: string; sizeBytes: number }[]; diskBase: DiskBase }>;
+  /** Prepares the epoch's fleecing points; returns the header fields and the stop actions to arm. */
+  arm(epoch: number): Promise<{ disks: { disk: string; sizeBytes: number }[]; diskBase: DiskBase; stopActions: object[] }>;
   sections(): AsyncIterable<DiskSection>;
   settle(committed: boolean): Promise<void>;
 }
 
+/**
+ * A checkpoint's guest output (see OutputCommit): its epoch is closed by a stop action at the stop
+ * instant and released once the backup acknowledged the checkpoint.
+ */
+export interface CheckpointOutput {
+  stopActions(epoch: number): object[];
+  release(epoch: number): Promise<unknown>;
+}
+
 const SELF_RESUME_CAPABILITY = 'x-ftvm-resume-source';
+const SINGLE_PASS_CAPABILITY = 'x-ftvm-single-pass';
+/** ftvm's QEMU runs these transaction actions, as one, right after the checkpoint's stop. */
+const ARM_STOP_ACTIONS = 'x-ftvm-arm-stop-actions';
 const INCREMENTAL_CAPABILITY = 'x-ftvm-incremental';
 
 /** The acknowledged checkpoint the next one may build on, and the channel that acknowledged it. */
@@ -120,6 +133,8 @@ export class Checkpointer {
    * or one an earlier user of this QEMU took: so the first checkpoint drops it too.
    */
   private qemuMayHoldBase: boolean;
+  /** Whether x-ftvm-single-pass is on in QEMU now (undefined: not known, set it). */
+  private singlePassOn: boolean | undefined;
 
   private constructor(
     private readonly options: CheckpointerOptions,
@@ -130,6 +145,8 @@ export class Checkpointer {
     readonly incremental: boolean,
     /** QEMU is ftvm's build (its migration capabilities are there), with the TCG dirty-tracking fix 0010. */
     readonly ftvmQemu: boolean,
+    /** QEMU can send an increment in one pass and stop (x-ftvm-single-pass, patch 0016). */
+    private readonly singlePassAvailable: boolean,
   ) {
     this.qemuMayHoldBase = incremental;
   }
@@ -153,7 +170,8 @@ export class Checkpointer {
       'max-bandwidth': 8 * 1024 * 1024 * 1024,
       'downtime-limit': options.downtimeLimitMs ?? (ftvmQemu ? 5 : 50),
     });
-    return new Checkpointer(options, await MigrationSocket.listen(options.socketPath), selfResuming, incremental, ftvmQemu);
+    const singlePass = capabilities.some((c) => c.capability === SINGLE_PASS_CAPABILITY);
+    return new Checkpointer(options, await MigrationSocket.listen(options.socketPath), selfResuming, incremental, ftvmQemu, singlePass);
   }
 
   /**
@@ -161,9 +179,13 @@ export class Checkpointer {
    * last checkpoint) the VM stays stopped once the stream is out: nothing runs after the state the
    * backup receives, so the move loses nothing. `full` starts a new chain whatever the last one.
    */
-  async checkpoint(epoch: number, sender: ReplicationSender, options: { leaveStopped?: boolean; full?: boolean; disks?: CheckpointDisks } = {}): Promise<CheckpointResult> {
+  async checkpoint(
+    epoch: number,
+    sender: ReplicationSender,
+    options: { leaveStopped?: boolean; full?: boolean; disks?: CheckpointDisks; output?: CheckpointOutput } = {},
+  ): Promise<CheckpointResult> {
     const { qmp, vm } = this.options;
-    const { disks } = options;
+    const { disks, output } = options;
     const leaveStopped = options.leaveStopped ?? false;
     const timeoutMs = this.options.timeoutMs ?? 60_000;
     const started = performance.now();
@@ -224,7 +246,11 @@ export class Checkpointer {
       }
       if (!base && this.qemuMayHoldBase) await this.dropQemuBase();
       this.qemuMayHoldBase = this.incremental;
-      const diskHeader = await disks?.arm(epoch);
+      await this.setSinglePass(base !== undefined);
+      const armed = await disks?.arm(epoch);
+      const stopActions = [...(armed?.stopActions ?? []), ...(output?.stopActions(epoch) ?? [])];
+      if (stopActions.length > 0) await qmp.execute(ARM_STOP_ACTIONS, { actions: stopActions }, { timeoutMs: 5_000 });
+      const diskHeader = armed ? { disks: armed.disks, diskBase: armed.diskBase } : undefined;
       await qmp.execute('migrate', { uri: `unix:${this.options.qemuSocketPath ?? this.socket.path}` });
       const stream = await connection;
       const sending = sender.send({
@@ -271,6 +297,8 @@ export class Checkpointer {
       }
       const info = await qmp.execute<{ downtime?: number }>('query-migrate').catch(() => ({}) as { downtime?: number });
       const ack = await sending;
+      // durable on the backup: the epoch's output may leave (and any a failed checkpoint held)
+      await output?.release(epoch);
       await disks?.settle(true);
       if (this.incremental) this.tip = { epoch, sha256: ack.sha256, sender, length: (base?.length ?? 0) + 1 };
       const guestClockNs = ack.guestClockNs === undefined ? undefined : BigInt(ack.guestClockNs);
@@ -293,6 +321,8 @@ export class Checkpointer {
     } catch (error) {
       // The primary VM must keep running whatever happened to the backup or the link.
       await qmp.execute('migrate_cancel').catch(() => undefined);
+      // armed actions that never ran must not run at some later stop
+      if (disks || output) await qmp.execute(ARM_STOP_ACTIONS, { actions: [] }).catch(() => undefined);
       await disks?.settle(false).catch(() => undefined);
       if (leaveStopped && this.selfResuming) {
         await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: SELF_RESUME_CAPABILITY, state: true }] }).catch(() => undefined);
@@ -322,6 +352,18 @@ export class Checkpointer {
     const tip = this.tip;
     if (!this.incremental || !tip || tip.sender !== sender || !sender.isOpen) return undefined;
     return tip.length < (this.options.fullEvery ?? 30) ? tip : undefined;
+  }
+
+  /**
+   * An increment goes in one pass and then stops (x-ftvm-single-pass): under heavy dirtying,
+   * precopy rounds would resend pages and outgrow both the interval and the guest's RAM; the pause
+   * then carries what the pass left dirty. A full checkpoint iterates as usual, so its pause stays
+   * short.
+   */
+  private async setSinglePass(on: boolean): Promise<void> {
+    if (!this.singlePassAvailable || this.singlePassOn === on) return;
+    await this.options.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: SINGLE_PASS_CAPABILITY, state: on }] });
+    this.singlePassOn = on;
   }
 
   /** Makes QEMU's next migration send every page (turning the capability off drops its dirty log). */

@@ -17,6 +17,8 @@ export const vmStatus = (name: string, extra: Partial<VmStatus> = {}): VmStatus 
   phase: 'protected',
   reason: 'checkpointed into beta',
   lastCheckpoint: { epoch: 41, ageMs: 730, bytes: 268_435_456, pauseMs: 12.5 },
+  outputCommit: false,
+  checkpointIntervalMs: 1000,
   clockResidualMs: -0.42,
   ...extra,
 });
@@ -25,7 +27,7 @@ export const agentStatus = (): AgentStatus => ({
   host: 'alpha',
   lease: { id: '694d8a1b2c3d4e5f', healthy: true, lastRenewAgeMs: 120 },
   peers: [{ name: 'beta', alive: true, lastBeatAgeMs: { udp: 80, ssh: undefined } }],
-  vms: [vmStatus('vm1'), vmStatus('vm2', { role: 'backup', phase: 'degraded', domainState: 'absent', lastCheckpoint: undefined, clockResidualMs: undefined, leaseHolder: undefined })],
+  vms: [vmStatus('vm1'), vmStatus('vm2', { outputCommit: true, checkpointIntervalMs: 100, role: 'backup', phase: 'degraded', domainState: 'absent', lastCheckpoint: undefined, clockResidualMs: undefined, leaseHolder: undefined })],
 });
 
 /**

@@ -27,9 +27,9 @@ describe('CLI formatting', () => {
     status.peers.push({ name: 'gamma', alive: false, lastBeatAgeMs: { udp: undefined, ssh: 95_000 } });
     expect(formatStatus(status)).toBe(
       [
-        'VM   ROLE     STATE    PHASE      PRIMARY  BACKUP  LEASE HOLDER  CHECKPOINT AGE  CLOCK   WHY',
-        'vm1  primary  running  protected  alpha    beta    alpha         730ms           -0.4ms  checkpointed into beta',
-        'vm2  backup   absent   degraded   alpha    beta    -             -               -       checkpointed into beta',
+        'VM   ROLE     STATE    PHASE      PRIMARY  BACKUP  LEASE HOLDER  INTERVAL  OUTPUT  CHECKPOINT AGE  CLOCK   WHY',
+        'vm1  primary  running  protected  alpha    beta    alpha         1.0s      direct  730ms           -0.4ms  checkpointed into beta',
+        'vm2  backup   absent   degraded   alpha    beta    -             100ms     held    -               -       checkpointed into beta',
         '',
         'host: alpha',
         'lease: none UNHEALTHY, renewed 2.4s ago',

@@ -34,6 +34,7 @@ export {
 } from './xml/ft-ready.js';
 export { checkProtectable, describeFindings, type Finding, type FindingSeverity } from './xml/checks.js';
 export { replicatedDisks, standbyDomainXml, type ReplicatedDisk } from './xml/disks.js';
+export { serviceNics, type DomainNic } from './xml/nics.js';
 export {
   readProtection,
   ProtectionMetadataError,

@@ -34,6 +34,10 @@ export interface VmStatus {
   /** The user stopped the VM: it stays down on both hosts until started again on its primary. */
   stopped?: { by: string; reason: string; at: string };
   lastCheckpoint: CheckpointSummary | undefined;
+  /** The VM's output is held until committed (its protection's policy). */
+  outputCommit: boolean;
+  /** The checkpoint interval of its protection (ms). */
+  checkpointIntervalMs: number | undefined;
   /** Guest clock residual the drift ledger predicts (ms; 0 = right; negative = behind). */
   clockResidualMs: number | undefined;
 }
@@ -72,6 +76,12 @@ export interface ProtectRequest {
   /** The host that becomes its backup. */
   backup: string;
   checkpointIntervalMs?: number;
+  /**
+   * Hold the guest's network output until the checkpoint that produced it is committed on the
+   * backup (adds up to one interval of latency; needs ftvm's QEMU). Default: as the VM had it
+   * (off for a new VM).
+   */
+  outputCommit?: boolean;
 }
 
 export interface SwitchoverResult {

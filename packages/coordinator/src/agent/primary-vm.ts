@@ -5,6 +5,7 @@ import { GuestAgentClient, QmpClient } from '@ftvm/qmp';
 import { openRemoteReceiver, ReplicationError, type ReplicationSender, type SshConnection } from '@ftvm/transport';
 import { Checkpointer, type CheckpointResult } from '../checkpointer.js';
 import { DiskReplicator, type DiskAudit } from '../disk/disk-replicator.js';
+import { OutputCommit, OutputCommitError } from '../output/output-commit.js';
 import type { CheckpointSummary } from './control.js';
 import type { Log, MetricsSink } from './types.js';
 import type { VmRecord } from './vm-records.js';
@@ -27,6 +28,12 @@ export interface PrimaryVmOptions {
 }
 
 const nsToMs = (ns: bigint) => Number(ns) / 1e6;
+
+/**
+ * A full checkpoint at least every 30 checkpoints, or every 30 s when the interval is short: a full
+ * one takes about a second (it copies all of RAM), longer than a 50–200 ms interval it would miss.
+ */
+export const defaultFullEvery = (intervalMs: number) => Math.max(30, Math.ceil(30_000 / intervalMs));
 
 /**
  * QEMU's SHUTDOWN reasons that are someone's decision: the guest powered itself off (also what
@@ -57,6 +64,13 @@ export class PrimaryVm {
   consecutiveFailures = 0;
   /** A disk seed is copying (it can take minutes for large disks; protect waits for it). */
   seeding = false;
+  /**
+   * Why this VM cannot be protected as its record asks (output commit on a QEMU without it): no
+   * checkpoint is taken until the record changes.
+   */
+  refusal: string | undefined;
+  /** Output commit, while the record asks for it. */
+  private output: OutputCommit | undefined;
 
   private constructor(
     private readonly options: PrimaryVmOptions,
@@ -99,7 +113,7 @@ export class PrimaryVm {
       socketPath: path.posix.join(protection.runDir, `${options.record.name}.mig`),
       qemuVersion: `${version.qemu.major}.${version.qemu.minor}.${version.qemu.micro}`,
       domainXml: options.record.xml,
-      ...(options.record.fullEvery === undefined ? {} : { fullEvery: options.record.fullEvery }),
+      fullEvery: options.record.fullEvery ?? defaultFullEvery(options.record.checkpointIntervalMs),
       clockMovesAtResume: hook.correctsInPlace('checkpoint'),
       // ftvm's QEMU resumes by itself after a checkpoint: arm the correction before the stop.
       beforeMigrate: async () => {
@@ -163,6 +177,7 @@ export class PrimaryVm {
 
   /** A new record (protected or not, backup host): starts or stops the checkpoint loop. */
   update(record: VmRecord): void {
+    if (record.outputCommit !== this.record.outputCommit || record.protected !== this.record.protected || record.generation !== this.record.generation) this.refusal = undefined;
     this.record = record;
     if (record.protected && !this.loop && !this.stopped) this.loop = this.runLoop();
     this.wake?.();
@@ -211,16 +226,47 @@ export class PrimaryVm {
     await this.qmp.close().catch(() => undefined);
   }
 
+  /**
+   * The VM runs on without protection (unprotect, an agent stop that suspended it): what output
+   * commit holds leaves now, and nothing is held from here on. Never called on the way to a
+   * failover: output of an uncommitted epoch must die with this copy.
+   */
+  async releaseOutput(): Promise<void> {
+    const output = this.output;
+    this.output = undefined;
+    await output?.detach();
+  }
+
+  /** Output commit as the record says: buffers on, or off (everything held leaves). */
+  private async applyOutputPolicy(): Promise<void> {
+    if (!this.record.outputCommit) return this.releaseOutput();
+    if (this.output) return;
+    this.output = await OutputCommit.attach(this.qmp, this.name, this.record.xml);
+    this.options.log.info({ buffers: this.output.buffers.map((b) => b.netdev) }, 'output commit: guest output held until its checkpoint is committed');
+  }
+
   private async runLoop(): Promise<void> {
     let backoffMs = 0;
     while (!this.stopped && this.record.protected) {
       const began = performance.now();
+      if (this.refusal) {
+        // nothing to do until the record changes (update() clears the refusal and wakes us)
+        await new Promise<void>((resolve) => (this.wake = resolve));
+        this.wake = undefined;
+        continue;
+      }
       try {
+        await this.applyOutputPolicy();
         await this.exclusive(() => this.takeCheckpoint(false));
         backoffMs = 0;
         this.consecutiveFailures = 0;
       } catch (error) {
         if (this.stopped) break;
+        if (error instanceof OutputCommitError) {
+          this.refusal = error.message;
+          this.options.log.error({ err: error.message }, 'output commit refused: no checkpoints');
+          continue;
+        }
         this.consecutiveFailures++;
         this.options.metrics.checkpointFailed(this.name);
         this.options.log.warn({ err: (error as Error).message }, 'checkpoint failed');
@@ -233,6 +279,8 @@ export class PrimaryVm {
       });
       this.wake = undefined;
     }
+    // unprotected (not stopped by the agent or a failover): nothing left to hold output for
+    if (!this.stopped && !this.record.protected) await this.releaseOutput().catch((error: Error) => this.options.log.warn({ err: error.message }, 'output commit: releasing the buffers'));
     this.loop = undefined;
   }
 
@@ -253,7 +301,7 @@ export class PrimaryVm {
     const epoch = Date.now();
     this.hook.expect('checkpoint');
     try {
-      const result = await this.checkpointer.checkpoint(epoch, sender, { leaveStopped, full, ...(this.disks ? { disks: this.disks } : {}) });
+      const result = await this.checkpointer.checkpoint(epoch, sender, { leaveStopped, full, ...(this.disks ? { disks: this.disks } : {}), ...(this.output ? { output: this.output } : {}) });
       // The ledger counted the pause from QEMU's STOP stamp, which comes ~1 ms after the freeze.
       if (result.frozeAt.source === 'stream') this.ledger.redateStop(result.stopNs, result.frozeAt.stopNs);
       const pauseMs = nsToMs(result.resumeNs - result.stopNs);

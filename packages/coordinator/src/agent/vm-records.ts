@@ -15,6 +15,8 @@ export const vmRecordSchema = z.object({
   /** false after a failover until `ftvm reprotect`, and after `ftvm unprotect`. */
   protected: z.boolean(),
   checkpointIntervalMs: z.number().int().positive(),
+  /** Hold the guest's output until its checkpoint is committed (absent: off). */
+  outputCommit: z.boolean().optional(),
   keep: z.number().int().positive(),
   /** A full checkpoint at least every this many (the others are incremental with ftvm's QEMU). */
   fullEvery: z.number().int().positive().optional(),

@@ -80,7 +80,11 @@ export class ControlClient implements AgentControl {
   }
 
   protect(request: ProtectRequest, progress?: Progress, options: CallOptions = {}): Promise<VmStatus> {
-    const body: ProtectBody = { backup: request.backup, ...(request.checkpointIntervalMs === undefined ? {} : { checkpointIntervalMs: request.checkpointIntervalMs }) };
+    const body: ProtectBody = {
+      backup: request.backup,
+      ...(request.checkpointIntervalMs === undefined ? {} : { checkpointIntervalMs: request.checkpointIntervalMs }),
+      ...(request.outputCommit === undefined ? {} : { outputCommit: request.outputCommit }),
+    };
     return this.request<VmStatus>('POST', vmPath(request.vm, 'protect'), body, progress, options.timeoutMs ?? this.operationTimeoutMs);
   }
 

@@ -39,6 +39,7 @@ export const protectBodySchema = z
   .object({
     backup: hostName,
     checkpointIntervalMs: z.number().int().min(50).max(3_600_000).optional(),
+    outputCommit: z.boolean().optional(),
   })
   .strict();
 /** `POST /v1/vms/:vm/reprotect`. */

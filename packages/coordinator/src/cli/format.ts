@@ -40,7 +40,7 @@ export function table(rows: readonly (readonly string[])[]): string {
   return rows.map((row) => row.map((cell, i) => (i === row.length - 1 ? cell : cell.padEnd(widths[i] ?? 0))).join('  ').trimEnd()).join('\n');
 }
 
-const VM_HEADER = ['VM', 'ROLE', 'STATE', 'PHASE', 'PRIMARY', 'BACKUP', 'LEASE HOLDER', 'CHECKPOINT AGE', 'CLOCK', 'WHY'];
+const VM_HEADER = ['VM', 'ROLE', 'STATE', 'PHASE', 'PRIMARY', 'BACKUP', 'LEASE HOLDER', 'INTERVAL', 'OUTPUT', 'CHECKPOINT AGE', 'CLOCK', 'WHY'];
 
 function vmRow(vm: VmStatus): string[] {
   return [
@@ -51,6 +51,8 @@ function vmRow(vm: VmStatus): string[] {
     vm.primaryHost ?? DASH,
     vm.backupHost ?? DASH,
     vm.leaseHolder ?? DASH,
+    vm.checkpointIntervalMs === undefined ? DASH : formatDuration(vm.checkpointIntervalMs),
+    vm.outputCommit ? 'held' : 'direct',
     vm.lastCheckpoint ? formatDuration(vm.lastCheckpoint.ageMs) : DASH,
     formatResidual(vm.clockResidualMs),
     vm.stopped ? `stopped by the user (${vm.stopped.reason}, on ${vm.stopped.by} at ${vm.stopped.at})` : vm.reason,

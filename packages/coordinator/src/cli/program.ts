@@ -116,9 +116,16 @@ export async function runCli(argv: readonly string[], deps: Partial<CliDeps> = {
     .argument('<vm>', 'libvirt domain name', parseVm)
     .requiredOption('--backup <host>', 'the host that becomes its backup')
     .option('--interval <ms>', 'checkpoint interval', parseInteger(50, 3_600_000))
-    .action(async (vm: string, options: { backup: string; interval?: number }, command: Command) => {
+    .option('--output-commit', "hold the VM's network output until its checkpoint is committed (adds up to one interval of latency)")
+    .option('--no-output-commit', 'release output at once (the default for a new VM)')
+    .action(async (vm: string, options: { backup: string; interval?: number; outputCommit?: boolean }, command: Command) => {
       const g = globals(command);
-      const request = { vm, backup: options.backup, ...(options.interval === undefined ? {} : { checkpointIntervalMs: options.interval }) };
+      const request = {
+        vm,
+        backup: options.backup,
+        ...(options.interval === undefined ? {} : { checkpointIntervalMs: options.interval }),
+        ...(options.outputCommit === undefined ? {} : { outputCommit: options.outputCommit }),
+      };
       await operate(g, (progress) => client(g).protect(request, progress, callOptions(g)), describeVm);
     });
 

@@ -34,13 +34,16 @@ const vmSchema = z
     primary: hostName,
     backup: hostName,
     checkpointIntervalMs: ms(50, 3_600_000).default(1_000),
+    /** Hold the VM's network output until the checkpoint that produced it is committed. */
+    outputCommit: z.boolean().default(false),
     /** Committed checkpoints the backup keeps (and every checkpoint they build on). */
     keep: z.number().int().min(1).max(100).default(3),
     /**
      * With ftvm's QEMU a checkpoint carries only the pages written since the last one; a full one
-     * comes at least every this many, bounding the chain a failover flattens.
+     * comes at least every this many, bounding the chain a failover flattens. Default: 30, or
+     * one every 30 s with shorter intervals (a full checkpoint takes longer than a short interval).
      */
-    fullEvery: z.number().int().min(1).max(10_000).default(30),
+    fullEvery: z.number().int().min(1).max(10_000).optional(),
   })
   .strict()
   .refine((vm) => vm.primary !== vm.backup, { message: 'primary and backup must be different hosts', path: ['backup'] });

@@ -64,7 +64,7 @@ export class DiskReplicatorError extends Error {
  * Replicates a protected VM's writable disks with its checkpoints (issue #15's design).
  *
  * Each disk's writes are recorded in a dirty bitmap per epoch. At a checkpoint's stop instant
- * ftvm's QEMU runs the actions armed here (one transaction, in the migration thread): the
+ * ftvm's QEMU runs the actions arm() returns (one transaction, in the migration thread): the
  * epoch's bitmap is disabled, the next one starts, and a `blockdev-backup sync=none` job makes a
  * fleecing overlay that keeps the disk as it was at that instant while the guest writes on. After
  * the resume the dirty extents are read through the fleece over NBD and sent as the checkpoint's
@@ -187,10 +187,11 @@ export class DiskReplicator {
   }
 
   /**
-   * Before the checkpoint's `migrate`, VM running: makes the fleecing overlays and arms the stop
-   * instant's transaction. Returns what the checkpoint's header says of its disks.
+   * Before the checkpoint's `migrate`, VM running: makes the fleecing overlays and returns the stop
+   * instant's transaction actions (the Checkpointer arms them with the checkpoint's others) and
+   * what the checkpoint's header says of its disks.
    */
-  async arm(epoch: number): Promise<{ disks: { disk: string; sizeBytes: number }[]; diskBase: DiskBase }> {
+  async arm(epoch: number): Promise<{ disks: { disk: string; sizeBytes: number }[]; diskBase: DiskBase; stopActions: object[] }> {
     if (!this.base || !this.recording) throw new DiskReplicatorError(`VM '${this.vm}': disks not seeded`);
     if (this.pending) await this.settle(false);
     const pending: Pending = { epoch, closing: this.recording, opening: `${BITMAP_PREFIX}${epoch}`, fleeces: new Set() };
@@ -215,8 +216,7 @@ export class DiskReplicator {
         { type: 'blockdev-backup', data: { 'job-id': n.fleeceNode, device: n.node, target: n.fleeceNode, sync: 'none', 'auto-finalize': true, 'auto-dismiss': true } },
       );
     }
-    await this.qmp.execute(ARM_COMMAND, { actions }, { timeoutMs: QMP_TIMEOUT_MS });
-    return { disks: this.disks, diskBase: this.base };
+    return { disks: this.disks, diskBase: this.base, stopActions: actions };
   }
 
   /**
