@@ -1,6 +1,7 @@
 /** The clock-probe test guest as an ftvm domain spec (YAML, as `ftReadyFromSpec` reads it). */
 import { stringify } from 'yaml';
 import type { ProbeDisk, ProbeDisks } from '../support/disk-check.js';
+import { SERVICE_HOST_BRIDGE } from '../lab/topology.js';
 import { buildGuest } from './boot-qemu.js';
 
 export interface ProbeGuestSpec {
@@ -20,6 +21,26 @@ export interface ProbeGuestSpec {
    * and cache='none' (the ring's O_DIRECT writes reach the image file, not a host page cache).
    */
   disks?: ProbeDisks;
+  /**
+   * The probe's service (README "Service"): a second virtio NIC on `bridge` (default the lab's
+   * service bridge, `ftvmsvc`), found in the guest by `mac`, with address `ip` (CIDR); the probe sends its counter
+   * to `peer` (`addr:port`, UDP) every ms and answers on TCP port 7002.
+   */
+  service?: ProbeService;
+}
+
+export interface ProbeService {
+  ip: string;
+  peer: string;
+  mac: string;
+  bridge?: string;
+}
+
+/** Kernel arguments that make the guest's init bring the service up (test/guest/init). */
+export function serviceCmdline(service: ProbeService): string {
+  if (!/^\d+\.\d+\.\d+\.\d+\/\d+$/.test(service.ip)) throw new Error(`service ip must be an IPv4 address with a prefix length (10.214.0.100/24), got ${JSON.stringify(service.ip)}`);
+  if (!/^\d+\.\d+\.\d+\.\d+:\d+$/.test(service.peer)) throw new Error(`service peer must be addr:port (10.214.0.13:7001), got ${JSON.stringify(service.peer)}`);
+  return `ftvm.svcip=${service.ip} ftvm.svcpeer=${service.peer} ftvm.svcmac=${service.mac.toLowerCase()}`;
 }
 
 export async function probeGuestYaml(spec: ProbeGuestSpec): Promise<string> {
@@ -28,9 +49,10 @@ export async function probeGuestYaml(spec: ProbeGuestSpec): Promise<string> {
     name: spec.name,
     type: 'qemu',
     memoryMiB: spec.memoryMiB ?? 256,
-    boot: { kernel: image.kernel, initrd: image.initrd, cmdline: image.cmdline },
+    boot: { kernel: image.kernel, initrd: image.initrd, cmdline: spec.service ? `${image.cmdline} ${serviceCmdline(spec.service)}` : image.cmdline },
     serialLog: `/run/ftvm/${spec.name}.serial.log`,
     ...(spec.disks ? { disks: [spec.disks.ring, spec.disks.fs].filter((d): d is ProbeDisk => d !== undefined).map(({ path, format, serial }) => ({ path, format, serial, cache: 'none' })) } : {}),
+    ...(spec.service ? { nics: [{ bridge: spec.service.bridge ?? SERVICE_HOST_BRIDGE, mac: spec.service.mac }] } : {}),
     ftvm: { peer: spec.peer, checkpointIntervalMs: spec.checkpointIntervalMs, ...(spec.agent ? { agent: true } : {}) },
     probe: { listen: spec.probeListen, ...(spec.workloadMiBps ? { workloadMiBps: spec.workloadMiBps } : {}) },
   });

@@ -1,15 +1,20 @@
 /*
  * ftvm clock probe: answers UDP requests with the guest's clocks, steps/sets CLOCK_REALTIME on
  * request, and optionally runs a memory-dirtying workload with a continuity counter, a disk counter
- * ring (O_DIRECT|O_DSYNC sector writes every ms) and a file-system workload (create, append, fsync,
- * rename), each in its own thread. Wire and disk formats (little-endian, fixed size): see
- * test/guest/README.md.
+ * ring (O_DIRECT|O_DSYNC sector writes every ms), a file-system workload (create, append, fsync,
+ * rename) and a service on the guest's service NIC (the counter in a UDP datagram every ms, and a
+ * TCP server answering with it), each in its own thread. Wire and disk formats (little-endian,
+ * fixed size): see test/guest/README.md.
  *
  *   probe [--port N] [--workload MiBps] [--ready-file PATH] [--ring DEV] [--fs-dir DIR] [--fs-kib N]
+ *         [--svc-ip ADDR --svc-peer ADDR:PORT [--svc-port N]]
  */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
@@ -385,6 +390,162 @@ static void *fs_main(void *arg) {
   }
 }
 
+/* ---- service ------------------------------------------------------------------------------------
+ * What a client of the guest sees, on the service NIC (the one output commit holds back, unlike the
+ * probe's): every SVC_PERIOD_NS a datagram to the peer with the workload counter, and a TCP server
+ * answering each fixed-size request with the counter at that moment. The sequence number lives in
+ * guest RAM, so it rolls back with a restored checkpoint just like the counter. */
+#define SVC_MAGIC "FTVS"
+#define SVC_REQ_MAGIC "FTVQ"
+#define SVC_RESP_MAGIC "FTVR"
+#define SVC_VERSION 1
+#define SVC_DATAGRAM_SIZE 40
+#define SVC_REQ_SIZE 16
+#define SVC_RESP_SIZE 40
+#define SVC_PERIOD_NS 1000000LL
+#define SVC_DEFAULT_PORT 7002
+#define SVC_MAX_CLIENTS 16
+#define SVC_CLIENT_BUF (SVC_REQ_SIZE * 64)
+
+static int svc_udp_fd = -1, svc_listen_fd = -1;
+static struct sockaddr_in svc_peer_addr;
+static uint64_t svc_seq;
+
+static void *svc_udp_main(void *arg) {
+  (void)arg;
+  /* Real-time below the clock probe's replies (50): a tick's wake-up must not wait behind the TCP
+   * server or the kernel's network work under TCG's slow vCPU. It sleeps almost all the time. */
+  struct sched_param fifo = { .sched_priority = 40 };
+  if (pthread_setschedparam(pthread_self(), SCHED_FIFO, &fifo) != 0) fprintf(stderr, "probe: service datagrams: no SCHED_FIFO\n");
+  uint8_t d[SVC_DATAGRAM_SIZE];
+  uint64_t failures = 0;
+  /* Ticks at start + k ms, missed ticks skipped (a paused or restored VM does not burst). */
+  int64_t tick = now_ns(CLOCK_MONOTONIC);
+  for (;;) {
+    memset(d, 0, sizeof d);
+    memcpy(d, SVC_MAGIC, 4);
+    d[4] = SVC_VERSION;
+    d[5] = 1; /* kind: counter */
+    put_u64(d + 8, boot_id);
+    put_u64(d + 16, ++svc_seq);
+    put_u64(d + 24, __atomic_load_n(&workload_counter, __ATOMIC_RELAXED));
+    put_u64(d + 32, (uint64_t)now_ns(CLOCK_REALTIME));
+    /* unconnected on purpose: ICMP errors (no listener yet) are not reported back to the sender.
+     * The console is slow under TCG: the first failure is printed, later ones only counted. */
+    if (sendto(svc_udp_fd, d, sizeof d, 0, (struct sockaddr *)&svc_peer_addr, sizeof svc_peer_addr) < 0 && failures++ == 0)
+      fprintf(stderr, "probe: service datagram: %s (further failures not reported)\n", strerror(errno));
+    tick += SVC_PERIOD_NS;
+    int64_t now = now_ns(CLOCK_MONOTONIC);
+    if (tick <= now) tick += ((now - tick) / SVC_PERIOD_NS + 1) * SVC_PERIOD_NS;
+    struct timespec ts = ns_to_ts(tick);
+    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR) {}
+  }
+  return NULL;
+}
+
+struct svc_client {
+  int fd; /* -1: free slot */
+  uint32_t have;
+  uint8_t buf[SVC_CLIENT_BUF];
+};
+
+/* Answers every whole request in c->buf; -1 if the client must go (bad request, not reading). */
+static int svc_answer(struct svc_client *c) {
+  uint8_t resp[SVC_RESP_SIZE];
+  uint32_t off = 0;
+  for (; c->have - off >= SVC_REQ_SIZE; off += SVC_REQ_SIZE) {
+    const uint8_t *q = c->buf + off;
+    if (memcmp(q, SVC_REQ_MAGIC, 4) != 0 || q[4] != SVC_VERSION) {
+      __atomic_add_fetch(&bad_packets, 1, __ATOMIC_RELAXED);
+      return -1;
+    }
+    memset(resp, 0, sizeof resp);
+    memcpy(resp, SVC_RESP_MAGIC, 4);
+    resp[4] = SVC_VERSION;
+    memcpy(resp + 8, q + 8, 8); /* request id, echoed */
+    put_u64(resp + 16, __atomic_load_n(&workload_counter, __ATOMIC_RELAXED));
+    put_u64(resp + 24, boot_id);
+    put_u64(resp + 32, (uint64_t)now_ns(CLOCK_REALTIME));
+    /* non-blocking: a client that stops reading loses its connection, never stalls the others */
+    if (send(c->fd, resp, sizeof resp, MSG_NOSIGNAL) != (ssize_t)sizeof resp) return -1;
+  }
+  memmove(c->buf, c->buf + off, c->have - off);
+  c->have -= off;
+  return 0;
+}
+
+static void *svc_tcp_main(void *arg) {
+  (void)arg;
+  struct sched_param other = { 0 };
+  pthread_setschedparam(pthread_self(), SCHED_OTHER, &other);
+  static struct svc_client clients[SVC_MAX_CLIENTS];
+  struct pollfd pfd[SVC_MAX_CLIENTS + 1];
+  for (int i = 0; i < SVC_MAX_CLIENTS; i++) clients[i].fd = -1;
+  for (;;) {
+    pfd[0] = (struct pollfd){ .fd = svc_listen_fd, .events = POLLIN };
+    for (int i = 0; i < SVC_MAX_CLIENTS; i++) pfd[i + 1] = (struct pollfd){ .fd = clients[i].fd, .events = POLLIN };
+    if (poll(pfd, SVC_MAX_CLIENTS + 1, -1) < 0) {
+      if (errno != EINTR) { perror("probe: service poll"); usleep(10000); }
+      continue;
+    }
+    if (pfd[0].revents & POLLIN) {
+      int fd = accept4(svc_listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      int slot = -1;
+      for (int i = 0; fd >= 0 && i < SVC_MAX_CLIENTS && slot < 0; i++) if (clients[i].fd < 0) slot = i;
+      if (fd >= 0 && slot < 0) close(fd); /* full: the client sees the connection closed */
+      else if (fd >= 0) {
+        int on = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+        clients[slot].fd = fd;
+        clients[slot].have = 0;
+      }
+    }
+    for (int i = 0; i < SVC_MAX_CLIENTS; i++) {
+      struct svc_client *c = &clients[i];
+      if (c->fd < 0 || !(pfd[i + 1].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+      ssize_t n = recv(c->fd, c->buf + c->have, sizeof c->buf - c->have, 0);
+      if (n < 0 && (errno == EAGAIN || errno == EINTR)) continue;
+      if (n > 0) c->have += (uint32_t)n;
+      if (n <= 0 || svc_answer(c) < 0) {
+        close(c->fd);
+        c->fd = -1;
+      }
+    }
+  }
+  return NULL;
+}
+
+/* The service's sockets, made before the probe says it is ready: "ip:port" of the peer. */
+static int svc_open(const char *ip, const char *peer, int port) {
+  struct sockaddr_in local = { .sin_family = AF_INET }, *to = &svc_peer_addr;
+  char host[64];
+  const char *colon = strrchr(peer, ':');
+  if (inet_pton(AF_INET, ip, &local.sin_addr) != 1) { fprintf(stderr, "probe: bad --svc-ip %s\n", ip); return -1; }
+  if (!colon || (size_t)(colon - peer) >= sizeof host || atoi(colon + 1) <= 0 || atoi(colon + 1) > 65535) {
+    fprintf(stderr, "probe: bad --svc-peer %s (want ADDR:PORT)\n", peer);
+    return -1;
+  }
+  memcpy(host, peer, (size_t)(colon - peer));
+  host[colon - peer] = 0;
+  to->sin_family = AF_INET;
+  if (inet_pton(AF_INET, host, &to->sin_addr) != 1) { fprintf(stderr, "probe: bad --svc-peer address %s\n", host); return -1; }
+  to->sin_port = htons((uint16_t)atoi(colon + 1));
+  svc_udp_fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (svc_udp_fd < 0 || bind(svc_udp_fd, (struct sockaddr *)&local, sizeof local) < 0) {
+    perror("probe: service udp socket");
+    return -1;
+  }
+  svc_listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int on = 1;
+  local.sin_port = htons((uint16_t)port);
+  if (svc_listen_fd < 0 || setsockopt(svc_listen_fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on) < 0 ||
+      bind(svc_listen_fd, (struct sockaddr *)&local, sizeof local) < 0 || listen(svc_listen_fd, SVC_MAX_CLIENTS) < 0) {
+    perror("probe: service tcp socket");
+    return -1;
+  }
+  return 0;
+}
+
 static int start_thread(void *(*fn)(void *), size_t stack) {
   pthread_t th;
   pthread_attr_t attr;
@@ -515,6 +676,8 @@ int main(int argc, char **argv) {
   int port = 5555;
   long workload = 0;
   const char *ready_file = NULL;
+  const char *svc_ip = NULL, *svc_peer = NULL;
+  int svc_port = SVC_DEFAULT_PORT;
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--port") && i + 1 < argc) port = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--workload") && i + 1 < argc) workload = strtol(argv[++i], NULL, 10);
@@ -526,11 +689,16 @@ int main(int argc, char **argv) {
       fs_current_bytes = (uint32_t)kib * 1024;
     }
     else if (!strcmp(argv[i], "--fs-dir") && i + 1 < argc) fs_dir = argv[++i];
+    else if (!strcmp(argv[i], "--svc-ip") && i + 1 < argc) svc_ip = argv[++i];
+    else if (!strcmp(argv[i], "--svc-peer") && i + 1 < argc) svc_peer = argv[++i];
+    else if (!strcmp(argv[i], "--svc-port") && i + 1 < argc) svc_port = atoi(argv[++i]);
     else {
-      fprintf(stderr, "usage: %s [--port N] [--workload MiBps] [--ready-file PATH] [--ring DEV] [--fs-dir DIR] [--fs-kib N]\n", argv[0]);
+      fprintf(stderr, "usage: %s [--port N] [--workload MiBps] [--ready-file PATH] [--ring DEV] [--fs-dir DIR] [--fs-kib N]"
+                      " [--svc-ip ADDR --svc-peer ADDR:PORT [--svc-port N]]\n", argv[0]);
       return 2;
     }
   }
+  if (!svc_ip != !svc_peer || svc_port <= 0 || svc_port > 65535) { fprintf(stderr, "probe: --svc-ip and --svc-peer go together (and --svc-port is 1..65535)\n"); return 2; }
   if (workload < 0 || workload > MAX_MIBPS) { fprintf(stderr, "probe: bad --workload %ld\n", workload); return 2; }
   if (getrandom(&boot_id, sizeof boot_id, GRND_NONBLOCK) != sizeof boot_id)
     boot_id = (uint64_t)now_ns(CLOCK_MONOTONIC) ^ ((uint64_t)now_ns(CLOCK_REALTIME) << 20);
@@ -554,6 +722,9 @@ int main(int argc, char **argv) {
     __atomic_store_n(&fs_state, DISK_RUNNING, __ATOMIC_RELEASE);
     if (start_thread(fs_main, 256 << 10) < 0) return 1;
   }
+  /* A service that cannot open its sockets is reported and left out: the clock probe still runs. */
+  int svc = svc_ip && svc_open(svc_ip, svc_peer, svc_port) == 0;
+  if (svc && (start_thread(svc_udp_main, 64 << 10) < 0 || start_thread(svc_tcp_main, 64 << 10) < 0)) return 1;
   struct sched_param fifo = { .sched_priority = 50 };
   if (sched_setscheduler(0, SCHED_FIFO, &fifo) < 0) perror("probe: SCHED_FIFO");
   if (ready_file) {
@@ -562,6 +733,8 @@ int main(int argc, char **argv) {
   }
   fprintf(stderr, "probe: listening on udp 0.0.0.0:%d, workload %ld MiB/s, ring %s, fs %s\n", port, workload,
           ring_dev ? ring_dev : "none", fs_dir ? fs_dir : "none");
+  if (svc) fprintf(stderr, "probe: service on tcp %s:%d, counter datagrams to %s every %lld us\n", svc_ip, svc_port, svc_peer, SVC_PERIOD_NS / 1000);
+  else if (svc_ip) fprintf(stderr, "probe: service on %s FAILED to start\n", svc_ip);
   serve(fd);
   return 0;
 }

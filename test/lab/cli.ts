@@ -51,12 +51,13 @@ function fail(message: string): never {
 
 async function printStatus(): Promise<void> {
   const status = await labStatus();
-  console.log(`bridge ${status.bridge ? 'up' : 'absent'}`);
+  console.log(`bridge ${status.bridge ? 'up' : 'absent'}, service bridge ${status.serviceBridge ? 'up' : 'absent'}`);
   console.table(
     status.hosts.map((h) => ({
       host: h.name,
       ip: h.ip,
       network: h.network,
+      service: h.service,
       link: h.linkUp ? 'up' : 'down',
       holder: h.holderPid ?? '-',
       procs: h.processes,

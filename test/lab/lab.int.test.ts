@@ -19,6 +19,7 @@ import {
   labUp,
   restartHost,
   restoreLink,
+  SERVICE_HOST_BRIDGE,
   spawnDaemonIn,
   thawHost,
   type LabHostName,
@@ -68,10 +69,11 @@ describe('lab', () => {
     const result = await labUp();
     console.log(`lab up from nothing: ${result.durationMs} ms`);
     expect(result.built).toBe(true);
-    const { bridge, hosts } = await labStatus();
+    const { bridge, serviceBridge, hosts } = await labStatus();
     expect(bridge).toBe(true);
+    expect(serviceBridge).toBe(true);
     for (const host of hosts) {
-      expect(host, host.name).toMatchObject({ network: true, linkUp: true, frozen: false, libvirt: true, ssh: true });
+      expect(host, host.name).toMatchObject({ network: true, service: true, linkUp: true, frozen: false, libvirt: true, ssh: true });
       expect(Object.values(host.daemons).every((pid) => pid !== undefined), `${host.name} daemons`).toBe(true);
     }
   });
@@ -117,6 +119,26 @@ describe('lab', () => {
     expect(LAB_HOSTS.map((name) => hostInfo(name).holderPid)).toEqual(holders);
   });
 
+  it("plugs a guest's tap into a host's service bridge (libvirt inside the host)", async () => {
+    const dir = fs.mkdtempSync(path.join(tmp, 'svc-'));
+    const xml = path.join(dir, 'svc.xml');
+    // no kernel to boot: started paused, the tap exists as soon as QEMU does
+    fs.writeFileSync(xml, `<domain type='qemu'><name>lab-svc</name><memory unit='MiB'>32</memory><os><type arch='x86_64' machine='pc'>hvm</type></os>
+      <devices><interface type='bridge'><mac address='52:54:00:5e:01:01'/><source bridge='${SERVICE_HOST_BRIDGE}'/><model type='virtio'/></interface><memballoon model='none'/></devices></domain>`);
+    for (const name of ['primary', 'backup'] as const) {
+      expect((await virsh(name, ['define', xml])).exitCode, name).toBe(0);
+      try {
+        const started = await virsh(name, ['start', '--paused', 'lab-svc'], 30_000);
+        expect(started.exitCode, `${name}: ${started.stderr}`).toBe(0);
+        const tap = (await execIn(name, ['ip', '-o', 'link', 'show', 'master', SERVICE_HOST_BRIDGE])).stdout;
+        expect(tap, name).toMatch(/vnet\d+.*fe:54:00:5e:01:01/s);
+      } finally {
+        await virsh(name, ['destroy', 'lab-svc']);
+        await virsh(name, ['undefine', 'lab-svc']);
+      }
+    }
+  });
+
   it('kills a host, whose daemons then answer nothing, and restarts it', async () => {
     const before = await daemonPidsOf('backup');
     await killHost('backup');
@@ -137,11 +159,14 @@ describe('lab', () => {
   });
 
   it('cuts a host off the lab network and restores it', async () => {
+    const serviceUp = async () => /[<,]UP[,>]/.test((await run`ip -o link show dev ${hostInfo('primary').service.vethOutside}`).stdout);
     await cutLink('primary');
+    expect(await serviceUp(), 'one cable: the service uplink goes down too').toBe(false);
     expect((await ping('backup', 'primary')).exitCode).not.toBe(0);
     expect((await sshBetween('backup', 'primary', 5_000)).exitCode).not.toBe(0);
     expect((await virsh('primary', ['list'])).exitCode).toBe(0); // alive, just unreachable
     await restoreLink('primary');
+    expect(await serviceUp()).toBe(true);
     expect((await ping('backup', 'primary')).exitCode).toBe(0);
     expect((await sshBetween('backup', 'primary')).stdout.trim()).toBe('primary');
   });

@@ -27,23 +27,35 @@ import { ensureKeys } from './keys.js';
 import {
   bridgeHealthy,
   createHostNetwork,
+  createServiceLink,
   deleteBridge,
   deleteHostNetwork,
+  deleteServiceBridge,
+  deleteServiceLink,
   ensureBridge,
+  ensureServiceBridge,
   ensureSocketBufferLimit,
   hostNetworkPresent,
+  labLinkUp,
   linkExists,
   linkUp,
   netnsExists,
+  serviceBridgeHealthy,
+  serviceLinkPresent,
   setLink,
 } from './network.js';
 import { allPids, mountsOf } from './procs.js';
 import { sh } from './sh.js';
-import { LAB_BRIDGE, LAB_HOSTS, LAB_STATE_ROOT, labHost, type LabHost, type LabHostName } from './topology.js';
+import { LAB_BRIDGE, LAB_HOSTS, LAB_STATE_ROOT, SERVICE_BRIDGE, labHost, type LabHost, type LabHostName } from './topology.js';
 
 export { ensureWitnessEtcd, etcdHealthy, labEtcdEndpoint, labEtcdLog, labEtcdPid } from './etcd.js';
 export {
   LAB_HOSTS,
+  SERVICE_BRIDGE,
+  SERVICE_HOST_BRIDGE,
+  SERVICE_SUBNET_PREFIX,
+  SERVICE_WITNESS_IP,
+  serviceGuestIp,
   labKnownHosts,
   labRemoteLibvirtUri,
   labSshConfig,
@@ -90,13 +102,16 @@ export async function labUp(options: LabUpOptions = {}): Promise<LabUpResult> {
   assertRoot();
   await ensureSocketBufferLimit();
   const newKeys = await ensureKeys();
-  if (!newKeys && (await labHealthy())) {
+  let status: LabStatus | undefined;
+  if (!newKeys && (status = await labHealthy())) {
+    if (await ensureServiceNetwork(status)) log('service network (re)wired');
     await ensureWitnessEtcd();
     return { built: false, durationMs: elapsed() };
   }
   if (!newKeys && (await recoverInterrupted())) {
     log('thawed/replugged hosts left by an interrupted run');
-    if (await labHealthy()) {
+    if ((status = await labHealthy())) {
+      if (await ensureServiceNetwork(status)) log('service network (re)wired');
       await ensureWitnessEtcd();
       return { built: false, durationMs: elapsed() };
     }
@@ -110,6 +125,7 @@ export async function labUp(options: LabUpOptions = {}): Promise<LabUpResult> {
     writeHostConfig(host);
     await createHostNetwork(host); // one at a time: the first `ip netns add` sets up /run/netns
   }
+  await ensureServiceNetwork();
   log(`bridge and namespaces ready after ${elapsed()} ms; starting virtlogd, libvirtd and sshd on each host`);
   const timeoutMs = options.timeoutMs ?? DEFAULT_UP_TIMEOUT_MS;
   const start = async (name: LabHostName) => {
@@ -133,12 +149,36 @@ export async function labUp(options: LabUpOptions = {}): Promise<LabUpResult> {
   return { built: true, durationMs: elapsed() };
 }
 
+/**
+ * The service network wired as topology.ts describes (the root bridge, each host's uplink and
+ * bridge), each host's uplink up or down with its lab link (a cut host stays cut); what is there and
+ * right is left alone. True if anything had to be (re)made. Running guests keep their taps: a
+ * host's bridge is only made where there was none.
+ */
+async function ensureServiceNetwork(known?: LabStatus): Promise<boolean> {
+  if (known?.serviceBridge && known.hosts.every((h) => h.service)) return false; // checked just now
+  let changed = false;
+  if (!(await serviceBridgeHealthy())) {
+    await ensureServiceBridge();
+    changed = true;
+  }
+  for (const name of LAB_HOSTS) {
+    const host = labHost(name);
+    if (await serviceLinkPresent(host)) continue;
+    await deleteServiceLink(host);
+    await createServiceLink(host, !(await linkExists(host.vethOutside)) || (await labLinkUp(host)));
+    changed = true;
+  }
+  return changed;
+}
+
 /** Tears everything down: processes, namespaces, links, state; the SSH keys are kept. */
 export async function labDown(): Promise<void> {
   assertRoot();
   await Promise.all(LAB_HOSTS.map((name) => killHostProcesses(labHost(name))));
   for (const name of LAB_HOSTS) await deleteHostNetwork(labHost(name));
   await deleteBridge();
+  await deleteServiceBridge();
   // Nothing of the lab is mounted in the root namespace; this only mops up after a manual mistake.
   for (const mount of labMountsInRootNamespace().reverse()) await sh`umount --lazy ${mount}`.nothrow();
   fs.rmSync(LAB_STATE_ROOT, { recursive: true, force: true });
@@ -149,6 +189,8 @@ export interface LabHostStatus {
   ip: string;
   /** The network namespace exists and is wired to the bridge with the host's address. */
   network: boolean;
+  /** Its service uplink (and, on primary and backup, its service bridge) is wired. */
+  service: boolean;
   holderPid: number | undefined;
   processes: number;
   frozen: boolean;
@@ -163,12 +205,14 @@ export interface LabHostStatus {
 
 export interface LabStatus {
   bridge: boolean;
+  /** The root namespace's service bridge is up. */
+  serviceBridge: boolean;
   hosts: LabHostStatus[];
 }
 
 export async function labStatus(): Promise<LabStatus> {
   const hosts = await Promise.all(LAB_HOSTS.map((name) => hostStatus(labHost(name))));
-  return { bridge: await bridgeHealthy(), hosts };
+  return { bridge: await bridgeHealthy(), serviceBridge: await serviceBridgeHealthy(), hosts };
 }
 
 async function hostStatus(host: LabHost): Promise<LabHostStatus> {
@@ -179,6 +223,7 @@ async function hostStatus(host: LabHost): Promise<LabHostStatus> {
     name: host.name,
     ip: host.ip,
     network,
+    service: await serviceLinkPresent(host),
     holderPid: holderPid(host),
     processes: hostPids(host).length,
     frozen,
@@ -191,12 +236,13 @@ async function hostStatus(host: LabHost): Promise<LabHostStatus> {
   };
 }
 
-async function labHealthy(): Promise<boolean> {
-  if (!(await bridgeHealthy())) return false;
-  const { hosts } = await labStatus();
+/** The status if the lab is healthy (the service network aside: ensureServiceNetwork mends it), else undefined. */
+async function labHealthy(): Promise<LabStatus | undefined> {
+  if (!(await bridgeHealthy())) return undefined;
+  const status = await labStatus();
   // A lab laid out by an older version of this code is rebuilt rather than trusted.
   const current = LAB_HOSTS.every((name) => layoutCurrent(labHost(name)));
-  return current && hosts.every((h) => h.network && h.holderPid !== undefined && !h.frozen && h.linkUp && h.libvirt && h.ssh);
+  return current && status.hosts.every((h) => h.network && h.holderPid !== undefined && !h.frozen && h.linkUp && h.libvirt && h.ssh) ? status : undefined;
 }
 
 /** Thaws frozen hosts and replugs cut links; true if there was anything to do. */
@@ -208,6 +254,7 @@ async function recoverInterrupted(): Promise<boolean> {
       await setFrozen(host, false);
       changed = true;
     }
+    // linkUp: the lab veth and the service uplink (either may be the one left down)
     if ((await linkExists(host.vethOutside)) && !(await linkUp(host))) {
       await setLink(host, true);
       changed = true;
@@ -264,7 +311,10 @@ export async function thawHost(name: LabHostName): Promise<void> {
   await setFrozen(labHost(name), false);
 }
 
-/** Unplugs the host: the bridge side of its veth goes down; its processes run on, unreachable. */
+/**
+ * Unplugs the host: the bridge side of its veth goes down, and of its service uplink (one cable);
+ * its processes (and guests) run on, unreachable.
+ */
 export async function cutLink(name: LabHostName): Promise<void> {
   await setLink(labHost(name), false);
 }
@@ -290,6 +340,11 @@ export async function restartHost(name: LabHostName, options: { timeoutMs?: numb
     await createHostNetwork(host);
     if (!wasUp) await setLink(host, false);
   }
+  if (!(await serviceLinkPresent(host))) {
+    await deleteServiceLink(host);
+    await ensureServiceBridge();
+    await createServiceLink(host, await labLinkUp(host));
+  }
   await startHolder(host, options.timeoutMs ?? DEFAULT_UP_TIMEOUT_MS);
 }
 
@@ -300,10 +355,12 @@ export async function labLeftovers(): Promise<string[]> {
     const host = labHost(name);
     if (await netnsExists(host)) leftovers.push(`netns ${host.netns}`);
     if (await linkExists(host.vethOutside)) leftovers.push(`veth ${host.vethOutside}`);
+    if (await linkExists(host.service.vethOutside)) leftovers.push(`veth ${host.service.vethOutside}`);
     const pids = hostPids(host);
     if (pids.length > 0) leftovers.push(`${name} processes ${pids.join(' ')}`);
   }
   if (await linkExists(LAB_BRIDGE)) leftovers.push(`bridge ${LAB_BRIDGE}`);
+  if (await linkExists(SERVICE_BRIDGE)) leftovers.push(`bridge ${SERVICE_BRIDGE}`);
   for (const mount of labMountsInRootNamespace()) leftovers.push(`mount ${mount}`);
   const strays = labProcesses();
   if (strays.length > 0) leftovers.push(`processes with lab mounts ${strays.join(' ')}`);

@@ -6,7 +6,15 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { sh } from './sh.js';
-import { LAB_BRIDGE, LAB_GATEWAY_IP, LAB_SUBNET_PREFIX, type LabHost } from './topology.js';
+import {
+  LAB_BRIDGE,
+  LAB_GATEWAY_IP,
+  LAB_SUBNET_PREFIX,
+  SERVICE_BRIDGE,
+  SERVICE_HOST_LINK,
+  SERVICE_SUBNET_PREFIX,
+  type LabHost,
+} from './topology.js';
 
 export const netnsFile = (host: LabHost) => path.join('/run/netns', host.netns);
 
@@ -72,6 +80,7 @@ export async function createHostNetwork(host: LabHost): Promise<void> {
  * freeing the namespace) and the netns mount. Call only after the host's processes are gone.
  */
 export async function deleteHostNetwork(host: LabHost): Promise<void> {
+  await deleteServiceLink(host);
   if (await linkExists(host.vethOutside)) await sh`ip link del ${host.vethOutside}`;
   if (await netnsExists(host)) await sh`ip netns del ${host.netns}`;
 }
@@ -85,12 +94,109 @@ export async function hostNetworkPresent(host: LabHost): Promise<boolean> {
   return addr.ok && addr.stdout.includes(` ${host.ip}/${LAB_SUBNET_PREFIX} `);
 }
 
-export async function linkUp(host: LabHost): Promise<boolean> {
-  const out = await sh`ip -o link show dev ${host.vethOutside}`.nothrow();
-  return out.ok && /[<,]UP[,>]/.test(out.stdout);
+interface LinkState {
+  /** Administratively up (the UP flag), whatever the carrier. */
+  up: boolean;
+  master: string | undefined;
 }
 
-/** Unplugs (or replugs) the host's cable: the bridge side of its veth goes down, eth0 loses carrier. */
+/**
+ * Every link of a namespace (the root one, or a host's netns) in one `ip` call: health checks run
+ * on every `labUp`, and each spawned `ip` costs tens of ms on a loaded machine.
+ */
+async function links(netns?: string): Promise<Map<string, LinkState>> {
+  const out = await (netns ? sh`ip -n ${netns} -o link show` : sh`ip -o link show`).nothrow();
+  const map = new Map<string, LinkState>();
+  if (!out.ok) return map;
+  for (const line of out.stdout.split('\n')) {
+    // "12: ftvm-primary0@if2: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 … master ftvmbr0 state UP …"
+    const m = /^\d+: ([^:@\s]+)(?:@\S+)?: <([^>]*)>(.*)$/.exec(line.trim());
+    if (m) map.set(m[1]!, { up: m[2]!.split(',').includes('UP'), master: / master (\S+)/.exec(m[3]!)?.[1] });
+  }
+  return map;
+}
+
+/** The host's cable is plugged: its lab veth is up, and its service veth too where there is one. */
+export async function linkUp(host: LabHost): Promise<boolean> {
+  const root = await links();
+  return root.get(host.vethOutside)?.up === true && root.get(host.service.vethOutside)?.up !== false;
+}
+
+/** The host's lab veth alone (linkUp also asks for the service uplink). */
+export async function labLinkUp(host: LabHost): Promise<boolean> {
+  return (await links()).get(host.vethOutside)?.up === true;
+}
+
+/**
+ * Unplugs (or replugs) the host's cable: the bridge side of its veth goes down, eth0 loses carrier;
+ * so does its service uplink (one cable: a host cut off loses both networks).
+ */
 export async function setLink(host: LabHost, up: boolean): Promise<void> {
   await sh`ip link set ${host.vethOutside} ${up ? 'up' : 'down'}`;
+  if (await linkExists(host.service.vethOutside)) await sh`ip link set ${host.service.vethOutside} ${up ? 'up' : 'down'}`;
+}
+
+// ---- the service network (topology.ts, SERVICE_BRIDGE) ------------------------------------------
+
+/** The root namespace's service bridge, up, without an address. */
+export async function ensureServiceBridge(): Promise<void> {
+  if (!(await linkExists(SERVICE_BRIDGE))) {
+    await sh`ip link add ${SERVICE_BRIDGE} type bridge stp_state 0 forward_delay 0`;
+    await sh`sysctl -qw net.ipv6.conf.${SERVICE_BRIDGE}.disable_ipv6=1`.nothrow();
+  }
+  await sh`ip link set ${SERVICE_BRIDGE} up`;
+}
+
+export async function serviceBridgeHealthy(): Promise<boolean> {
+  return (await links()).get(SERVICE_BRIDGE)?.up === true;
+}
+
+export async function deleteServiceBridge(): Promise<void> {
+  if (await linkExists(SERVICE_BRIDGE)) await sh`ip link del ${SERVICE_BRIDGE}`;
+}
+
+/**
+ * The host's service uplink: a veth from SERVICE_BRIDGE to SERVICE_HOST_LINK in the host, which is
+ * a port of the host's bridge (primary, backup: where libvirt plugs guest taps) or carries the
+ * host's service address (witness). Up or down as `up` says (a cut host stays cut).
+ */
+export async function createServiceLink(host: LabHost, up = true): Promise<void> {
+  const { vethOutside, hostBridge, ip } = host.service;
+  const inNetns = (argv: string[]) => sh`nsenter ${`--net=${netnsFile(host)}`} -- ${argv}`;
+  await sh`ip link add ${vethOutside} type veth peer name ${SERVICE_HOST_LINK} netns ${host.netns}`;
+  await sh`sysctl -qw net.ipv6.conf.${vethOutside}.disable_ipv6=1`.nothrow();
+  await sh`ip link set ${vethOutside} master ${SERVICE_BRIDGE} ${up ? 'up' : 'down'}`;
+  // No IPv6 chatter from the host's side of the segment (the guests' own traffic is what counts).
+  await inNetns(['sysctl', '-qw', `net.ipv6.conf.${SERVICE_HOST_LINK}.disable_ipv6=1`]).nothrow();
+  if (hostBridge) {
+    if (!(await sh`ip -n ${host.netns} link show dev ${hostBridge}`.nothrow()).ok) {
+      await sh`ip -n ${host.netns} link add ${hostBridge} type bridge stp_state 0 forward_delay 0`;
+      await inNetns(['sysctl', '-qw', `net.ipv6.conf.${hostBridge}.disable_ipv6=1`]).nothrow();
+    }
+    await sh`ip -n ${host.netns} link set ${SERVICE_HOST_LINK} master ${hostBridge}`;
+    await sh`ip -n ${host.netns} link set ${hostBridge} up`;
+  }
+  if (ip) await sh`ip -n ${host.netns} addr add ${ip}/${SERVICE_SUBNET_PREFIX} dev ${SERVICE_HOST_LINK}`;
+  await sh`ip -n ${host.netns} link set ${SERVICE_HOST_LINK} up`;
+}
+
+/** Deletes the host's service veth (both ends); its bridge goes with its netns. */
+export async function deleteServiceLink(host: LabHost): Promise<void> {
+  if (await linkExists(host.service.vethOutside)) await sh`ip link del ${host.service.vethOutside}`;
+}
+
+/** Whether the host's service uplink is as createServiceLink left it (up or cut). */
+export async function serviceLinkPresent(host: LabHost): Promise<boolean> {
+  if (!(await netnsExists(host))) return false;
+  const { vethOutside, hostBridge, ip } = host.service;
+  if ((await links()).get(vethOutside)?.master !== SERVICE_BRIDGE) return false;
+  const inside = await links(host.netns);
+  const uplink = inside.get(SERVICE_HOST_LINK);
+  if (!uplink?.up) return false;
+  if (hostBridge && (uplink.master !== hostBridge || !inside.get(hostBridge)?.up)) return false;
+  if (ip) {
+    const addr = await sh`ip -n ${host.netns} -o -4 addr show dev ${SERVICE_HOST_LINK}`.nothrow();
+    if (!addr.ok || !addr.stdout.includes(` ${ip}/${SERVICE_SUBNET_PREFIX} `)) return false;
+  }
+  return true;
 }

@@ -47,6 +47,8 @@ export interface LabHost {
   hostKeyDir: string;
   /** libvirt's host UUID: distinct per host, or libvirt would take two lab hosts for one machine. */
   hostUuid: string;
+  /** The host's link to the service network (see SERVICE_BRIDGE). */
+  service: ServiceLink;
 }
 
 export function labHost(name: LabHostName): LabHost {
@@ -68,10 +70,50 @@ export function labHost(name: LabHostName): LabHost {
     sshTarget: `root@${ip}`,
     hostKeyDir: path.join(LAB_KEYS_ROOT, name),
     hostUuid: stableUuid(`ftvm-lab${INSTANCE}:${name}`),
+    service: serviceLink(name),
   };
 }
 
 export const hostIp = (name: LabHostName) => `${SUBNET}.${HOST_OCTET[name]}`;
+
+/**
+ * The service network: the guests' own L2 segment, the one their clients use (and whose packets
+ * output commit holds back), apart from the lab network that carries checkpoints, SSH and etcd.
+ * primary and backup each have a bridge SERVICE_HOST_BRIDGE (a guest's `<interface type='bridge'>`
+ * names it; the same name on both hosts, so one domain XML runs on either) whose uplink is a veth
+ * into the root namespace's SERVICE_BRIDGE; witness sits on that bridge with SERVICE_WITNESS_IP, as
+ * a client of the guests would. No addresses on the bridges: the hosts themselves are not on it.
+ */
+export const SERVICE_BRIDGE = `${PREFIX}svc0`;
+/** Inside primary and backup (their own netns: one name in every lab instance). */
+export const SERVICE_HOST_BRIDGE = 'ftvmsvc';
+/** A host's end of its service veth (enslaved to SERVICE_HOST_BRIDGE, or witness's address). */
+export const SERVICE_HOST_LINK = 'svc0';
+export const SERVICE_SUBNET_PREFIX = 24;
+const SERVICE_SUBNET = `10.214.${INSTANCE}`;
+export const SERVICE_WITNESS_IP = `${SERVICE_SUBNET}.13`;
+/** A guest's address on the service network: .100 upwards (`index` 0..99). */
+export function serviceGuestIp(index: number): string {
+  if (!Number.isInteger(index) || index < 0 || index > 99) throw new Error(`service guest index must be 0..99, got ${index}`);
+  return `${SERVICE_SUBNET}.${100 + index}`;
+}
+
+export interface ServiceLink {
+  /** The root-namespace end, a port of SERVICE_BRIDGE; the host's end is SERVICE_HOST_LINK. */
+  vethOutside: string;
+  /** primary, backup: the bridge guests' taps join. witness: none (it has an address instead). */
+  hostBridge: string | undefined;
+  /** witness only. */
+  ip: string | undefined;
+}
+
+export function serviceLink(name: LabHostName): ServiceLink {
+  return {
+    vethOutside: `${PREFIX}s-${name}`, // ≤ 15 chars: "ftvm2s-witness" is 14
+    hostBridge: name === 'witness' ? undefined : SERVICE_HOST_BRIDGE,
+    ip: name === 'witness' ? SERVICE_WITNESS_IP : undefined,
+  };
+}
 
 export const labSshKey = () => path.join(LAB_KEYS_ROOT, 'id_ed25519');
 export const labKnownHosts = () => path.join(LAB_KEYS_ROOT, 'known_hosts');

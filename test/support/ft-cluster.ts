@@ -12,9 +12,23 @@ import { ControlClient, type AgentStatus, type VmStatus } from '@ftvm/coordinato
 import { ftReadyFromSpec } from '@ftvm/libvirt';
 import { Etcd3 } from 'etcd3';
 import { stringify as toYaml } from 'yaml';
-import { probeGuestYaml } from '../guest/probe-spec.js';
+import { probeGuestYaml, type ProbeService } from '../guest/probe-spec.js';
 import { createProbeDisks, type DiskFormat, type ProbeDisks } from './disk-check.js';
-import { hostInfo, labEtcdEndpoint, labKnownHosts, labSshKey, labUp, restartHost, spawnDaemonIn, type LabHostName } from '../lab/lab.js';
+import {
+  hostInfo,
+  labEtcdEndpoint,
+  labKnownHosts,
+  labSshKey,
+  labUp,
+  restartHost,
+  SERVICE_HOST_BRIDGE,
+  SERVICE_SUBNET_PREFIX,
+  SERVICE_WITNESS_IP,
+  serviceGuestIp,
+  spawnDaemonIn,
+  type LabHostName,
+} from '../lab/lab.js';
+import { SERVICE_UDP_PORT } from './service-wire.js';
 import { allPids, isAlive } from '../lab/procs.js';
 import { sleep } from '../lab/wait.js';
 import { clockOffset, syncGuestClock, waitForProbe, type ProbeTarget } from './probe-client.js';
@@ -54,6 +68,27 @@ export interface ClusterOptions {
    * replicated by ftvm (created afresh under that host's /var/lib/libvirt/images/<vm>/).
    */
   disks?: { format: DiskFormat; ringMiB?: number; fsMiB?: number; fillRing?: boolean };
+  /**
+   * Give the guest its service NIC on the lab's service network (`probeService(vm)`): the counter
+   * in a datagram to the witness every ms, the TCP service on port 7002 (service-client.ts).
+   */
+  service?: boolean;
+  /** Protect with output commit: the guest's service output is held until its checkpoint is committed. */
+  outputCommit?: boolean;
+}
+
+/**
+ * A probe VM's fixed place on the service network: `ft-probe` (the cluster's default VM) is guest
+ * 0 (10.214.0.100), any other name gets 1..99 from a hash of it. The MAC is the address's last
+ * octet under QEMU's 52:54:00 prefix, so the guest finds its service NIC by it.
+ */
+export function probeService(vm: string): ProbeService & { guestIp: string } {
+  let hash = 0x811c9dc5; // FNV-1a
+  for (const byte of Buffer.from(vm)) hash = Math.imul(hash ^ byte, 0x01000193) >>> 0;
+  const index = vm === 'ft-probe' ? 0 : 1 + (hash % 99);
+  const guestIp = serviceGuestIp(index);
+  const mac = `52:54:00:5e:00:${(100 + index).toString(16).padStart(2, '0')}`;
+  return { ip: `${guestIp}/${SERVICE_SUBNET_PREFIX}`, guestIp, peer: `${SERVICE_WITNESS_IP}:${SERVICE_UDP_PORT}`, mac, bridge: SERVICE_HOST_BRIDGE };
 }
 
 /** Where a host keeps a VM's disk images, as the host sees it and as this process does. */
@@ -93,7 +128,8 @@ export function writeAgentConfig(host: AgentHost): string {
     control: { socket: `/run/ftvm/${SOCKET_NAME}`, hookSocket: `/run/ftvm/${HOOK_SOCKET_NAME}`, metrics: { address: hostInfo(host).ip, port: 9470 } },
     storeDir: '/var/lib/libvirt/ftvm/checkpoints',
     runDir: '/run/ftvm',
-    log: { level: 'info', file: agentLog(host) },
+    // benches read per-checkpoint figures from debug lines
+    log: { level: process.env['FTVM_TEST_AGENT_LOG_LEVEL'] ?? 'info', file: agentLog(host) },
   };
   fs.mkdirSync(CLUSTER_DIR, { recursive: true });
   fs.writeFileSync(agentConfigPath(host), toYaml(config));
@@ -148,6 +184,7 @@ export async function probeVmXml(options: ClusterOptions & { host?: AgentHost } 
     ...(options.memoryMiB ? { memoryMiB: options.memoryMiB } : {}),
     ...(options.agent ? { agent: true } : {}),
     ...(disks ? { disks } : {}),
+    ...(options.service ? { service: probeService(name) } : {}),
   });
   const ready = ftReadyFromSpec(yaml, options.emulator ? { emulator: { path: options.emulator, require: true } } : {});
   return { name, xml: ready.xml };
@@ -192,7 +229,7 @@ export async function startCluster(options: ClusterOptions = {}): Promise<Cluste
     etcd.close();
   }
   const agentPids = { primary: await startAgent('primary'), backup: await startAgent('backup') };
-  await controlClient('primary').protect({ vm: name, backup: 'backup', checkpointIntervalMs: options.checkpointIntervalMs ?? 1000 }, () => undefined);
+  await controlClient('primary').protect({ vm: name, backup: 'backup', checkpointIntervalMs: options.checkpointIntervalMs ?? 1000, ...(options.outputCommit ? { outputCommit: true } : {}) }, () => undefined);
   return { vm: name, primary: 'primary', agentPids };
 }
 
@@ -212,7 +249,7 @@ export async function addProtectedVm(cluster: Cluster, options: ClusterOptions &
   await virsh(options.primary, 'start', name);
   await waitForProbe(probeOn(options.primary, options.probePort), 60_000);
   await syncGuestClock(probeOn(options.primary, options.probePort));
-  await controlClient(options.primary).protect({ vm: name, backup, checkpointIntervalMs: options.checkpointIntervalMs ?? 1000 }, () => undefined);
+  await controlClient(options.primary).protect({ vm: name, backup, checkpointIntervalMs: options.checkpointIntervalMs ?? 1000, ...(options.outputCommit ? { outputCommit: true } : {}) }, () => undefined);
 }
 
 /** A VM gone from the lab: its domain on both hosts, their checkpoint stores, its etcd keys. */

@@ -1,17 +1,17 @@
 import { describe, expect, it } from 'vitest';
-import { serviceNics } from '@ftvm/libvirt';
+import { ftReadyFromSpec, readProtection, serviceNics } from '@ftvm/libvirt';
 
 const domain = (devices: string) => `<domain type='qemu'><name>vm</name><devices>${devices}</devices></domain>`;
 
 describe('serviceNics', () => {
-  it('lists libvirt-managed NICs with the netdev ids libvirt gives them', () => {
+  it('lists libvirt-managed NICs with their MACs (and aliases where the XML keeps them)', () => {
     const xml = domain(`
-      <interface type='bridge'><mac address='52:54:00:aa:bb:01'/><source bridge='ftvmsvc'/><model type='virtio'/><alias name='net0'/></interface>
-      <interface type='network'><source network='default'/><alias name='ua-svc2'/></interface>
+      <interface type='bridge'><mac address='52:54:00:AA:bb:01'/><source bridge='ftvmsvc'/><model type='virtio'/><alias name='net0'/></interface>
+      <interface type='network'><source network='default'/></interface>
       <disk type='file' device='disk'><source file='/x.img'/><target dev='vda'/></disk>`);
     expect(serviceNics(xml)).toEqual([
-      { alias: 'net0', netdev: 'hostnet0', mac: '52:54:00:aa:bb:01', type: 'bridge' },
-      { alias: 'ua-svc2', netdev: 'hostua-svc2', mac: undefined, type: 'network' },
+      { alias: 'net0', mac: '52:54:00:aa:bb:01', type: 'bridge' },
+      { alias: undefined, mac: undefined, type: 'network' },
     ]);
   });
 
@@ -19,8 +19,21 @@ describe('serviceNics', () => {
     expect(serviceNics(domain(''))).toEqual([]);
     expect(serviceNics(`<domain type='qemu'><name>vm</name></domain>`)).toEqual([]);
   });
+});
 
-  it('refuses the XML of a domain that is not running (no aliases yet)', () => {
-    expect(() => serviceNics(domain(`<interface type='bridge'><source bridge='b'/></interface>`))).toThrow(/<interface> #1 has no <alias>: read the XML of the running domain/);
+describe('output commit in the protection metadata', () => {
+  const spec = (ftvm: string) => `name: web1\nmemoryMiB: 128\nboot: { kernel: /k }\nftvm:\n  peer: { host: backup }\n${ftvm}`;
+
+  it('a spec with outputCommit writes it into the metadata and readProtection reads it back', () => {
+    const on = ftReadyFromSpec(spec('  outputCommit: true\n  checkpointIntervalMs: 100\n'));
+    expect(on.xml).toMatch(/<ftvm:checkpoint interval-ms="100" output-commit="yes"\/>/);
+    expect(readProtection(on.xml)).toMatchObject({ checkpointIntervalMs: 100, outputCommit: true });
+    expect(readProtection(ftReadyFromSpec(spec('  outputCommit: false\n')).xml)?.outputCommit).toBe(false);
+    // absent: not said (the agent keeps what the VM had; off for a new VM)
+    expect(readProtection(ftReadyFromSpec(spec('')).xml)).not.toHaveProperty('outputCommit');
+  });
+
+  it('refuses a value that is not a boolean, naming the field', () => {
+    expect(() => ftReadyFromSpec(spec('  outputCommit: sometimes\n'))).toThrow(/ftvm\.outputCommit/);
   });
 });

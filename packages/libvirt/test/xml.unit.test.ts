@@ -472,7 +472,7 @@ probe:
   });
 
   it('rejects unknown fields and bad values, naming the field', () => {
-    expect(() => parseDomainSpec(YAML.replace('memoryMiB', 'memoryMB'))).toThrow(new SpecError('memoryMB', 'unknown field (expected name, type, memoryMiB, vcpus, arch, machine, uuid, boot, disks, serialLog, ftvm, probe)'));
+    expect(() => parseDomainSpec(YAML.replace('memoryMiB', 'memoryMB'))).toThrow(new SpecError('memoryMB', 'unknown field (expected name, type, memoryMiB, vcpus, arch, machine, uuid, boot, disks, nics, serialLog, ftvm, probe)'));
     expect(() => parseDomainSpec(YAML.replace('[checkpoint, failover]', '[checkpoint, reboot]'))).toThrow(/ftvm.clock.compensate\[1\]: "reboot" is not one of/);
     expect(() => parseDomainSpec(YAML.replace('peer: backup', 'peerHost: backup'))).toThrow(/ftvm.peerHost: unknown field/);
     expect(() => parseDomainSpec(YAML.replace('port: 5601', 'port: -1'))).toThrow(/probe.listen.port: must be a positive number/);

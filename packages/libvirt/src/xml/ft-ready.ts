@@ -30,6 +30,8 @@ export interface ProtectionOptions {
   peer: { host: string; uri?: string };
   /** Default 200 ms. */
   checkpointIntervalMs?: number;
+  /** Hold the guest's network output until its checkpoint is committed. Default off. */
+  outputCommit?: boolean;
   clock?: Partial<ClockPolicySettings>;
 }
 
@@ -129,6 +131,7 @@ export function makeFtReady(inputXml: string, options: FtReadyOptions): FtReadyR
     protected: options.protection.protected ?? true,
     peer: options.protection.peer,
     checkpointIntervalMs: options.protection.checkpointIntervalMs ?? DEFAULT_CHECKPOINT_INTERVAL_MS,
+    ...(options.protection.outputCommit === undefined ? {} : { outputCommit: options.protection.outputCommit }),
     clock,
     qmpSocket,
     ...(agentSocket ? { agentSocket } : {}),

@@ -25,6 +25,8 @@ export interface Protection {
   /** The other host of the pair (name as the coordinator knows it) and how to reach its libvirtd. */
   peer: { host: string; uri?: string };
   checkpointIntervalMs: number;
+  /** Hold the guest's network output until the checkpoint that produced it is committed (default off). */
+  outputCommit?: boolean;
   clock: ClockPolicySettings;
   /** ftvm's own QMP socket, as QEMU sees it on the host. */
   qmpSocket: string;
@@ -73,7 +75,7 @@ export function writeProtection(doc: Document, protection: Protection): void {
   appendIndented(metadata, el);
   appendIndented(el, child('protected', {}, yes(protection.protected)));
   appendIndented(el, child('peer', { host: protection.peer.host, uri: protection.peer.uri }));
-  appendIndented(el, child('checkpoint', { 'interval-ms': String(protection.checkpointIntervalMs) }));
+  appendIndented(el, child('checkpoint', { 'interval-ms': String(protection.checkpointIntervalMs), 'output-commit': protection.outputCommit === undefined ? undefined : yes(protection.outputCommit) }));
   appendIndented(
     el,
     child('clock', {
@@ -113,6 +115,9 @@ export function readProtection(xml: string | Document): Protection | undefined {
   const interval = Number(get('checkpoint')?.getAttribute('interval-ms'));
   if (!Number.isFinite(interval) || interval <= 0) throw bad('checkpoint interval-ms', get('checkpoint')?.getAttribute('interval-ms') ?? null);
 
+  const outputCommitText = get('checkpoint')?.getAttribute('output-commit') || undefined;
+  if (outputCommitText !== undefined && outputCommitText !== 'yes' && outputCommitText !== 'no') throw bad('checkpoint output-commit must be yes or no', outputCommitText);
+
   const clockEl = get('clock');
   const clock = { ...DEFAULT_CLOCK_POLICY };
   if (clockEl) {
@@ -140,6 +145,7 @@ export function readProtection(xml: string | Document): Protection | undefined {
     protected: protectedText === 'yes',
     peer: peerUri ? { host, uri: peerUri } : { host },
     checkpointIntervalMs: interval,
+    ...(outputCommitText ? { outputCommit: outputCommitText === 'yes' } : {}),
     clock,
     qmpSocket: qmp,
     ...(agent ? { agentSocket: agent } : {}),

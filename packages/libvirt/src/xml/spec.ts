@@ -16,8 +16,23 @@ export interface DomainSpec {
   /** Direct kernel boot. */
   boot?: { kernel: string; initrd?: string; cmdline?: string };
   disks: DiskSpec[];
+  /** NICs on host bridges, in guest PCI order. */
+  nics: NicSpec[];
   /** Serial console to a file (path on the host). */
   serialLog?: string;
+}
+
+/**
+ * A NIC plugged into a host bridge (`<interface type='bridge'>`). The bridge must exist under the
+ * same name on the backup, which starts the same XML. Give a MAC for a guest that finds its NIC by
+ * it; libvirt makes one up at define time otherwise (the running domain's XML, which the backup
+ * gets, carries it).
+ */
+export interface NicSpec {
+  bridge: string;
+  /** Unicast, `52:54:00:…` style; lower case in the XML. */
+  mac?: string;
+  model: 'virtio';
 }
 
 export interface DiskSpec {
@@ -105,10 +120,13 @@ function oneOf<T extends string>(o: Obj, key: string, field: string, values: rea
  * disks:
  *   - { path: /var/lib/libvirt/images/web1.qcow2, format: qcow2 }   # replicated by ftvm
  *   - { path: /srv/shared/data.qcow2, format: qcow2, shared: true, serial: data1, cache: none }
+ * nics:                      # on host bridges (the same bridge name on the backup)
+ *   - { bridge: br0, mac: "52:54:00:12:34:57", model: virtio }   # mac optional, model virtio (default)
  * serialLog: /run/ftvm/web1.serial.log
  * ftvm:
  *   peer: { host: backup, uri: "qemu+ssh://backup/system" }
  *   checkpointIntervalMs: 200
+ *   outputCommit: true       # hold network output until its checkpoint is committed
  *   clock: { compensate: [checkpoint, migration, failover], maxStepMs: 60000, onImpossible: record }
  *   emulator: /opt/ftvm/bin/qemu-system-x86_64   # used when installed
  *   agent: false
@@ -123,7 +141,7 @@ export function parseDomainSpec(yamlText: string): FtDomainSpec {
   } catch (error) {
     throw new SpecError('(yaml)', (error as Error).message);
   }
-  const root = mapping(raw, '(root)', ['name', 'type', 'memoryMiB', 'vcpus', 'arch', 'machine', 'uuid', 'boot', 'disks', 'serialLog', 'ftvm', 'probe']);
+  const root = mapping(raw, '(root)', ['name', 'type', 'memoryMiB', 'vcpus', 'arch', 'machine', 'uuid', 'boot', 'disks', 'nics', 'serialLog', 'ftvm', 'probe']);
   const name = str(root, 'name', '', true);
   if (!/^[A-Za-z0-9][A-Za-z0-9._+-]*$/.test(name)) throw new SpecError('name', `${JSON.stringify(name)}: use letters, digits, '.', '_', '+', '-'`);
 
@@ -155,6 +173,7 @@ export function parseDomainSpec(yamlText: string): FtDomainSpec {
     };
   });
   if (!boot && disks.length === 0) throw new SpecError('boot', 'a domain needs a kernel (boot) or a disk to boot from');
+  const nics = parseNics(root['nics']);
 
   const uuid = str(root, 'uuid', '');
   const serialLog = str(root, 'serialLog', '');
@@ -168,10 +187,11 @@ export function parseDomainSpec(yamlText: string): FtDomainSpec {
     ...(uuid ? { uuid } : {}),
     ...(boot ? { boot } : {}),
     disks,
+    nics,
     ...(serialLog ? { serialLog } : {}),
   };
 
-  const ftvm = mapping(root['ftvm'] ?? null, 'ftvm', ['protected', 'peer', 'checkpointIntervalMs', 'clock', 'emulator', 'agent', 'sharedStorage', 'runDir', 'incoming']);
+  const ftvm = mapping(root['ftvm'] ?? null, 'ftvm', ['protected', 'peer', 'checkpointIntervalMs', 'outputCommit', 'clock', 'emulator', 'agent', 'sharedStorage', 'runDir', 'incoming']);
   const peerRaw = ftvm['peer'];
   let peer: { host: string; uri?: string };
   if (typeof peerRaw === 'string' && peerRaw) peer = { host: peerRaw };
@@ -212,6 +232,7 @@ export function parseDomainSpec(yamlText: string): FtDomainSpec {
       protected: bool(ftvm, 'protected', 'ftvm.', true),
       peer,
       ...(ftvm['checkpointIntervalMs'] !== undefined ? { checkpointIntervalMs: num(ftvm, 'checkpointIntervalMs', 'ftvm.') } : {}),
+      ...(ftvm['outputCommit'] !== undefined ? { outputCommit: bool(ftvm, 'outputCommit', 'ftvm.', false) } : {}),
       ...(clock ? { clock } : {}),
     },
     ...(runDir ? { runDir } : {}),
@@ -222,6 +243,34 @@ export function parseDomainSpec(yamlText: string): FtDomainSpec {
     ...(probe ? { probe } : {}),
   };
   return { domain, options };
+}
+
+const MAC = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/i;
+/** Linux interface names: at most 15 bytes, no '/', ':' or white space (dev_valid_name, and ':' for aliases). */
+const IFNAME = /^[^\s/:]{1,15}$/;
+
+function parseNics(value: unknown): NicSpec[] {
+  if (value === undefined || value === null) return [];
+  if (!Array.isArray(value)) throw new SpecError('nics', 'must be a list');
+  const seen = new Map<string, number>();
+  return value.map((n, i): NicSpec => {
+    const f = `nics[${i}].`;
+    const o = mapping(n, `nics[${i}]`, ['bridge', 'mac', 'model']);
+    const bridge = str(o, 'bridge', f, true);
+    if (!IFNAME.test(bridge) || bridge === '.' || bridge === '..') throw new SpecError(`${f}bridge`, `${JSON.stringify(bridge)} is not a Linux interface name (1-15 characters, no '/', ':' or spaces)`);
+    const rawMac = str(o, 'mac', f);
+    let mac: string | undefined;
+    if (rawMac !== undefined) {
+      if (!MAC.test(rawMac)) throw new SpecError(`${f}mac`, `${JSON.stringify(rawMac)} is not a MAC address (six hex pairs separated by ':', e.g. 52:54:00:12:34:57)`);
+      mac = rawMac.toLowerCase();
+      // the low bit of the first octet marks a group address, which libvirt refuses for a NIC
+      if (parseInt(mac.slice(0, 2), 16) & 1) throw new SpecError(`${f}mac`, `${mac} is a multicast address; a NIC needs a unicast one (even first octet)`);
+      const earlier = seen.get(mac);
+      if (earlier !== undefined) throw new SpecError(`${f}mac`, `${mac} is also nics[${earlier}]'s`);
+      seen.set(mac, i);
+    }
+    return { bridge, ...(mac ? { mac } : {}), model: oneOf(o, 'model', f, ['virtio'] as const, 'virtio') };
+  });
 }
 
 const esc = (text: string) => text.replace(/[<>&'"]/g, (c) => `&#${c.charCodeAt(0)};`);
@@ -252,6 +301,14 @@ export function domainSpecToXml(spec: DomainSpec): string {
     if (d.readonly) lines.push('      <readonly/>');
     if (d.shared) lines.push('      <shareable/>');
     lines.push('    </disk>');
+  });
+  // A user alias (ua-…) names the NIC in QEMU (netdev `hostua-netN`) and, unlike libvirt's own
+  // `netN`, stays in the migratable XML the backup gets: the same id on both hosts, for ftvm's
+  // per-NIC output buffers.
+  spec.nics.forEach((nic, i) => {
+    lines.push("    <interface type='bridge'>");
+    if (nic.mac) lines.push(`      <mac address='${nic.mac}'/>`);
+    lines.push(`      <source bridge='${esc(nic.bridge)}'/>`, `      <model type='${nic.model}'/>`, `      <alias name='ua-net${i}'/>`, '    </interface>');
   });
   if (spec.serialLog) lines.push("    <serial type='file'>", `      <source path='${esc(spec.serialLog)}'/>`, "      <target port='0'/>", '    </serial>');
   lines.push("    <memballoon model='none'/>", '  </devices>', '</domain>', '');
