@@ -307,6 +307,7 @@ export class PrimaryVm {
       const pauseMs = nsToMs(result.resumeNs - result.stopNs);
       this.lastCheckpoint = { epoch, bytes: result.bytes, pauseMs, ageMs: 0, at: Date.now() };
       this.options.metrics.checkpointCommitted(this.name, { bytes: result.bytes, pauseMs, at: Date.now() });
+      this.options.log.debug({ epoch, bytes: result.bytes, pauseMs, durationMs: Math.round(result.durationMs * 10) / 10, base: result.base, outputCommit: this.output !== undefined }, 'checkpoint committed');
       this.options.metrics.clockResidual(this.name, -nsToMs(this.ledger.predictedLagNs));
       return result;
     } catch (error) {

@@ -62,17 +62,21 @@ export class OutputCommit {
     });
     const nics = serviceNics(domainXml);
     if (nics.length === 0) throw new OutputCommitError(`VM '${vm}': output commit holds the output of libvirt <interface> NICs, and the domain has none`);
+    const devices = await nicDevices(qmp);
     const buffers: { id: string; netdev: string }[] = [];
-    for (const nic of nics) {
-      const id = `${ID_PREFIX}${nic.alias}`;
+    for (const [index, nic] of nics.entries()) {
+      // by MAC: a migratable XML has no aliases, and libvirt's netdev ids are its own business
+      const device = nic.mac ? devices.find((d) => d.mac === nic.mac) : undefined;
+      if (!device) throw new OutputCommitError(`VM '${vm}': <interface> #${index + 1} (MAC ${nic.mac ?? 'none'}) has no NIC in QEMU with that MAC and a netdev: output commit cannot hold its output`);
+      const id = `${ID_PREFIX}${device.id}`;
       if (!existing.some((b) => b.id === id)) {
         await qmp
-          .execute('object-add', { 'qom-type': OUTPUT_BUFFER_TYPE, id, netdev: nic.netdev, queue: 'rx' }, { timeoutMs: QMP_TIMEOUT_MS })
+          .execute('object-add', { 'qom-type': OUTPUT_BUFFER_TYPE, id, netdev: device.netdev, queue: 'rx' }, { timeoutMs: QMP_TIMEOUT_MS })
           .catch((error: Error) => {
-            throw new OutputCommitError(`VM '${vm}': cannot hold the output of NIC ${nic.alias} (netdev ${nic.netdev}): ${error.message}`);
+            throw new OutputCommitError(`VM '${vm}': cannot hold the output of NIC ${device.id} (netdev ${device.netdev}): ${error.message}`);
           });
       }
-      buffers.push({ id, netdev: nic.netdev });
+      buffers.push({ id, netdev: device.netdev });
     }
     const commit = new OutputCommit(qmp, vm, buffers);
     commit.lastClosed = Math.max(0, ...existing.map((b) => b['last-closed-epoch'] ?? 0));
@@ -105,6 +109,23 @@ export class OutputCommit {
   async detach(): Promise<void> {
     for (const { id } of this.buffers) await this.qmp.execute('object-del', { id }, { timeoutMs: QMP_TIMEOUT_MS }).catch(() => undefined);
   }
+}
+
+/** QEMU's NIC devices (those with a netdev and a MAC) under /machine/peripheral. */
+async function nicDevices(qmp: QmpClient): Promise<{ id: string; mac: string; netdev: string }[]> {
+  const children = await qmp.execute<{ name: string; type: string }[]>('qom-list', { path: '/machine/peripheral' }, { timeoutMs: QMP_TIMEOUT_MS });
+  const nics: { id: string; mac: string; netdev: string }[] = [];
+  for (const child of children.filter((c) => c.type.startsWith('child<'))) {
+    const path = `/machine/peripheral/${child.name}`;
+    const props = await qmp.execute<{ name: string }[]>('qom-list', { path }, { timeoutMs: QMP_TIMEOUT_MS });
+    if (!props.some((p) => p.name === 'netdev') || !props.some((p) => p.name === 'mac')) continue;
+    const [mac, netdev] = await Promise.all([
+      qmp.execute<string>('qom-get', { path, property: 'mac' }, { timeoutMs: QMP_TIMEOUT_MS }),
+      qmp.execute<string>('qom-get', { path, property: 'netdev' }, { timeoutMs: QMP_TIMEOUT_MS }),
+    ]);
+    if (netdev) nics.push({ id: child.name, mac: mac.toLowerCase(), netdev });
+  }
+  return nics;
 }
 
 async function queryBuffers(qmp: QmpClient): Promise<OutputBufferInfo[]> {
