@@ -114,8 +114,9 @@ describe('lab', () => {
     const holders = LAB_HOSTS.map((name) => hostInfo(name).holderPid);
     const result = await labUp();
     console.log(`lab up when up: ${result.durationMs} ms`);
+    // no-op: nothing built, the same host holders (its time is logged, not asserted: a loaded CI
+    // host took 2.9–6.7 s for what takes 0.3 s alone)
     expect(result.built).toBe(false);
-    expect(result.durationMs).toBeLessThan(5_000);
     expect(LAB_HOSTS.map((name) => hostInfo(name).holderPid)).toEqual(holders);
   });
 
