@@ -101,7 +101,7 @@ async function faults(kinds: FaultKind[], log: string): Promise<{ faults: number
 
 try {
   cluster = await startCluster({ emulator: patchedQemu(), workloadMiBps: 4, checkpointIntervalMs: 100, service: true });
-  client = await ServiceClient.start(probeService(cluster.vm).guestIp, { tcpIntervalMs: REQUEST_MS });
+  client = await ServiceClient.start(probeService(cluster.vm).guestIp, { tcpIntervalMs: REQUEST_MS, requestTimeoutMs: 30_000 });
   await client.waitFor('the guest answering', (s) => s.udpCount > 100 && s.tcpResponses > 10, 60_000);
 
   await controlClient(cluster.primary).unprotect(cluster.vm, () => undefined);
@@ -113,11 +113,13 @@ try {
   const baseline = await measure(100);
   console.log(`baseline (100 ms, no output commit): ${JSON.stringify(baseline)}`);
 
-  const intervals: Record<string, Window & { throughput_vs_unprotected: number }> = {};
+  const intervals: Record<string, Window & { throughput_vs_unprotected: null; paced_workload_vs_unprotected: number }> = {};
   for (const interval of INTERVALS) {
     await protect(interval, true);
     const w = await measure(interval);
-    intervals[String(interval)] = { ...w, throughput_vs_unprotected: round(w.counter_per_s / unprotected.counter_per_s) };
+    // the probe's counter is paced (one 4 KiB page per step at 4 MiB/s): it shows the workload kept
+    // its pace, not CPU-bound throughput, which the guest has no loop for yet
+    intervals[String(interval)] = { ...w, throughput_vs_unprotected: null, paced_workload_vs_unprotected: round(w.counter_per_s / unprotected.counter_per_s) };
     console.log(`output commit, ${interval} ms: ${JSON.stringify(intervals[String(interval)])}`);
   }
 
@@ -142,6 +144,7 @@ try {
     lost_values_seen_without_commit: without.lost_values_seen,
     faults_without_commit: without.faults,
     heavy_dirtying: 'not measured in this run',
+    throughput_basis: 'not measured: the probe guest has no CPU-bound loop; paced_workload_vs_unprotected is its paced 4 MiB/s counter (1024 steps/s) kept or not',
     targets: { latency_p50_vs_interval_at_100: 2, throughput_vs_unprotected_at_100: 0.85, missed_checkpoints_at_100: 0, lost_values_seen: 0 },
   };
   fs.mkdirSync(new URL('./results/', import.meta.url), { recursive: true });
