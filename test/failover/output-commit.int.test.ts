@@ -49,7 +49,10 @@ async function afterResume(resumeNs: bigint, tcpBefore: number): Promise<Service
 describe('output commit: no client sees a value a failover loses', () => {
   beforeAll(async () => {
     cluster = await startCluster({ emulator: patchedQemu(), workloadMiBps: 4, checkpointIntervalMs: INTERVAL_MS, service: true });
-    client = await ServiceClient.start(probeService(cluster.vm).guestIp);
+    // A failover after a stalled checkpoint leaves the client's requests unanswered for seconds, and
+    // TCP's retransmission backoff stretches that further: the client waits like a patient
+    // application (30 s), so a reconnect means the connection really broke.
+    client = await ServiceClient.start(probeService(cluster.vm).guestIp, { requestTimeoutMs: 30_000 });
     await client.waitFor('the guest\'s datagrams and TCP answers', (s) => s.udpCount > 100 && s.tcpResponses > 10, 60_000);
   }, 300_000);
   afterAll(async () => {
@@ -95,7 +98,7 @@ describe('output commit: no client sees a value a failover loses', () => {
       const after = await afterResume(BigInt(run.resumeNs), before.tcpResponses);
       const boot = after.boots.get(after.lastBootId!)!;
       console.log(
-        `fault ${i} (${kind}): highest counter the client saw before ${before.highestUdpCounter}, restored guest now ${boot.highestUdpCounter}; rollbacks ${after.rollbacks.length - rollbacksBefore}; tcp reconnects ${after.tcpReconnects - reconnectsBefore}`,
+        `fault ${i} (${kind}): highest counter the client saw before ${before.highestUdpCounter}, restored guest now ${boot.highestUdpCounter}; rollbacks ${after.rollbacks.length - rollbacksBefore}; tcp reconnects ${after.tcpReconnects - reconnectsBefore}${after.tcpLastError ? ` (last error: ${after.tcpLastError})` : ''}; longest tcp silence ${after.tcpMaxGapMs.toFixed(0)} ms`,
       );
       expect(after.rollbacks.slice(rollbacksBefore), `fault ${i} (${kind}): a value the client saw was lost`).toEqual([]);
       expect(after.lastBootId).toBe(before.lastBootId);
