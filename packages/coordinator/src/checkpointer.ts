@@ -66,6 +66,12 @@ export interface CheckpointResult {
   durationMs: number;
   /** From `migrate` to the MIGRATION completed event (the stream left QEMU). */
   migrateMs: number;
+  /**
+   * Where the time went, from `migrate`'s preparation: `prepare` (capabilities, arming the stop
+   * actions, the disks' fleecing points), `migrate` (to QEMU's completed event), `ack` (to the
+   * backup's durable ack), `settle` (releasing held output, settling the disks).
+   */
+  phasesMs: { prepare: number; migrate: number; ack: number; settle: number };
   /** QEMU's own account of the stopped phase (query-migrate `downtime`): the rest of the pause is notification and `cont`. */
   qemuDowntimeMs: number | undefined;
   /** An incremental checkpoint: the epoch it applies on. Undefined for a full one. */
@@ -251,6 +257,7 @@ export class Checkpointer {
       const stopActions = [...(armed?.stopActions ?? []), ...(output?.stopActions(epoch) ?? [])];
       if (stopActions.length > 0) await qmp.execute(ARM_STOP_ACTIONS, { actions: stopActions }, { timeoutMs: 5_000 });
       const diskHeader = armed ? { disks: armed.disks, diskBase: armed.diskBase } : undefined;
+      const preparedAt = performance.now();
       await qmp.execute('migrate', { uri: `unix:${this.options.qemuSocketPath ?? this.socket.path}` });
       const stream = await connection;
       const sending = sender.send({
@@ -295,11 +302,14 @@ export class Checkpointer {
         await sending.catch(() => undefined);
         throw new ReplicationError(outcome.reason, epoch, 'migration');
       }
+      const migratedAt = performance.now();
       const info = await qmp.execute<{ downtime?: number }>('query-migrate').catch(() => ({}) as { downtime?: number });
       const ack = await sending;
+      const ackedAt = performance.now();
       // durable on the backup: the epoch's output may leave (and any a failed checkpoint held)
       await output?.release(epoch);
       await disks?.settle(true);
+      const settledAt = performance.now();
       if (this.incremental) this.tip = { epoch, sha256: ack.sha256, sender, length: (base?.length ?? 0) + 1 };
       const guestClockNs = ack.guestClockNs === undefined ? undefined : BigInt(ack.guestClockNs);
       const frozeAt = this.frozeAt(stopNs!, guestClockNs, reference);
@@ -312,8 +322,14 @@ export class Checkpointer {
         stopNs: stopNs!,
         resumeNs: resumeNs ?? stopNs!,
         bytes: ack.bytes,
-        durationMs: performance.now() - started,
+        durationMs: settledAt - started,
         migrateMs,
+        phasesMs: {
+          prepare: preparedAt - started,
+          migrate: migratedAt - preparedAt,
+          ack: ackedAt - migratedAt,
+          settle: settledAt - ackedAt,
+        },
         qemuDowntimeMs: info.downtime,
         base: base?.epoch,
         frozeAt,

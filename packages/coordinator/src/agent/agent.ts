@@ -176,7 +176,9 @@ export class Agent implements AgentControl {
     progress({ step: `read domain ${vm} from libvirt`, state: 'start' });
     if (!(await this.conn.exists(vm))) throw new ControlError(`no domain '${vm}' on ${this.config.host}`, 404);
     const state = await this.conn.state(vm);
-    if (state !== 'running') throw new ControlError(`domain '${vm}' is ${state}: protect a running domain`, 409);
+    // a protected VM is paused for a few ms at each of its checkpoints: that is running too
+    const checkpointPause = state === 'paused' && this.slots.get(vm)?.primary !== undefined;
+    if (state !== 'running' && !checkpointPause) throw new ControlError(`domain '${vm}' is ${state}: protect a running domain`, 409);
     // the running configuration (what a restore must match), as libvirt hands it to a migration
     const xml = setIncomingDefer(await this.conn.xml(vm, { migratable: true }), false);
     if (!readProtection(xml)) throw new ControlError(`domain '${vm}' is not FT-ready (no ftvm metadata and QMP socket): define it through makeFtReady and start it again`);

@@ -33,6 +33,8 @@ const nsToMs = (ns: bigint) => Number(ns) / 1e6;
  * A full checkpoint at least every 30 checkpoints, or every 30 s when the interval is short: a full
  * one takes about a second (it copies all of RAM), longer than a 50–200 ms interval it would miss.
  */
+const roundPhases = (phases: Record<string, number>) => Object.fromEntries(Object.entries(phases).map(([k, v]) => [k, Math.round(v * 10) / 10]));
+
 export const defaultFullEvery = (intervalMs: number) => Math.max(30, Math.ceil(30_000 / intervalMs));
 
 /**
@@ -307,7 +309,7 @@ export class PrimaryVm {
       const pauseMs = nsToMs(result.resumeNs - result.stopNs);
       this.lastCheckpoint = { epoch, bytes: result.bytes, pauseMs, ageMs: 0, at: Date.now() };
       this.options.metrics.checkpointCommitted(this.name, { bytes: result.bytes, pauseMs, at: Date.now() });
-      this.options.log.debug({ epoch, bytes: result.bytes, pauseMs, durationMs: Math.round(result.durationMs * 10) / 10, base: result.base, outputCommit: this.output !== undefined }, 'checkpoint committed');
+      this.options.log.debug({ epoch, bytes: result.bytes, pauseMs, durationMs: Math.round(result.durationMs * 10) / 10, phasesMs: roundPhases(result.phasesMs), base: result.base, outputCommit: this.output !== undefined }, 'checkpoint committed');
       this.options.metrics.clockResidual(this.name, -nsToMs(this.ledger.predictedLagNs));
       return result;
     } catch (error) {
