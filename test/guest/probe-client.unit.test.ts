@@ -11,16 +11,22 @@ import {
   hostRealtimeNs,
   offsetFromExchange,
   realtimeAnchorNs,
+  setSpin,
   stepGuestClock,
   type ProbeReply,
 } from '../support/probe-client.js';
 
-/** In-process stand-in for probe.c: same wire format, a clock `offsetNs` ahead of the host. */
+/**
+ * In-process stand-in for probe.c: same wire format, a clock `offsetNs` ahead of the host. By
+ * default an old probe (64-byte replies, no SPIN: it drops the command); with `spin` set, today's
+ * 128-byte replies whose spin counter advances 1000 per reply while on.
+ */
 class FakeProbe {
   readonly socket = dgram.createSocket('udp4');
   received: Buffer[] = [];
   executed: bigint[] = [];
   dropNext = 0;
+  spin: { on: boolean; counter: bigint } | undefined;
   private lastId: bigint | undefined;
 
   constructor(private offsetNs: bigint) {}
@@ -38,12 +44,23 @@ class FakeProbe {
     const id = msg.readBigUInt64LE(8);
     const arg = msg.readBigInt64LE(16);
     const rx = hostRealtimeNs() + this.offsetNs;
+    if (command === Command.spin && !this.spin) return; // an old probe: unknown command, no reply
     if (command === Command.step && id !== this.lastId) {
       this.offsetNs += arg;
       this.executed.push(arg);
       this.lastId = id;
     }
-    const reply = Buffer.alloc(64);
+    if (command === Command.spin && id !== this.lastId) {
+      this.spin!.on = arg === 1n;
+      this.executed.push(arg);
+      this.lastId = id;
+    }
+    const reply = Buffer.alloc(this.spin ? 128 : 64);
+    if (this.spin) {
+      if (this.spin.on) this.spin.counter += 1000n;
+      reply.writeBigUInt64LE(this.spin.counter, 120);
+      reply.writeUInt8(1 | (this.spin.on ? 2 : 0), 127);
+    }
     reply.write('FTVP', 0);
     reply.writeUInt8(1, 4);
     reply.writeUInt8(command | 0x80, 5);
@@ -90,6 +107,24 @@ describe('wire format', () => {
     expect(decodeReply(reply)).toBeUndefined();
     reply.writeUInt8(0x80 | 9, 5);
     expect(decodeReply(reply)).toBeUndefined();
+  });
+
+  it('reads the spin counter from byte 120 when the flags byte says the probe has one', () => {
+    const reply = Buffer.alloc(128);
+    reply.write('FTVP', 0);
+    reply.writeUInt8(1, 4);
+    reply.writeUInt8(Command.time | 0x80, 5);
+    const older = decodeReply(reply); // a probe from before the spin worker: bytes 120..127 zero
+    expect(older?.disk).toBeDefined();
+    expect(older).not.toHaveProperty('spinCounter');
+    expect(older).not.toHaveProperty('spinOn');
+    reply.writeBigUInt64LE((1n << 56n) - 1n, 120); // the largest 56-bit count
+    reply.writeUInt8(1 | 2, 127); // present, on; the flags are not part of the count
+    expect(decodeReply(reply)).toMatchObject({ spinCounter: (1n << 56n) - 1n, spinOn: true });
+    reply.writeUInt8(1, 127);
+    expect(decodeReply(reply)).toMatchObject({ spinOn: false });
+    reply.writeUInt8(Command.spin | 0x80, 5);
+    expect(decodeReply(reply)?.command).toBe(Command.spin);
   });
 });
 
@@ -154,6 +189,38 @@ describe('ProbeClient against a fake probe', () => {
     }
     const ids = new Set(probe.received.map((m) => m.readBigUInt64LE(8)));
     expect(ids.size).toBe(3);
+  });
+
+  it('switches the spin worker, retrying a lost SPIN with its id, and reports its counter', async () => {
+    const [probe, target] = await fake(0n);
+    probe.spin = { on: false, counter: 0n };
+    expect(await clockOffset(target, { samples: 2 })).toMatchObject({ spinCounter: 0n, spinOn: false });
+    probe.dropNext = 1;
+    const on = await setSpin(target, true, { requestTimeoutMs: 50, timeoutMs: 2_000 });
+    expect(on).toMatchObject({ command: Command.spin, spinOn: true });
+    expect(probe.received).toHaveLength(4);
+    expect(probe.received[2]!.readBigUInt64LE(8)).toBe(probe.received[3]!.readBigUInt64LE(8));
+    expect(probe.received[3]!.readBigInt64LE(16)).toBe(1n);
+    const running = await clockOffset(target, { samples: 2 });
+    expect(running.spinCounter).toBeGreaterThan(on.spinCounter!);
+    await setSpin(target, false);
+    const stopped = await clockOffset(target, { samples: 2 });
+    expect(stopped.spinOn).toBe(false);
+    expect((await clockOffset(target, { samples: 2 })).spinCounter).toBe(stopped.spinCounter);
+    expect(probe.executed).toEqual([1n, 0n]);
+  });
+
+  it('says so when a probe from before the spin worker ignores SPIN, and reports no spin counter', async () => {
+    const [, target] = await fake(0n);
+    expect(await clockOffset(target, { samples: 1 })).not.toHaveProperty('spinCounter');
+    const client = await ProbeClient.open(target);
+    try {
+      const error = await client.setSpin(true, { timeoutMs: 300, requestTimeoutMs: 100 }).catch((e: unknown) => e);
+      expect(error).toBeInstanceOf(ProbeError);
+      expect((error as Error).message).toMatch(/no answer to SPIN within 300 ms .*built before the spin worker/);
+    } finally {
+      client.close();
+    }
   });
 
   it('fails with a clear error by the deadline when nobody answers', async () => {

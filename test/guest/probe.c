@@ -3,8 +3,9 @@
  * request, and optionally runs a memory-dirtying workload with a continuity counter, a disk counter
  * ring (O_DIRECT|O_DSYNC sector writes every ms), a file-system workload (create, append, fsync,
  * rename) and a service on the guest's service NIC (the counter in a UDP datagram every ms, and a
- * TCP server answering with it), each in its own thread. Wire and disk formats (little-endian,
- * fixed size): see test/guest/README.md.
+ * TCP server answering with it), each in its own thread, and, switched on by request, a CPU-bound
+ * spin worker whose iteration counter measures guest throughput. Wire and disk formats
+ * (little-endian, fixed size): see test/guest/README.md.
  *
  *   probe [--port N] [--workload MiBps] [--ready-file PATH] [--ring DEV] [--fs-dir DIR] [--fs-kib N]
  *         [--svc-ip ADDR --svc-peer ADDR:PORT [--svc-port N]]
@@ -23,11 +24,13 @@
 #include <string.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <linux/futex.h>
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
+#include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/timex.h>
 #include <time.h>
@@ -39,7 +42,7 @@
 #define REPLY_SIZE 128 /* 64 before the disk fields; the first 64 bytes are unchanged */
 #define REPLY_FLAG 0x80
 
-enum { CMD_TIME = 1, CMD_STEP = 2, CMD_SET = 3, CMD_WORKLOAD = 4 };
+enum { CMD_TIME = 1, CMD_STEP = 2, CMD_SET = 3, CMD_WORKLOAD = 4, CMD_SPIN = 5 };
 enum { ST_OK = 0, ST_BAD_ARG = 1, ST_CLOCK_FAILED = 2 };
 
 /* The workload cycles through at most this much memory, and at most a quarter of the guest's
@@ -144,6 +147,51 @@ static void *workload_main(void *arg) {
     usleep(5000);
   }
   return NULL;
+}
+
+/* ---- spin worker ---------------------------------------------------------------------------------
+ * CPU throughput for benchmarks (e.g. protected vs unprotected): while switched on, a SCHED_IDLE
+ * thread (every other thread of the guest preempts it on one vCPU) runs a dependent
+ * multiply/xorshift chain in registers and publishes its iteration count every SPIN_BATCH
+ * iterations with a relaxed store. It writes nothing but its own cache line, so it adds no
+ * dirty-page traffic: the count measures CPU work, not memory. Off by default; while off it sleeps
+ * on a futex, with no wake-ups at all. */
+#define SPIN_BATCH 4096u
+#define SPIN_COUNT_MASK ((1ull << 56) - 1) /* the reply carries 56 bits: years at any TCG or KVM rate */
+#define SPIN_PRESENT 1u /* reply flag bits (byte 127) */
+#define SPIN_ON 2u
+
+static struct {
+  uint64_t count; /* iterations since boot; only grows, kept across off/on */
+  uint64_t sink;  /* the chain's value, stored so the compiler must compute it */
+} spin_line __attribute__((aligned(64)));
+static uint32_t spin_on; /* 0/1, the futex word */
+
+static void *spin_main(void *arg) {
+  (void)arg;
+  struct sched_param idle = { 0 };
+  pthread_setschedparam(pthread_self(), SCHED_IDLE, &idle);
+  uint64_t x = boot_id | 1;
+  for (;;) {
+    while (!__atomic_load_n(&spin_on, __ATOMIC_ACQUIRE))
+      syscall(SYS_futex, &spin_on, FUTEX_WAIT_PRIVATE, 0, NULL, NULL, 0); /* returns at once if no longer 0 */
+    uint64_t n = __atomic_load_n(&spin_line.count, __ATOMIC_RELAXED);
+    while (__atomic_load_n(&spin_on, __ATOMIC_RELAXED)) {
+      for (uint32_t i = 0; i < SPIN_BATCH; i++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        x ^= x >> 29;
+      }
+      n += SPIN_BATCH;
+      __atomic_store_n(&spin_line.sink, x, __ATOMIC_RELAXED);
+      __atomic_store_n(&spin_line.count, n, __ATOMIC_RELAXED);
+    }
+  }
+  return NULL;
+}
+
+static void spin_set(uint32_t on) {
+  __atomic_store_n(&spin_on, on, __ATOMIC_RELEASE);
+  if (on) syscall(SYS_futex, &spin_on, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
 }
 
 /* ---- disk counter ring ------------------------------------------------------------------------
@@ -582,12 +630,16 @@ static uint16_t execute(uint8_t cmd, int64_t arg) {
     if (arg < 0 || arg > MAX_MIBPS) return ST_BAD_ARG;
     __atomic_store_n(&workload_mibps, (uint32_t)arg, __ATOMIC_RELAXED);
     return ST_OK;
+  case CMD_SPIN:
+    if (arg != 0 && arg != 1) return ST_BAD_ARG;
+    spin_set((uint32_t)arg);
+    return ST_OK;
   }
   return ST_BAD_ARG; /* unreachable: unknown commands are dropped before execute() */
 }
 
 /*
- * Clients retry a lost STEP/SET/WORKLOAD with the same id; running a step twice would corrupt a
+ * Clients retry a lost STEP/SET/WORKLOAD/SPIN with the same id; running a step twice would corrupt a
  * validation, so a repeat of the last mutating request is answered without running it again.
  */
 static uint64_t last_id;
@@ -605,7 +657,7 @@ static uint16_t execute_once(uint8_t cmd, uint64_t id, int64_t arg) {
 
 static int valid_request(const uint8_t *req, ssize_t n) {
   return n == REQ_SIZE && memcmp(req, MAGIC, 4) == 0 && req[4] == VERSION && req[5] >= CMD_TIME &&
-         req[5] <= CMD_WORKLOAD;
+         req[5] <= CMD_SPIN;
 }
 
 static void serve(int fd) {
@@ -653,6 +705,9 @@ static void serve(int fd) {
     put_u16(reply + 110, (uint16_t)__atomic_load_n(&fs_errno, __ATOMIC_RELAXED));
     put_u32(reply + 112, __atomic_load_n(&ring_checks, __ATOMIC_RELAXED));
     put_u32(reply + 116, __atomic_load_n(&ring_violations, __ATOMIC_RELAXED));
+    /* 56-bit count, then the flags byte over its top: "present" tells new hosts this probe has it */
+    put_u64(reply + 120, __atomic_load_n(&spin_line.count, __ATOMIC_RELAXED) & SPIN_COUNT_MASK);
+    reply[127] = (uint8_t)(SPIN_PRESENT | (__atomic_load_n(&spin_on, __ATOMIC_RELAXED) ? SPIN_ON : 0));
     /* The stamps go last, right before sendto: monotonic, then realtime (the one offsets use). */
     put_u64(reply + 32, (uint64_t)now_ns(CLOCK_MONOTONIC));
     put_u64(reply + 24, (uint64_t)now_ns(CLOCK_REALTIME));
@@ -713,6 +768,7 @@ int main(int argc, char **argv) {
   if (mlockall(MCL_CURRENT) < 0) perror("probe: mlockall");
   __atomic_store_n(&workload_mibps, (uint32_t)workload, __ATOMIC_RELAXED);
   if (start_thread(workload_main, 256 << 10) < 0) return 1;
+  if (start_thread(spin_main, 64 << 10) < 0) return 1; /* asleep until a SPIN 1 request */
   /* Each disk workload in its own thread: a slow disk must never delay a clock reply. */
   if (ring_dev) {
     __atomic_store_n(&ring_state, DISK_RUNNING, __ATOMIC_RELEASE);

@@ -11,6 +11,7 @@ import {
   diskCounters,
   hostRealtimeNs,
   setGuestClock,
+  setSpin,
   startWorkload,
   stepGuestClock,
   syncGuestClock,
@@ -99,6 +100,51 @@ describe('clock probe in a real TCG guest', () => {
     const stopped = (await waitForProbe(guest.probe, 5_000)).workloadCounter;
     await new Promise((r) => setTimeout(r, 300));
     expect((await waitForProbe(guest.probe, 5_000)).workloadCounter).toBe(stopped);
+  });
+
+  it('runs the spin worker: its counter stands still while off, grows while on, and stops again', async () => {
+    const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+    const idle = await waitForProbe(guest.probe, 5_000);
+    expect(idle.spinOn).toBe(false);
+    expect(idle.spinCounter).toBeDefined();
+    await sleep(300);
+    expect((await waitForProbe(guest.probe, 5_000)).spinCounter).toBe(idle.spinCounter);
+
+    try {
+      const on = await setSpin(guest.probe, true);
+      expect(on.spinOn).toBe(true);
+      const readings = [on];
+      for (let i = 0; i < 5; i++) {
+        await sleep(300);
+        readings.push(await waitForProbe(guest.probe, 5_000));
+      }
+      // Rates on the guest's clock, per interval: every interval moves the counter.
+      const rates = readings.slice(1).map((r, i) => {
+        const prev = readings[i]!;
+        expect(r.bootId).toBe(prev.bootId);
+        expect(r.spinOn).toBe(true);
+        expect(r.spinCounter!).toBeGreaterThan(prev.spinCounter!);
+        return Number(r.spinCounter! - prev.spinCounter!) / (Number(r.monotonicNs - prev.monotonicNs) / 1e9);
+      });
+      const first = readings[0]!, last = readings.at(-1)!;
+      const mean = Number(last.spinCounter! - first.spinCounter!) / (Number(last.monotonicNs - first.monotonicNs) / 1e9);
+      console.log(
+        `spin: ${(mean / 1e6).toFixed(1)} M iterations/s (guest clock; per 300 ms: ${rates.map((r) => (r / 1e6).toFixed(1)).join(', ')})`,
+      );
+
+      // The reply path preempts the SCHED_IDLE spinner: the clock stays measurable while it spins.
+      const spinning = await clockOffset(guest.probe);
+      report('while spinning', spinning);
+      expect(spinning.spinOn).toBe(true);
+      expect(spinning.errorNs).toBeLessThanOrEqual(1n * MS);
+    } finally {
+      await setSpin(guest.probe, false);
+    }
+    await sleep(100); // a spinner preempted mid-batch publishes that batch, then sees it is off
+    const stopped = await waitForProbe(guest.probe, 5_000);
+    expect(stopped.spinOn).toBe(false);
+    await sleep(300);
+    expect((await waitForProbe(guest.probe, 5_000)).spinCounter).toBe(stopped.spinCounter);
   });
 
   it('ignores garbled packets, counts them, and keeps answering', async () => {

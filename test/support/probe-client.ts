@@ -1,7 +1,7 @@
 /**
  * Host side of the clock probe (test/guest/probe.c): measures guest CLOCK_REALTIME against host
- * CLOCK_REALTIME over UDP, NTP-style, drives the probe's STEP/SET/WORKLOAD commands, and reads the
- * counters of its disk workloads. Wire format: test/guest/README.md.
+ * CLOCK_REALTIME over UDP, NTP-style, drives the probe's STEP/SET/WORKLOAD/SPIN commands, and reads
+ * the counters of its workloads. Wire format: test/guest/README.md.
  */
 import { realtimeAnchorNs } from '@ftvm/kvmclock';
 import dgram from 'node:dgram';
@@ -12,9 +12,9 @@ export interface ProbeTarget {
   port: number;
 }
 
-export const Command = { time: 1, step: 2, set: 3, workload: 4 } as const;
+export const Command = { time: 1, step: 2, set: 3, workload: 4, spin: 5 } as const;
 export type CommandCode = (typeof Command)[keyof typeof Command];
-const commandName = (code: CommandCode): string => ['', 'TIME', 'STEP', 'SET', 'WORKLOAD'][code] ?? String(code);
+const commandName = (code: CommandCode): string => ['', 'TIME', 'STEP', 'SET', 'WORKLOAD', 'SPIN'][code] ?? String(code);
 
 const MAGIC = Buffer.from('FTVP');
 const VERSION = 1;
@@ -23,6 +23,11 @@ const REQUEST_SIZE = 24;
 const REPLY_SIZE_CLOCK_ONLY = 64;
 const REPLY_SIZE = 128;
 const REPLY_FLAG = 0x80;
+/** Reply byte 127: flags over the top of the 56-bit spin count at 120 (0 from older probes). */
+const SPIN_FLAGS_OFFSET = 127;
+const SPIN_PRESENT = 1;
+const SPIN_ON = 2;
+const SPIN_COUNT_MASK = (1n << 56n) - 1n;
 
 export const DISK_STATES = ['off', 'running', 'failed'] as const;
 export type DiskState = (typeof DISK_STATES)[number];
@@ -73,6 +78,12 @@ export interface ProbeReply {
   bootId: bigint;
   /** Absent when the probe predates the disk workloads (a 64-byte reply). */
   disk?: DiskCounters;
+  /**
+   * The spin worker's iterations since boot (CPU-bound, SCHED_IDLE; grows only while it is on).
+   * Absent, with spinOn, when the probe predates the spin worker.
+   */
+  spinCounter?: bigint;
+  spinOn?: boolean;
 }
 
 export function encodeRequest(command: CommandCode, id: bigint, arg = 0n): Buffer {
@@ -96,7 +107,12 @@ export function decodeReply(buf: Buffer): ProbeReply | undefined {
   const command = raw & ~REPLY_FLAG;
   if (!(raw & REPLY_FLAG) || !Object.values<number>(Command).includes(command)) return undefined;
   let disk: DiskCounters | undefined;
+  let spin: { spinCounter: bigint; spinOn: boolean } | undefined;
   if (buf.length === REPLY_SIZE) {
+    const spinFlags = buf.readUInt8(SPIN_FLAGS_OFFSET);
+    if (spinFlags & SPIN_PRESENT) {
+      spin = { spinCounter: buf.readBigUInt64LE(120) & SPIN_COUNT_MASK, spinOn: (spinFlags & SPIN_ON) !== 0 };
+    }
     const ringState = DISK_STATES[buf.readUInt8(104)];
     const fsState = DISK_STATES[buf.readUInt8(105)];
     if (!ringState || !fsState) return undefined;
@@ -126,6 +142,7 @@ export function decodeReply(buf: Buffer): ProbeReply | undefined {
     badPackets: buf.readUInt32LE(52),
     bootId: buf.readBigUInt64LE(56),
     ...(disk ? { disk } : {}),
+    ...spin,
   };
 }
 
@@ -254,6 +271,20 @@ export class ProbeClient {
     );
   }
 
+  /**
+   * Switches the guest's CPU-bound spin worker on or off (retried with one id until answered or the
+   * deadline passes, like WORKLOAD). Returns the reply, whose spinCounter was read after the switch.
+   * A probe from before the spin worker drops the command, so this then fails at the deadline.
+   */
+  async setSpin(on: boolean, options: RequestOptions = {}): Promise<ProbeReply> {
+    try {
+      return (await this.request(Command.spin, on ? 1n : 0n, options)).reply;
+    } catch (error) {
+      if (!(error instanceof ProbeError) || !error.message.includes('no answer')) throw error;
+      throw new ProbeError(`${error.message}; a probe built before the spin worker ignores SPIN`, { cause: error });
+    }
+  }
+
   async clockOffset(options: ClockOffsetOptions = {}): Promise<ClockOffset> {
     const wanted = options.samples ?? 16;
     const anchor = realtimeAnchorNs();
@@ -283,6 +314,7 @@ export class ProbeClient {
       workloadCounter: last.workloadCounter,
       workloadMiBps: last.workloadMiBps,
       ...(last.disk ? { disk: last.disk } : {}),
+      ...(last.spinCounter !== undefined ? { spinCounter: last.spinCounter, spinOn: last.spinOn === true } : {}),
       samples,
     };
   }
@@ -312,12 +344,15 @@ export interface ClockOffset {
   workloadMiBps: number;
   /** From the last reply; absent from probes that predate the disk workloads. */
   disk?: DiskCounters;
+  /** From the last reply; absent from probes that predate the spin worker. */
+  spinCounter?: bigint;
+  spinOn?: boolean;
   bootId: bigint;
   samples: number;
 }
 
 /** One exchange's estimate; clockOffset() keeps the best of several. */
-export type OffsetSample = Omit<ClockOffset, 'samples' | 'workloadCounter' | 'workloadMiBps' | 'disk'>;
+export type OffsetSample = Omit<ClockOffset, 'samples' | 'workloadCounter' | 'workloadMiBps' | 'disk' | 'spinCounter' | 'spinOn'>;
 
 /**
  * t1 host send, t2 guest receive, t3 guest send, t4 host receive. The guest stamps bound the
@@ -391,6 +426,11 @@ export function syncGuestClock(target: ProbeTarget, options?: ClockOffsetOptions
 /** Starts (mibPerSec > 0) or stops (0) the guest's memory-dirtying workload. */
 export function startWorkload(target: ProbeTarget, mibPerSec: number, options?: RequestOptions): Promise<ProbeReply> {
   return withProbe(target, async (client) => (await client.request(Command.workload, BigInt(mibPerSec), options)).reply);
+}
+
+/** Switches the guest's CPU-bound spin worker on or off; see ProbeClient.setSpin. */
+export function setSpin(target: ProbeTarget, on: boolean, options?: RequestOptions): Promise<ProbeReply> {
+  return withProbe(target, (client) => client.setSpin(on, options));
 }
 
 /**

@@ -76,7 +76,7 @@ describe('restore-time clock rewrite (failover path, stock QEMU)', () => {
     ledger.recordCorrection({ actuator: 'stream-rewrite', appliedNs: load.deltaNs });
     const after = await clockOffset(backup.probe, { samples: 32 });
     await new Promise((r) => setTimeout(r, 1000));
-    const later = await clockOffset(backup.probe, { samples: 16 });
+    const later = await clockOffset(backup.probe, { samples: 32 });
     const measuredLagNs = before.offsetNs - after.offsetNs;
     ledger.recordResidual(measuredLagNs, clock());
     const ms = (ns: bigint) => (Number(ns) / 1e6).toFixed(2);
@@ -85,7 +85,7 @@ describe('restore-time clock rewrite (failover path, stock QEMU)', () => {
         `(${load.advances.map((a) => a.section).join('+')}, ${load.tailBytes} B of device state; loaded ${ms(load.loadedNs - load.rewriteNs)} ms after the rewrite, ` +
         `QMP rtt ${ms(load.qmpRoundTripNs)} ms, cont sent ${ms(load.contSentNs - load.targetNs)} ms and resumed ${ms(load.lateNs)} ms after the target${load.overrun ? ', OVERRUN' : ''}); ` +
         `ledger predicts lag ${ms(ledger.predictedLagNs)} ms, probe measures ${ms(measuredLagNs)} ms ± ${ms(before.errorNs + after.errorNs)}, ` +
-        `1 s later ${ms(before.offsetNs - later.offsetNs)} ms`,
+        `1 s later ${ms(before.offsetNs - later.offsetNs)} ms ± ${ms(before.errorNs + later.errorNs)}`,
     );
     // Same guest (memory and probe restored), not another VM answering on that address.
     expect(after.bootId).toBe(before.bootId);
@@ -99,8 +99,10 @@ describe('restore-time clock rewrite (failover path, stock QEMU)', () => {
     // 15 resumes), one end making the guest ahead of the prediction, the other behind.
     const probeErrorNs = before.errorNs + after.errorNs;
     expect(Math.abs(Number(measuredLagNs - ledger.predictedLagNs))).toBeLessThanOrEqual(2_000_000 + Number(probeErrorNs));
-    // And it stays there: the guest runs at the host's rate after the restore.
-    expect(Math.abs(Number(later.offsetNs - after.offsetNs))).toBeLessThanOrEqual(1_000_000);
+    // And it stays there: the guest runs at the host's rate after the restore (to within what the
+    // two probe readings allow: on a loaded host every sample of one reading may wait; CI once saw
+    // 5.5 ms here, its probe errors not recorded).
+    expect(Math.abs(Number(later.offsetNs - after.offsetNs))).toBeLessThanOrEqual(1_000_000 + Number(after.errorNs + later.errorNs));
     expect(hostInfo('backup').ip).toBe(backup.probe.host);
   });
 });
