@@ -118,7 +118,9 @@ describe('agent faults in the lab', () => {
     process.kill(pid, 'SIGSTOP');
     await sleep(150);
     const newest = epochsIn(to, vm).at(-1)!;
-    const data = path.join(storeDir(to, vm), `${newest}.ckpt`);
+    // a checkpoint the store compacted lives in the file its metadata names
+    const meta = JSON.parse(fs.readFileSync(path.join(storeDir(to, vm), `${newest}.json`), 'utf8')) as { dataFile?: string };
+    const data = path.join(storeDir(to, vm), meta.dataFile ?? `${newest}.ckpt`);
     const fd = fs.openSync(data, 'r+');
     const byte = Buffer.alloc(1);
     fs.readSync(fd, byte, 0, 1, 4096);

@@ -26,7 +26,10 @@ const keep = Number(values.keep);
 if (!Number.isInteger(keep) || keep < 1) fail(`--keep must be an integer ≥ 1, got ${JSON.stringify(values.keep)}`);
 
 const log = (message: string) => process.stderr.write(`ftvm-receive: ${message}\n`);
-const store = await new CheckpointStore(values.store, keep, { onPruneError: (error) => log(`old checkpoints not pruned: ${error.message}`) })
+const store = await new CheckpointStore(values.store, keep, {
+  onPruneError: (error) => log(`old checkpoints not pruned: ${error.message}`),
+  onCompactError: (error) => log(`checkpoint chain not compacted (retried): ${error.message}`),
+})
   .open()
   .catch((error: Error) => fail(error.message));
 await runReceiver(process.stdin, process.stdout, {

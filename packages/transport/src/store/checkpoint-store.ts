@@ -2,8 +2,9 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
-import { assembleCheckpointChain, sameBlocks, type AssembledCheckpoint } from '../stream/chain.js';
-import type { StreamSummary } from '../stream/verifier.js';
+import { assembleCheckpointChain, sameBlocks, type AssembledCheckpoint, type CheckpointLayout } from '../stream/chain.js';
+import { CheckpointChainCompactor } from '../stream/compact.js';
+import { createStreamVerifier, type StreamSummary } from '../stream/verifier.js';
 import {
   DiskDeltaWriter,
   scanDiskDelta,
@@ -14,7 +15,15 @@ import {
   type DiskSectionInput,
 } from './disk-delta.js';
 import { CheckpointStoreError } from './errors.js';
-import { invalidMetadataField, validDiskBase, validSeedId, type CheckpointMetadata, type DiskBase, type DiskDeltaMetadata } from './metadata.js';
+import {
+  COMPACTED_DATA_NAME,
+  invalidMetadataField,
+  validDiskBase,
+  validSeedId,
+  type CheckpointMetadata,
+  type DiskBase,
+  type DiskDeltaMetadata,
+} from './metadata.js';
 import { closeAll, Replica, syncDir, type DeltaToApply, type ReplicaMarker, type ReplicaState } from './replica.js';
 import { WriteBehind } from './write-behind.js';
 import { testPausePoint } from '../test-pause.js';
@@ -92,6 +101,14 @@ const DELTA_SUFFIX = '.delta';
 /** `<epoch>.<disk>.delta` */
 const DELTA_NAME = /^(\d+)\.([^.]+)\.delta$/;
 const HASH_SLICE_BYTES = 4 * 1024 * 1024;
+const DEFAULT_COMPACT_AT_RATIO = 1;
+const DEFAULT_COMPACT_AT_LENGTH = 600;
+const DEFAULT_COMPACT_RETRY_MS = 10_000;
+
+/** Compacted data files (and their temporaries) this process is writing and has not yet named in metadata. */
+const compactingHere = new Set<string>();
+/** Errors that say a file of a chain vanished while it was read (another process compacted or pruned): worth one re-read. */
+const vanishedErrors = new WeakSet<Error>();
 
 /**
  * A directory of committed checkpoints, on the backup.
@@ -106,6 +123,14 @@ const HASH_SLICE_BYTES = 4 * 1024 * 1024;
  * only on top of the newest committed checkpoint, named with its checksum; pruning keeps every
  * checkpoint a kept one depends on, and reading assembles the chain into one loadable stream.
  *
+ * Compaction: once a chain's increments outweigh its full checkpoint (or it grows long), the newest
+ * checkpoint K is rewritten in the background as one full stream (stream/compact.ts) into
+ * `<K>.full-<pid>.ckpt`; a short step serialized with pruning then replaces K's metadata (no
+ * `base`, `dataFile`/`dataSha256` naming the new file, `sha256` unchanged: increments go on naming
+ * K by it) and removes K's old data, and the prune that follows drops the chain K no longer needs.
+ * The metadata rename is again the switch: before it the new file is an orphan (removed on open),
+ * after it the old one is. Readers in other processes re-read a chain once when a file vanishes.
+ *
  * Disks: a checkpoint may carry each disk's writes since its disk base, one delta file per disk
  * (`<epoch>.<disk>.delta`, see disk-delta.ts), written and renamed before the metadata rename,
  * so they commit with it. The replica (replica.ts) holds the disks as of a seed plus the deltas
@@ -117,9 +142,15 @@ export class CheckpointStore {
   /** Pruning after the last commit (or a seed): it runs once the commit is durable, and the next commit waits for it. */
   private pruning: Promise<void> = Promise.resolve();
   private readonly replica: Replica;
+  /** The compaction running in the background (it never rejects: see onCompactError). */
+  private compaction: Promise<void> = Promise.resolve();
+  private compacting = false;
+  /** No compaction before this time (a failed one backs off). */
+  private compactRetryAt = 0;
   /**
-   * Committed metadata this object has read or written (it never changes once committed). Only
-   * trusted for epochs the directory still lists: another process may prune or reseed. Without it
+   * Committed metadata this object has read or written (it changes only when this object compacts
+   * the checkpoint, which updates it here). Only trusted for epochs the directory still lists:
+   * another process may prune or reseed. Without it
    * every prune re-read the whole chain of each kept checkpoint: at a 100 ms interval the chain
    * grows to hundreds, and the backup's ack went from ~10 ms to ~180 ms (bench/results/HISTORY.md).
    */
@@ -132,23 +163,62 @@ export class CheckpointStore {
       onPruneError?: (error: CheckpointStoreError) => void;
       /** How long a seed, an apply or `prepareDisks` waits for another process's hold on the replica. */
       replicaLockTimeoutMs?: number;
+      /**
+       * Compact the newest checkpoint once its chain's increments add up to this many times the
+       * bytes of the full checkpoint it starts with (default 1; Infinity: never by size).
+       */
+      compactAtRatio?: number;
+      /** ... or once its chain is this many checkpoints long (default 600; Infinity: never by length). */
+      compactAtLength?: number;
+      /** A compaction failed (the store is as it was); default: onPruneError. */
+      onCompactError?: (error: CheckpointStoreError) => void;
+      /** After a failed compaction, none is tried for this long (default 10 s). */
+      compactRetryMs?: number;
     } = {},
   ) {
     if (!Number.isInteger(keep) || keep < 1) throw new RangeError(`keep must be an integer ≥ 1, got ${keep}`);
+    for (const option of ['compactAtRatio', 'compactAtLength'] as const) {
+      const value = options[option];
+      if (value !== undefined && !(value > 0)) throw new RangeError(`${option} must be > 0 (Infinity: never), got ${value}`);
+    }
     this.replica = new Replica(dir, options.replicaLockTimeoutMs);
   }
 
-  /** Creates the directory and removes what a crash left behind (temporaries, uncommitted data). */
+  /**
+   * Creates the directory and removes what a crash left behind (temporaries, uncommitted data, a
+   * compacted file no metadata names, the data a compacted one replaced). Files another live
+   * process is compacting into are left alone (a failover's restore opens the store while the
+   * receiver may still be at work).
+   */
   async open(): Promise<this> {
     try {
       await fs.mkdir(this.dir, { recursive: true });
       const names = await fs.readdir(this.dir);
       const committed = new Set(names.filter((n) => n.endsWith(META_SUFFIX)).map((n) => n.slice(0, -META_SUFFIX.length)));
+      const replaced = new Set<string>(); // `<epoch>.ckpt` of a checkpoint whose metadata names its compacted file
+      const orphans: string[] = [];
       for (const name of names) {
-        const uncommittedData = name.endsWith(DATA_SUFFIX) && !committed.has(name.slice(0, -DATA_SUFFIX.length));
+        const compacted = COMPACTED_DATA_NAME.exec(name);
+        if (!compacted) continue;
+        const [, epoch, pid] = compacted;
+        let named: string | undefined;
+        if (committed.has(epoch!)) {
+          const meta = await this.metadata(Number(epoch)).catch(() => undefined);
+          if (!meta) continue; // unreadable metadata: touch nothing of its checkpoint (evidence)
+          named = meta.dataFile;
+        }
+        if (named === name) replaced.add(`${epoch}${DATA_SUFFIX}`);
+        else if (!this.inProgressElsewhere(name, Number(pid))) orphans.push(name);
+      }
+      for (const name of names) {
+        const compaction = name.endsWith(TMP_SUFFIX) ? COMPACTED_DATA_NAME.exec(name.slice(0, -TMP_SUFFIX.length)) : null;
+        if (compaction && this.inProgressElsewhere(name, Number(compaction[2]))) continue;
+        const uncommittedData = name.endsWith(DATA_SUFFIX) && !COMPACTED_DATA_NAME.test(name) && !committed.has(name.slice(0, -DATA_SUFFIX.length));
         const delta = DELTA_NAME.exec(name);
         const uncommittedDelta = delta !== null && !committed.has(delta[1]!);
-        if (name.endsWith(TMP_SUFFIX) || uncommittedData || uncommittedDelta) await fs.rm(path.join(this.dir, name), { force: true });
+        if (name.endsWith(TMP_SUFFIX) || uncommittedData || uncommittedDelta || replaced.has(name) || orphans.includes(name)) {
+          await fs.rm(path.join(this.dir, name), { force: true });
+        }
       }
       await this.replica.cleanup();
     } catch (error) {
@@ -235,9 +305,11 @@ export class CheckpointStore {
       this.known.set(epoch, metadata);
       await testPausePoint('after-meta-rename', { epoch });
       const previous = this.pruning; // (a seed queued meanwhile)
-      this.pruning = previous.then(() => this.prune()).catch((error: unknown) => {
-        this.options.onPruneError?.(error instanceof CheckpointStoreError ? error : CheckpointStoreError.fromFs(error, `prune ${this.dir}`));
-      });
+      this.pruning = previous
+        .then(() => this.prune())
+        .catch((error: unknown) => this.reportPruneError(error))
+        .then(() => this.considerCompaction(epoch))
+        .catch(() => undefined); // (it never throws; the next commit must not fail on it)
       return metadata;
     } catch (error) {
       await fs.rm(tmpData, { force: true }).catch(() => undefined);
@@ -258,6 +330,15 @@ export class CheckpointStore {
   /** Resolves once the pruning after the last commit is done (it never rejects: see onPruneError). */
   async pruned(): Promise<void> {
     await this.pruning;
+  }
+
+  /**
+   * Resolves once a compaction the last commit started (if any) is done: switched to and pruned
+   * after, or abandoned. It never rejects: see onCompactError.
+   */
+  async compacted(): Promise<void> {
+    await this.pruning;
+    await this.compaction;
   }
 
   /** Committed epochs, oldest first. */
@@ -306,9 +387,8 @@ export class CheckpointStore {
     for (let meta = chain[0]!; meta.base !== undefined; ) {
       const baseEpoch = meta.base;
       meta = await read(baseEpoch).catch((error: unknown) => {
-        throw error instanceof CheckpointStoreError && error.code === 'not-found'
-          ? new CheckpointStoreError(`checkpoint ${epoch} builds on checkpoint ${baseEpoch}, which is gone`, 'corrupt', epoch)
-          : error;
+        if (!(error instanceof CheckpointStoreError && error.code === 'not-found')) throw error;
+        throw vanished(new CheckpointStoreError(`checkpoint ${epoch} builds on checkpoint ${baseEpoch}, which is gone`, 'corrupt', epoch));
       });
       chain.unshift(meta);
     }
@@ -323,31 +403,47 @@ export class CheckpointStore {
    * from the replica's applied state up to it intact (`diskEpochs`).
    */
   async latestVerified(onCorrupt?: (error: CheckpointStoreError) => void): Promise<LoadableCheckpoint | undefined> {
-    const verified = new Map<number, Promise<Buffer>>();
+    // keyed by file and checksum: a compaction gives an epoch other data
+    const verified = new Map<string, Promise<Buffer>>();
+    const failed = new Set<string>();
     const readOnce = (meta: CheckpointMetadata) => {
-      if (!verified.has(meta.epoch)) verified.set(meta.epoch, this.readVerified(meta));
-      return verified.get(meta.epoch)!;
+      const key = `${this.dataPathOf(meta)} ${meta.dataSha256 ?? meta.sha256}`;
+      if (!verified.has(key)) verified.set(key, this.readVerified(meta).catch((error: unknown) => (failed.add(key), Promise.reject(error))));
+      return verified.get(key)!;
     };
     const deltasVerified = new Map<string, Promise<unknown>>();
     let marker: Promise<ReplicaMarker | undefined> | undefined;
     for (const epoch of (await this.epochs()).reverse()) {
-      try {
-        const chain = await this.chain(epoch);
-        const head = chain.at(-1)!;
-        const diskEpochs = head.disks ? await this.verifyDiskState(head, await (marker ??= this.replica.readMarker()), deltasVerified) : undefined;
-        const data: Buffer[] = [];
-        for (const link of chain) {
-          data.push(
-            await readOnce(link).catch((error: unknown) => {
-              if (link.epoch === epoch || !(error instanceof CheckpointStoreError)) throw error;
-              throw new CheckpointStoreError(`checkpoint ${epoch} builds on checkpoint ${link.epoch}: ${error.message}`, 'corrupt', epoch, error.path);
-            }),
-          );
+      // A file that vanished under this reader (the receiver compacted or pruned meanwhile): the
+      // chain is read again once, from its metadata, before the checkpoint is called corrupt.
+      for (let attempt = 1; ; attempt++) {
+        try {
+          const chain = await this.chain(epoch);
+          const head = chain.at(-1)!;
+          const diskEpochs = head.disks ? await this.verifyDiskState(head, await (marker ??= this.replica.readMarker()), deltasVerified) : undefined;
+          const data: Buffer[] = [];
+          for (const link of chain) {
+            data.push(
+              await readOnce(link).catch((error: unknown) => {
+                if (link.epoch === epoch || !(error instanceof CheckpointStoreError)) throw error;
+                const wrapped = new CheckpointStoreError(`checkpoint ${epoch} builds on checkpoint ${link.epoch}: ${error.message}`, 'corrupt', epoch, error.path);
+                throw vanishedErrors.has(error) ? vanished(wrapped) : wrapped;
+              }),
+            );
+          }
+          return { metadata: head, chain, data, ...(diskEpochs ? { diskEpochs } : {}) };
+        } catch (error) {
+          if (!(error instanceof CheckpointStoreError)) throw error;
+          if (attempt === 1 && vanishedErrors.has(error)) {
+            for (const key of failed) verified.delete(key);
+            failed.clear();
+            deltasVerified.clear();
+            marker = undefined; // a prune may have moved the replica on
+            continue;
+          }
+          onCorrupt?.(error);
+          break;
         }
-        return { metadata: head, chain, data, ...(diskEpochs ? { diskEpochs } : {}) };
-      } catch (error) {
-        if (!(error instanceof CheckpointStoreError)) throw error;
-        onCorrupt?.(error);
       }
     }
     return undefined;
@@ -412,8 +508,14 @@ export class CheckpointStore {
     return run;
   }
 
+  /** Where a checkpoint's data is as committed (`<epoch>.ckpt`); see dataPathOf for a compacted one. */
   dataPath(epoch: number): string {
     return path.join(this.dir, `${epoch}${DATA_SUFFIX}`);
+  }
+
+  /** Where the data of the checkpoint `meta` describes is: its compacted file, if it has one. */
+  dataPathOf(meta: CheckpointMetadata): string {
+    return meta.dataFile === undefined ? this.dataPath(meta.epoch) : path.join(this.dir, meta.dataFile);
   }
 
   deltaPath(epoch: number, disk: string): string {
@@ -429,11 +531,14 @@ export class CheckpointStore {
    * backup agent does this at failover and must go on answering its lease keepalives meanwhile.
    */
   private async readVerified(meta: CheckpointMetadata): Promise<Buffer> {
+    const file = this.dataPathOf(meta);
+    const expected = meta.dataSha256 ?? meta.sha256;
     let data: Buffer;
     try {
-      data = await fs.readFile(this.dataPath(meta.epoch));
+      data = await fs.readFile(file);
     } catch (error) {
-      throw new CheckpointStoreError(`checkpoint ${meta.epoch} data unreadable: ${(error as Error).message}`, 'corrupt', meta.epoch);
+      const unreadable = new CheckpointStoreError(`checkpoint ${meta.epoch} data unreadable: ${(error as Error).message}`, 'corrupt', meta.epoch);
+      throw (error as NodeJS.ErrnoException).code === 'ENOENT' ? vanished(unreadable) : unreadable;
     }
     const hash = createHash('sha256');
     for (let offset = 0; offset < data.length; offset += HASH_SLICE_BYTES) {
@@ -441,12 +546,12 @@ export class CheckpointStore {
       await new Promise<void>((resolve) => setImmediate(resolve));
     }
     const sha256 = hash.digest('hex');
-    if (data.length !== meta.bytes || sha256 !== meta.sha256) {
+    if (data.length !== meta.bytes || sha256 !== expected) {
       throw new CheckpointStoreError(
-        `checkpoint ${meta.epoch} is corrupt: ${data.length} bytes sha256 ${sha256.slice(0, 12)}…, committed ${meta.bytes} bytes ${meta.sha256.slice(0, 12)}…`,
+        `checkpoint ${meta.epoch} is corrupt: ${data.length} bytes sha256 ${sha256.slice(0, 12)}…, ${meta.dataFile === undefined ? 'committed' : 'compacted to'} ${meta.bytes} bytes ${expected.slice(0, 12)}…`,
         'corrupt',
         meta.epoch,
-        this.dataPath(meta.epoch),
+        file,
       );
     }
     return data;
@@ -471,15 +576,7 @@ export class CheckpointStore {
    */
   private async prune(): Promise<void> {
     const epochs = await this.epochs();
-    const listed = new Set(epochs);
-    for (const epoch of this.known.keys()) if (!listed.has(epoch)) this.known.delete(epoch);
-    const read = async (epoch: number) => {
-      const cached = listed.has(epoch) ? this.known.get(epoch) : undefined;
-      if (cached) return cached;
-      const meta = await this.metadata(epoch);
-      this.known.set(epoch, meta);
-      return meta;
-    };
+    const read = this.cachedReader(epochs);
     const needed = new Set<number>();
     const metas = new Map<number, CheckpointMetadata>();
     for (const epoch of epochs.slice(-this.keep)) {
@@ -506,14 +603,182 @@ export class CheckpointStore {
     if (applyError !== undefined) throw applyError;
   }
 
-  /** Metadata first (the checkpoint is no longer committed), then its data and disk deltas. */
+  /** Reads metadata through the `known` cache, trusting it only for the `listed` epochs (and forgetting the rest). */
+  private cachedReader(listed: readonly number[]): (epoch: number) => Promise<CheckpointMetadata> {
+    const present = new Set(listed);
+    for (const epoch of this.known.keys()) if (!present.has(epoch)) this.known.delete(epoch);
+    return async (epoch: number) => {
+      const cached = present.has(epoch) ? this.known.get(epoch) : undefined;
+      if (cached) return cached;
+      const meta = await this.metadata(epoch);
+      this.known.set(epoch, meta);
+      return meta;
+    };
+  }
+
+  /** Metadata first (the checkpoint is no longer committed), then its data (compacted too) and disk deltas. */
   private async removeCheckpoint(epoch: number): Promise<void> {
     this.known.delete(epoch);
     await fs.rm(this.metaPath(epoch), { force: true });
     await fs.rm(this.dataPath(epoch), { force: true });
     for (const name of await fs.readdir(this.dir)) {
-      if (DELTA_NAME.exec(name)?.[1] === String(epoch)) await fs.rm(path.join(this.dir, name), { force: true });
+      const owner = DELTA_NAME.exec(name)?.[1] ?? COMPACTED_DATA_NAME.exec(name)?.[1];
+      if (owner === String(epoch)) await fs.rm(path.join(this.dir, name), { force: true });
     }
+  }
+
+  private reportPruneError(error: unknown): void {
+    this.options.onPruneError?.(error instanceof CheckpointStoreError ? error : CheckpointStoreError.fromFs(error, `prune ${this.dir}`));
+  }
+
+  /** A compacted file (or its temporary) that a live store may still name: this process's compaction, or another live process's. */
+  private inProgressElsewhere(name: string, pid: number): boolean {
+    const file = path.join(this.dir, name);
+    if (compactingHere.has(file)) return true;
+    return pid !== process.pid && processAlive(pid);
+  }
+
+  /**
+   * After a commit (in the pruning chain): starts compacting `epoch`, the newest checkpoint, in
+   * the background when its chain has grown past compactAtRatio or compactAtLength. Never throws.
+   */
+  private async considerCompaction(epoch: number): Promise<void> {
+    const ratio = this.options.compactAtRatio ?? DEFAULT_COMPACT_AT_RATIO;
+    const length = this.options.compactAtLength ?? DEFAULT_COMPACT_AT_LENGTH;
+    if (this.compacting || Date.now() < this.compactRetryAt || (ratio === Infinity && length === Infinity)) return;
+    let chain: CheckpointMetadata[];
+    try {
+      chain = await this.chain(epoch, this.cachedReader(await this.epochs()));
+    } catch {
+      return; // the prune reports what is wrong with it, or the next commit's
+    }
+    if (chain.length < 2 || !chain.every((m) => m.layout && m.ramBlocks)) return; // full already, or not verified migration streams
+    const incrementBytes = chain.slice(1).reduce((n, m) => n + m.bytes, 0);
+    if (incrementBytes < ratio * chain[0]!.bytes && chain.length < length) return;
+    this.compacting = true;
+    this.compaction = this.compact(chain).finally(() => {
+      this.compacting = false;
+    });
+  }
+
+  /**
+   * Rewrites the chain's newest checkpoint K as one full stream, outside the pruning chain (commits
+   * go on meanwhile, on K too), then switches K's metadata to it in a short step serialized with
+   * prunes, and prunes. Any failure leaves the store as it was and is reported; never throws.
+   */
+  private async compact(chain: CheckpointMetadata[]): Promise<void> {
+    const head = chain.at(-1)!;
+    const { epoch } = head;
+    const name = `${epoch}.full-${process.pid}${DATA_SUFFIX}`;
+    const target = path.join(this.dir, name);
+    const tmp = `${target}${TMP_SUFFIX}`;
+    const state = { named: false };
+    compactingHere.add(target).add(tmp);
+    try {
+      const compacted = await this.writeCompacted(chain, tmp);
+      await fs.rename(tmp, target);
+      await this.syncDir();
+      const run = this.pruning.then(async () => {
+        if (!(await this.switchToCompacted(head, { dataFile: name, ...compacted }, state))) return;
+        await this.prune().catch((error: unknown) => this.reportPruneError(error));
+      });
+      this.pruning = run.then(
+        () => undefined,
+        () => undefined,
+      );
+      await run;
+    } catch (error) {
+      // K went meanwhile (a newer full checkpoint or a seed pruned it): nothing to report
+      const gone = await this.metadata(epoch).then(
+        (meta) => meta.sha256 !== head.sha256,
+        () => true,
+      );
+      if (!gone) {
+        this.compactRetryAt = Date.now() + (this.options.compactRetryMs ?? DEFAULT_COMPACT_RETRY_MS);
+        const reported =
+          error instanceof CheckpointStoreError
+            ? error
+            : isFsError(error)
+              ? CheckpointStoreError.fromFs(error, `compact checkpoint ${epoch} in ${this.dir}`, epoch)
+              : new CheckpointStoreError(`checkpoint ${epoch} cannot be compacted: ${(error as Error).message}`, 'verify', epoch);
+        (this.options.onCompactError ?? this.options.onPruneError)?.(reported);
+      }
+    } finally {
+      await fs.rm(tmp, { force: true }).catch(() => undefined);
+      if (!state.named) await fs.rm(target, { force: true }).catch(() => undefined);
+      compactingHere.delete(target);
+      compactingHere.delete(tmp);
+    }
+  }
+
+  /**
+   * Writes the chain compacted into `tmp` (fsync'd) and checks it is a full stream of the chain's
+   * RAM blocks; the chain's data is read (and verified) here and let go on return. The work is
+   * sliced so the event loop goes on serving commits.
+   */
+  private async writeCompacted(chain: CheckpointMetadata[], tmp: string): Promise<{ dataSha256: string; bytes: number; layout: CheckpointLayout }> {
+    const head = chain.at(-1)!;
+    const data: Buffer[] = [];
+    for (const link of chain) data.push(await this.readVerified(link)); // never launder a rotten chain into a new checksum
+    const compactor = new CheckpointChainCompactor(data, chain.map((m) => m.layout!));
+    for (const _ of compactor.index()) await nextTurn();
+    const verifier = createStreamVerifier();
+    const hash = createHash('sha256');
+    const file = await fs.open(tmp, 'wx');
+    try {
+      const writer = new WriteBehind(file);
+      try {
+        for (const chunk of compactor.chunks()) {
+          hash.update(chunk);
+          verifier.update(chunk);
+          await writer.write(chunk);
+          await nextTurn();
+        }
+        await writer.finish();
+      } finally {
+        await writer.settled();
+      }
+    } finally {
+      await file.close();
+    }
+    const summary = verifier.end();
+    const layout = compactor.layout;
+    if (!summary.fullRam || !sameBlocks(summary.ramBlocks, head.ramBlocks) || summary.bytes !== compactor.bytes || !sameLayout(summary.layout, layout)) {
+      throw new CheckpointStoreError(`checkpoint ${head.epoch}'s compacted stream is not a full stream of its RAM blocks`, 'verify', head.epoch, tmp);
+    }
+    return { dataSha256: hash.digest('hex'), bytes: summary.bytes, layout };
+  }
+
+  /**
+   * The switch (in the pruning chain): K's metadata names the compacted data, then K's old data
+   * goes. False when K is no longer the checkpoint that was compacted (pruned, or recommitted
+   * after a seed). `state.named` is set the moment the metadata names the new file.
+   */
+  private async switchToCompacted(
+    head: CheckpointMetadata,
+    compacted: { dataFile: string; dataSha256: string; bytes: number; layout: CheckpointLayout },
+    state: { named: boolean },
+  ): Promise<boolean> {
+    const { epoch } = head;
+    const current = await this.metadata(epoch).catch((error: unknown) => {
+      if (error instanceof CheckpointStoreError && error.code === 'not-found') return undefined;
+      throw error;
+    });
+    if (!current || current.sha256 !== head.sha256 || current.committedAt !== head.committedAt || current.dataFile !== undefined) return false;
+    const { base: _base, ...kept } = current;
+    const metadata: CheckpointMetadata = { ...kept, ...compacted, compactedAt: new Date().toISOString() };
+    const metaPath = this.metaPath(epoch);
+    try {
+      await this.writeDurably(metaPath, `${JSON.stringify(metadata, null, 2)}\n`);
+    } catch (error) {
+      await fs.rm(`${metaPath}.${process.pid}${TMP_SUFFIX}`, { force: true }).catch(() => undefined);
+      throw error;
+    }
+    state.named = true;
+    this.known.set(epoch, metadata);
+    await this.syncDir(); // the new name durable before the old data goes
+    await fs.rm(this.dataPath(epoch), { force: true });
+    return true;
   }
 
   /**
@@ -743,9 +1008,11 @@ export class CheckpointStore {
   private deltaError(candidate: number, epoch: number, disk: string, error: unknown): CheckpointStoreError {
     if (error instanceof CheckpointStoreError) return error;
     const file = this.deltaPath(epoch, disk);
-    const what = (error as NodeJS.ErrnoException).code === 'ENOENT' ? 'is missing' : `is corrupt: ${(error as Error).message}`;
+    const missing = (error as NodeJS.ErrnoException).code === 'ENOENT';
+    const what = missing ? 'is missing' : `is corrupt: ${(error as Error).message}`;
     const message = candidate === epoch ? `checkpoint ${epoch}'s delta of disk '${disk}' ${what}` : `checkpoint ${candidate} builds on checkpoint ${epoch}'s delta of disk '${disk}', which ${what}`;
-    return new CheckpointStoreError(message, 'corrupt', candidate, file);
+    const reported = new CheckpointStoreError(message, 'corrupt', candidate, file);
+    return missing ? vanished(reported) : reported;
   }
 
   private async writeDurably(target: string, text: string): Promise<void> {
@@ -789,6 +1056,37 @@ function checkShape(epoch: number, shape: StreamShape, base: CheckpointMetadata 
 }
 
 function ignoreHere(): void {}
+
+/** Marks an error as "a file vanished under the reader" (see latestVerified). */
+function vanished(error: CheckpointStoreError): CheckpointStoreError {
+  vanishedErrors.add(error);
+  return error;
+}
+
+/** Lets the event loop run (commits, lease keepalives) between slices of a long computation. */
+function nextTurn(): Promise<void> {
+  return new Promise((resolve) => setImmediate(resolve));
+}
+
+function sameLayout(a: CheckpointLayout | undefined, b: CheckpointLayout): boolean {
+  return a !== undefined && a.ramSectionId === b.ramSectionId && a.preambleEnd === b.preambleEnd && a.ramSetupEnd === b.ramSetupEnd && a.deviceStateStart === b.deviceStateStart;
+}
+
+/** A system call's error (ENOSPC, EIO…), not the codec's (whose codes are words like BAD_PAGE). */
+function isFsError(error: unknown): boolean {
+  const { code, syscall } = error as NodeJS.ErrnoException;
+  return typeof syscall === 'string' || /^E[A-Z0-9]+$/.test(String(code));
+}
+
+function processAlive(pid: number): boolean {
+  if (!Number.isSafeInteger(pid) || pid <= 0) return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
 
 /** A stream input's error surfaces when it is iterated (see commit), not as an uncaught 'error' event. */
 function ignoreErrorsUntilRead(input: unknown): void {

@@ -43,9 +43,23 @@ export interface CheckpointMetadata {
   /** The disks' writes since `diskBase`, one delta file per disk (present together with diskBase). */
   disks?: DiskDeltaMetadata[];
   diskBase?: DiskBase;
+  /**
+   * Set once the store compacted this checkpoint (CheckpointStore, compaction): its data is then
+   * `dataFile` (`<epoch>.full-<pid>.ckpt`), one full stream with every page of its former chain,
+   * whose checksum is `dataSha256`; `bytes` and `layout` describe that file, and `base` is gone.
+   * `sha256` stays the checksum of the stream as committed: the identity an increment names as its
+   * base. Absent: the data is `<epoch>.ckpt`, checked against `sha256`.
+   */
+  dataFile?: string;
+  dataSha256?: string;
+  /** When it was compacted (ISO 8601). */
+  compactedAt?: string;
 }
 
-const REQUIRED: Record<Exclude<keyof CheckpointMetadata, 'base' | 'ramBlocks' | 'layout' | 'guestClockNs' | 'disks' | 'diskBase'>, 'string' | 'number' | 'optional-string'> = {
+const REQUIRED: Record<
+  Exclude<keyof CheckpointMetadata, 'base' | 'ramBlocks' | 'layout' | 'guestClockNs' | 'disks' | 'diskBase' | 'dataFile' | 'dataSha256'>,
+  'string' | 'number' | 'optional-string'
+> = {
   vm: 'string',
   epoch: 'number',
   stopNs: 'string',
@@ -55,6 +69,7 @@ const REQUIRED: Record<Exclude<keyof CheckpointMetadata, 'base' | 'ramBlocks' | 
   qemuVersion: 'string',
   domainXml: 'optional-string',
   committedAt: 'string',
+  compactedAt: 'optional-string',
 };
 
 /** Validates parsed JSON as metadata; returns the name of the first bad field, or undefined. */
@@ -80,7 +95,22 @@ export function invalidMetadataField(value: unknown): string | undefined {
   const diskBase = record['diskBase'];
   if (diskBase !== undefined && !validDiskBase(diskBase, record['epoch'] as number)) return 'diskBase';
   if ((disks === undefined) !== (diskBase === undefined)) return disks === undefined ? 'disks' : 'diskBase';
+  const dataFile = record['dataFile'];
+  const dataSha256 = record['dataSha256'];
+  if (dataFile !== undefined && (typeof dataFile !== 'string' || compactedDataEpoch(dataFile) !== record['epoch'])) return 'dataFile';
+  if (dataSha256 !== undefined && !/^[0-9a-f]{64}$/.test(String(dataSha256))) return 'dataSha256';
+  if ((dataFile === undefined) !== (dataSha256 === undefined)) return dataFile === undefined ? 'dataFile' : 'dataSha256';
+  if (dataFile !== undefined && base !== undefined) return 'base'; // compacted: a full checkpoint
   return undefined;
+}
+
+/** `<epoch>.full-<pid>.ckpt`: a compacted checkpoint's data file. */
+export const COMPACTED_DATA_NAME = /^(\d+)\.full-(\d+)\.ckpt$/;
+
+/** The epoch a compacted data file's name says, or undefined if it is not such a name. */
+export function compactedDataEpoch(name: string): number | undefined {
+  const match = COMPACTED_DATA_NAME.exec(name);
+  return match ? Number(match[1]) : undefined;
 }
 
 function validDeltaMetadata(value: unknown): boolean {

@@ -41,4 +41,5 @@ export {
   type CheckpointLayout,
   type RamBlockExtent,
 } from './chain.js';
+export { CheckpointChainCompactor, compactCheckpointChain, ChainCompactionError, type ChainCompactionErrorCode } from './compact.js';
 export { createStreamVerifier, MigrationStreamVerifier, type StreamSummary } from './verifier.js';
