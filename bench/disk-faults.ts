@@ -45,7 +45,7 @@ function list<T extends string>(name: string, all: readonly T[]): T[] {
 }
 
 const emulator = patchedQemu();
-const clusterOptions = { vm: 'ft-disk', emulator, checkpointIntervalMs: 1000, disks: { format: 'qcow2' as const, ringMiB: 4, fsMiB: 32 } };
+const clusterOptions = { vm: 'ft-disk', emulator, checkpointIntervalMs: 1000, fullEvery: 30, disks: { format: 'qcow2' as const, ringMiB: 4, fsMiB: 32 } };
 const runs: DiskFaultRun[] = [];
 const errors: string[] = [];
 const started = performance.now();

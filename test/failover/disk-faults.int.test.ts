@@ -35,7 +35,7 @@ const STORE_IN_HOST = (vm: string) => path.posix.join('/var/lib/libvirt/ftvm/che
 
 beforeAll(async () => {
   diskFaultEnv();
-  cluster = await startCluster({ vm: 'ft-disk', emulator: patchedQemu(), checkpointIntervalMs: 1000, disks: { format: 'qcow2', ringMiB: 4, fsMiB: 32 } });
+  cluster = await startCluster({ vm: 'ft-disk', emulator: patchedQemu(), checkpointIntervalMs: 1000, fullEvery: 30, disks: { format: 'qcow2', ringMiB: 4, fsMiB: 32 } });
 }, 240_000);
 
 afterAll(async () => {

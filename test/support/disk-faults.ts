@@ -59,7 +59,8 @@ export interface PauseHit {
  * once, so the fault goes in while that process sleeps and nothing else pauses after. Every point
  * comes with each checkpoint but `mid-apply`: the backup's store brings its replica to the oldest
  * checkpoint it keeps, which with incremental checkpoints is the full one their chain starts from,
- * so it moves when a new chain replaces the old (every `fullEvery`, 30 by default).
+ * so it moves when a new chain replaces the old (a full every `fullEvery`, which the disk-fault
+ * clusters set to 30, or the store's compaction of a long chain).
  */
 export async function pauseAt(point: Exclude<KillPoint, 'random'>, ms: number, timeoutMs = point === 'mid-apply' ? 75_000 : 20_000): Promise<PauseHit> {
   const hits = `${PAUSE_FILE}.hits`;

@@ -56,6 +56,8 @@ export interface ClusterOptions {
   emulator?: string;
   workloadMiBps?: number;
   checkpointIntervalMs?: number;
+  /** A full checkpoint every this many (default: the agent's, none after the first). */
+  fullEvery?: number;
   memoryMiB?: number;
   /** the guest's qemu-ga channel (`virsh shutdown` through the agent) */
   agent?: boolean;
@@ -229,7 +231,7 @@ export async function startCluster(options: ClusterOptions = {}): Promise<Cluste
     etcd.close();
   }
   const agentPids = { primary: await startAgent('primary'), backup: await startAgent('backup') };
-  await controlClient('primary').protect({ vm: name, backup: 'backup', checkpointIntervalMs: options.checkpointIntervalMs ?? 1000, ...(options.outputCommit ? { outputCommit: true } : {}) }, () => undefined);
+  await controlClient('primary').protect({ vm: name, backup: 'backup', checkpointIntervalMs: options.checkpointIntervalMs ?? 1000, ...(options.outputCommit ? { outputCommit: true } : {}), ...(options.fullEvery ? { fullEvery: options.fullEvery } : {}) }, () => undefined);
   return { vm: name, primary: 'primary', agentPids };
 }
 
@@ -249,7 +251,7 @@ export async function addProtectedVm(cluster: Cluster, options: ClusterOptions &
   await virsh(options.primary, 'start', name);
   await waitForProbe(probeOn(options.primary, options.probePort), 60_000);
   await syncGuestClock(probeOn(options.primary, options.probePort));
-  await controlClient(options.primary).protect({ vm: name, backup, checkpointIntervalMs: options.checkpointIntervalMs ?? 1000, ...(options.outputCommit ? { outputCommit: true } : {}) }, () => undefined);
+  await controlClient(options.primary).protect({ vm: name, backup, checkpointIntervalMs: options.checkpointIntervalMs ?? 1000, ...(options.outputCommit ? { outputCommit: true } : {}), ...(options.fullEvery ? { fullEvery: options.fullEvery } : {}) }, () => undefined);
 }
 
 /** A VM gone from the lab: its domain on both hosts, their checkpoint stores, its etcd keys. */

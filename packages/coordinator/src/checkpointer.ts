@@ -52,7 +52,11 @@ export interface CheckpointerOptions {
    * on top of it in the backup's store. Anything that fails makes the next one full again.
    */
   incremental?: boolean;
-  /** A full checkpoint at least every this many, bounding the chain a restore must flatten. Default 30. */
+  /**
+   * A full checkpoint at least every this many. Default: none after the first — the backup's
+   * CheckpointStore compacts a long chain into a full checkpoint itself, without the primary
+   * sending one (a full is ~RAM-sized: a stall of its transfer, and with output commit, held output).
+   */
   fullEvery?: number;
 }
 
@@ -367,7 +371,7 @@ export class Checkpointer {
   private baseFor(sender: ReplicationSender): ChainTip | undefined {
     const tip = this.tip;
     if (!this.incremental || !tip || tip.sender !== sender || !sender.isOpen) return undefined;
-    return tip.length < (this.options.fullEvery ?? 30) ? tip : undefined;
+    return tip.length < (this.options.fullEvery ?? Infinity) ? tip : undefined;
   }
 
   /**

@@ -82,6 +82,11 @@ export interface ProtectRequest {
    * (off for a new VM).
    */
   outputCommit?: boolean;
+  /**
+   * A full checkpoint at least every this many. Default: as the VM had it, else none after the
+   * first (the backup's store compacts the chain of increments itself).
+   */
+  fullEvery?: number;
 }
 
 export interface SwitchoverResult {

@@ -84,6 +84,7 @@ export class ControlClient implements AgentControl {
       backup: request.backup,
       ...(request.checkpointIntervalMs === undefined ? {} : { checkpointIntervalMs: request.checkpointIntervalMs }),
       ...(request.outputCommit === undefined ? {} : { outputCommit: request.outputCommit }),
+      ...(request.fullEvery === undefined ? {} : { fullEvery: request.fullEvery }),
     };
     return this.request<VmStatus>('POST', vmPath(request.vm, 'protect'), body, progress, options.timeoutMs ?? this.operationTimeoutMs);
   }

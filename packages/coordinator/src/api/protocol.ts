@@ -40,6 +40,7 @@ export const protectBodySchema = z
     backup: hostName,
     checkpointIntervalMs: z.number().int().min(50).max(3_600_000).optional(),
     outputCommit: z.boolean().optional(),
+    fullEvery: z.number().int().min(1).max(1_000_000).optional(),
   })
   .strict();
 /** `POST /v1/vms/:vm/reprotect`. */

@@ -43,8 +43,8 @@ const VM_ROUTE = /^\/v1\/vms\/([^/]+)\/([a-z]+)$/;
 type StartOperation = (control: AgentControl, vm: string, body: unknown) => (progress: Progress) => Promise<unknown>;
 const OPERATIONS: Record<VmOperation, StartOperation> = {
   protect: (control, vm, body) => {
-    const { backup, checkpointIntervalMs, outputCommit } = validate(protectBodySchema, body);
-    const request = { vm, backup, ...(checkpointIntervalMs === undefined ? {} : { checkpointIntervalMs }), ...(outputCommit === undefined ? {} : { outputCommit }) };
+    const { backup, checkpointIntervalMs, outputCommit, fullEvery } = validate(protectBodySchema, body);
+    const request = { vm, backup, ...(checkpointIntervalMs === undefined ? {} : { checkpointIntervalMs }), ...(outputCommit === undefined ? {} : { outputCommit }), ...(fullEvery === undefined ? {} : { fullEvery }) };
     return (progress) => control.protect(request, progress);
   },
   unprotect: (control, vm, body) => {

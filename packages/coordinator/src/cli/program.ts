@@ -118,13 +118,15 @@ export async function runCli(argv: readonly string[], deps: Partial<CliDeps> = {
     .option('--interval <ms>', 'checkpoint interval', parseInteger(50, 3_600_000))
     .option('--output-commit', "hold the VM's network output until its checkpoint is committed (adds up to one interval of latency)")
     .option('--no-output-commit', 'release output at once (the default for a new VM)')
-    .action(async (vm: string, options: { backup: string; interval?: number; outputCommit?: boolean }, command: Command) => {
+    .option('--full-every <n>', 'a full checkpoint at least every n (default: only the first; the backup compacts increments)', parseInteger(1, 1_000_000))
+    .action(async (vm: string, options: { backup: string; interval?: number; outputCommit?: boolean; fullEvery?: number }, command: Command) => {
       const g = globals(command);
       const request = {
         vm,
         backup: options.backup,
         ...(options.interval === undefined ? {} : { checkpointIntervalMs: options.interval }),
         ...(options.outputCommit === undefined ? {} : { outputCommit: options.outputCommit }),
+        ...(options.fullEvery === undefined ? {} : { fullEvery: options.fullEvery }),
       };
       await operate(g, (progress) => client(g).protect(request, progress, callOptions(g)), describeVm);
     });
