@@ -6,15 +6,18 @@
  *
  * - Without output commit the client sees values the failover takes back (why the option exists).
  * - With it, over 30 faults (kill of the primary host, link cut, SIGSTOP of its QEMU) and
- *   checkpoints that fail just before a fault (the backup's receiver killed), no value the client
- *   saw is ever lost, and the one TCP connection keeps working across every failover.
+ *   checkpoints that fail just before a fault (the backup's receiver killed, or its store refusing
+ *   the write: a nack), no value the client saw is ever lost, and the one TCP connection keeps
+ *   working across every failover. While the backup nacks, the primary releases nothing.
  */
 import fs from 'node:fs';
+import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { hostInfo } from '../lab/lab.js';
+import { $ } from 'zx';
+import { execIn, hostInfo } from '../lab/lab.js';
 import { allPids, nsOf, netnsFileId, signalAll } from '../lab/procs.js';
 import { sleep } from '../lab/wait.js';
-import { controlClient, probeService, startCluster, stopCluster, vmStatus, type Cluster } from '../support/ft-cluster.js';
+import { agentLogEntries, controlClient, probeService, startCluster, stopCluster, vmStatus, type Cluster } from '../support/ft-cluster.js';
 import { runFault, type FaultKind, type FaultRun } from '../support/failover-runs.js';
 import { patchedQemu } from '../support/patched-qemu.js';
 import { describeStats, ServiceClient, type ServiceStats } from '../support/service-client.js';
@@ -23,6 +26,8 @@ const INTERVAL_MS = 100;
 const FAULTS: FaultKind[] = Array.from({ length: 30 }, (_, i) => (['kill', 'partition', 'freeze'] as const)[i % 3]!);
 /** Faults (by index) that first kill the backup's receiver: the checkpoint in flight fails. */
 const RECEIVER_KILLED = new Set([0, 7, 14, 21]);
+/** Faults (by index) that come while the backup's store refuses writes: its receiver nacks each checkpoint. */
+const NACKED = new Set([3, 10, 17, 24]);
 
 let cluster: Cluster | undefined;
 let client: ServiceClient | undefined;
@@ -39,6 +44,57 @@ function killReceivers(host: 'primary' | 'backup'): number {
     }
   });
   return signalAll(pids, 'SIGKILL').length;
+}
+
+interface OutputBuffers {
+  held: number;
+  released: number;
+  closedEpochs: number;
+}
+
+/** The primary QEMU's output buffers, asked through libvirt (the agent holds its own QMP socket). */
+async function outputBuffers(host: 'primary' | 'backup', vm: string): Promise<OutputBuffers> {
+  const out = await execIn(host, ['virsh', '-c', 'qemu:///system', 'qemu-monitor-command', vm, '{"execute":"x-ftvm-query-output-buffers"}']);
+  const buffers = (JSON.parse(out.stdout) as { return: { 'held-packets': number; 'released-packets': number; 'closed-epochs': number[] }[] }).return;
+  return {
+    held: buffers.reduce((n, b) => n + b['held-packets'], 0),
+    released: buffers.reduce((n, b) => n + b['released-packets'], 0),
+    closedEpochs: buffers.reduce((n, b) => n + b['closed-epochs'].length, 0),
+  };
+}
+
+/**
+ * Makes the backup's store refuse every write (the immutable flag: even root cannot create a
+ * file in it), until at least `nacks` checkpoints failed on the primary with the receiver's
+ * refusal; checks that the primary released nothing meanwhile. Returns with the store writable
+ * again (a take-over reads and cleans the store).
+ */
+async function refuseCheckpoints(primary: 'primary' | 'backup', backup: 'primary' | 'backup', vm: string, nacks: number): Promise<void> {
+  const store = path.join(hostInfo(backup).libvirtLibDir, 'ftvm', 'checkpoints', vm);
+  const failed = () => agentLogEntries(primary, 'checkpoint failed').filter((e) => /not permitted|EPERM|permission/i.test(String(e['err'])));
+  const before = failed().length;
+  await $`chattr +i ${store}`;
+  try {
+    // the first nack may arrive while an earlier release is still in flight
+    await pollUntil(() => failed().length > before, 10_000, 'a checkpoint nacked by the backup');
+    const held = await outputBuffers(primary, vm);
+    await pollUntil(() => failed().length >= before + nacks, 10_000, `${nacks} checkpoints nacked by the backup`);
+    const still = await outputBuffers(primary, vm);
+    console.log(`nacks: ${failed().length - before} (${String(failed().at(-1)?.['err']).slice(0, 160)}); released ${held.released} → ${still.released}, held ${held.held} → ${still.held} packets in ${still.closedEpochs} closed epochs`);
+    expect(still.released, 'the primary released output while the backup nacked its checkpoints').toBe(held.released);
+    expect(still.held).toBeGreaterThan(held.held);
+    expect(still.closedEpochs).toBeGreaterThanOrEqual(nacks);
+  } finally {
+    await $`chattr -i ${store}`;
+  }
+}
+
+async function pollUntil(done: () => boolean, timeoutMs: number, what: string): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!done()) {
+    if (Date.now() > deadline) throw new Error(`${what}: not within ${timeoutMs} ms`);
+    await sleep(20);
+  }
 }
 
 /** Waits until datagrams and TCP answers of the resumed copy have come in (after `resumeNs`). */
@@ -92,6 +148,10 @@ describe('output commit: no client sees a value a failover loses', () => {
         const killed = killReceivers(cluster!.primary === 'primary' ? 'backup' : 'primary');
         console.log(`fault ${i}: killed ${killed} receiver(s) on the backup first`);
         await sleep(30);
+      }
+      if (NACKED.has(i)) {
+        const backup = cluster!.primary === 'primary' ? 'backup' : 'primary';
+        await refuseCheckpoints(cluster!.primary, backup, cluster!.vm, 3);
       }
       const run = await runFault(cluster!, kind, (line) => console.log(line));
       runs.push(run);

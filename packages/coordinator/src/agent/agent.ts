@@ -141,7 +141,7 @@ export class Agent implements AgentControl {
       if (vm.primary !== this.config.host && vm.backup !== this.config.host) continue;
       const xml = fs.readFileSync(vm.domainXml, 'utf8');
       if (!readProtection(xml)) throw new ControlError(`vms[${vm.name}].domainXml (${vm.domainXml}) has no ftvm metadata: make it FT-ready first`);
-      await this.records.create({ name: vm.name, xml, primary: vm.primary, backup: vm.backup, protected: true, checkpointIntervalMs: vm.checkpointIntervalMs, outputCommit: vm.outputCommit, keep: vm.keep, ...(vm.fullEvery === undefined ? {} : { fullEvery: vm.fullEvery }), reason: 'config' });
+      await this.records.create({ name: vm.name, xml, primary: vm.primary, backup: vm.backup, protected: true, checkpointIntervalMs: vm.checkpointIntervalMs, outputCommit: vm.outputCommit, keep: vm.keep, ...(vm.fullEvery === undefined ? {} : { fullEvery: vm.fullEvery }), checkpointsSince: Date.now(), reason: 'config' });
     }
     this.unwatchRecords = await this.records.watch(
       (vm, record) => this.onRecord(vm, record),
@@ -194,6 +194,9 @@ export class Agent implements AgentControl {
       protected: true,
       checkpointIntervalMs: request.checkpointIntervalMs ?? existing?.checkpointIntervalMs ?? 1_000,
       outputCommit: request.outputCommit ?? existing?.outputCommit ?? false,
+      ...(request.fullEvery !== undefined ? { fullEvery: request.fullEvery } : {}),
+      // a protect of a VM already protected here keeps its run (its backup's checkpoints still count)
+      checkpointsSince: existing?.protected && existing.primary === this.config.host && existing.backup === backup && existing.checkpointsSince !== undefined ? existing.checkpointsSince : Date.now(),
       reason: 'protect',
       stopped: undefined,
       suspended: undefined,
@@ -250,7 +253,7 @@ export class Agent implements AgentControl {
     if (target === record.primary) throw new ControlError(`'${target}' runs the VM: its backup must be another host`);
     if (record.stopped) throw new ControlError(`VM '${vm}' was stopped by the user (${record.stopped.reason}): start it on ${record.primary} first`, 409);
     progress({ step: `make ${target} the backup of ${vm}`, state: 'start' });
-    await this.records.update(vm, () => ({ backup: target, protected: true, suspended: undefined, reason: 'reprotect' }));
+    await this.records.update(vm, (r) => ({ backup: target, protected: true, suspended: undefined, ...(r.protected && r.backup === target ? {} : { checkpointsSince: Date.now() }), reason: 'reprotect' }));
     progress({ step: `make ${target} the backup of ${vm}`, state: 'done' });
     if (record.primary === this.config.host) {
       progress({ step: 'first checkpoint committed on the backup', state: 'start' });
@@ -528,7 +531,7 @@ export class Agent implements AgentControl {
         slot.record = await this.records.update(slot.name, () => ({ stopped: { by: self, reason: action.stopReason, at: new Date().toISOString() }, reason: `stopped: ${action.stopReason}` }));
         return;
       case 'resume-protection':
-        slot.record = await this.records.update(slot.name, (r) => ({ protected: true, stopped: undefined, suspended: undefined, reason: r.stopped ? 'started again' : 'agent back' }));
+        slot.record = await this.records.update(slot.name, (r) => ({ protected: true, stopped: undefined, suspended: undefined, checkpointsSince: Date.now(), reason: r.stopped ? 'started again' : 'agent back' }));
         slot.stoppedByUser = undefined;
         slot.failed = undefined;
         slot.fenced = false;

@@ -2,6 +2,7 @@ import { readProtection, type LibvirtConnection } from '@ftvm/libvirt';
 import { CheckpointStore } from '@ftvm/transport';
 import { NoCheckpointError, StagedRestore, prepareStandby, vmStoreDir } from './staged-restore.js';
 import type { VmSlot } from './vm-slot.js';
+import type { VmRecord } from './vm-records.js';
 
 /** What the backup's steps need of its host. */
 export interface BackupHost {
@@ -48,7 +49,12 @@ export async function newestEpoch(slot: VmSlot, host: BackupHost): Promise<numbe
   const record = slot.record;
   if (!record) return undefined;
   const epochs = await new CheckpointStore(vmStoreDir(host.storeDir, record), record.keep).epochs().catch(() => [] as number[]);
-  return epochs.filter((e) => !slot.badEpochs.has(e)).at(-1);
+  return epochs.filter((e) => !slot.badEpochs.has(e) && ofThisRun(record, e)).at(-1);
+}
+
+/** A checkpoint of the current run of protection (see VmRecord.checkpointsSince), not of the VM's past. */
+export function ofThisRun(record: Pick<VmRecord, 'checkpointsSince'>, epoch: number): boolean {
+  return epoch > (record.checkpointsSince ?? 0);
 }
 
 /** Whether the VM's clock policy (its domain metadata) compensates the outage of this move. */

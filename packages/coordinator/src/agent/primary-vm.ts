@@ -35,7 +35,14 @@ const nsToMs = (ns: bigint) => Number(ns) / 1e6;
  */
 const roundPhases = (phases: Record<string, number>) => Object.fromEntries(Object.entries(phases).map(([k, v]) => [k, Math.round(v * 10) / 10]));
 
-export const defaultFullEvery = (intervalMs: number) => Math.max(30, Math.ceil(30_000 / intervalMs));
+/**
+ * The checkpoint certainly did not commit on the backup: it refused it (a nack), or it failed
+ * before its trailer could be sent. A channel closed or an ack that never came may hide a commit.
+ */
+function notCommitted(error: unknown): boolean {
+  return error instanceof ReplicationError && !['closed', 'timeout', 'protocol'].includes(error.code);
+}
+
 
 /**
  * QEMU's SHUTDOWN reasons that are someone's decision: the guest powered itself off (also what
@@ -115,7 +122,8 @@ export class PrimaryVm {
       socketPath: path.posix.join(protection.runDir, `${options.record.name}.mig`),
       qemuVersion: `${version.qemu.major}.${version.qemu.minor}.${version.qemu.micro}`,
       domainXml: options.record.xml,
-      fullEvery: options.record.fullEvery ?? defaultFullEvery(options.record.checkpointIntervalMs),
+      // none by default: the backup's store compacts the chain (CheckpointStore)
+      ...(options.record.fullEvery === undefined ? {} : { fullEvery: options.record.fullEvery }),
       clockMovesAtResume: hook.correctsInPlace('checkpoint'),
       // ftvm's QEMU resumes by itself after a checkpoint: arm the correction before the stop.
       beforeMigrate: async () => {
@@ -239,12 +247,22 @@ export class PrimaryVm {
     await output?.detach();
   }
 
-  /** Output commit as the record says: buffers on, or off (everything held leaves). */
-  private async applyOutputPolicy(): Promise<void> {
-    if (!this.record.outputCommit) return this.releaseOutput();
-    if (this.output) return;
+  /**
+   * Output commit as the record says. Output is held only while a failover could lose it: from
+   * just before a checkpoint that can reach the backup (the buffers close its epoch at its stop).
+   * Until one checkpoint of this run of protection is committed, no host can take the VM over
+   * (see VmRecord.checkpointsSince), so an attempt that certainly did not commit lets what it held
+   * go: a backup that is down or still coming up does not silence the VM's service.
+   */
+  private async attachOutput(): Promise<void> {
+    if (!this.record.outputCommit || this.output) return;
     this.output = await OutputCommit.attach(this.qmp, this.name, this.record.xml);
     this.options.log.info({ buffers: this.output.buffers.map((b) => b.netdev) }, 'output commit: guest output held until its checkpoint is committed');
+  }
+
+  /** A checkpoint of the current run of protection is on the backup: a take-over is possible. */
+  private committedThisRun(): boolean {
+    return this.lastCheckpoint !== undefined && this.lastCheckpoint.epoch > (this.record.checkpointsSince ?? 0);
   }
 
   private async runLoop(): Promise<void> {
@@ -258,7 +276,7 @@ export class PrimaryVm {
         continue;
       }
       try {
-        await this.applyOutputPolicy();
+        if (!this.record.outputCommit) await this.releaseOutput();
         await this.exclusive(() => this.takeCheckpoint(false));
         backoffMs = 0;
         this.consecutiveFailures = 0;
@@ -300,6 +318,7 @@ export class PrimaryVm {
       }
       full = true; // the seed dropped the backup's older checkpoints
     }
+    await this.attachOutput();
     const epoch = Date.now();
     this.hook.expect('checkpoint');
     try {
@@ -315,6 +334,10 @@ export class PrimaryVm {
     } catch (error) {
       if (!sender.isOpen) this.receiver = undefined;
       if (error instanceof ReplicationError && error.code === 'no-disk-base') this.disks?.forgetBase();
+      if (this.output && !this.committedThisRun() && notCommitted(error)) {
+        await this.releaseOutput().catch((e: Error) => this.options.log.warn({ err: e.message }, 'output commit: releasing the buffers'));
+        this.options.log.info('output commit: no checkpoint of this protection on the backup yet, nothing to hold output for');
+      }
       throw error;
     }
   }

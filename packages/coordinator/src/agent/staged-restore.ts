@@ -212,6 +212,11 @@ export class StagedRestore {
       if (error.epoch !== undefined) options.onCorrupt?.(error.epoch);
     });
     if (!latest) throw new NoCheckpointError(`no committed checkpoint of '${options.record.name}' in ${store.dir}`);
+    const since = options.record.checkpointsSince ?? 0;
+    if (latest.metadata.epoch <= since) {
+      // the newer ones failed to verify: what is left is the VM's past, never resumed
+      throw new NoCheckpointError(`no checkpoint of '${options.record.name}' in ${store.dir} from its current protection (since ${since}): the newest that verifies is ${latest.metadata.epoch}`);
+    }
     const data = store.assemble(latest);
     const bytes = data.ram.reduce((n, part) => n + part.length, data.deviceState.length);
     options.log.info({ epoch: latest.metadata.epoch, chain: latest.chain.length, bytes, disks: latest.metadata.disks?.length ?? 0 }, 'staging restore');

@@ -134,6 +134,8 @@ export function movePatch(self: string, kind: 'failover' | 'switchover', from: s
     primary: self,
     backup: from,
     protected: kind === 'switchover',
+    // the other host's store holds this VM's past: only checkpoints taken from here on count
+    checkpointsSince: Date.now(),
     reason: kind,
     lastMove: { kind, from, to: self, epoch, stopNs: times.stopNs ?? '0', resumeNs: times.resumeNs ?? '0', at: new Date().toISOString(), ...(times.lastBeatNs ? { lastBeatNs: times.lastBeatNs } : {}) },
   };

@@ -20,6 +20,14 @@ export const vmRecordSchema = z.object({
   keep: z.number().int().positive(),
   /** A full checkpoint at least every this many (the others are incremental with ftvm's QEMU). */
   fullEvery: z.number().int().positive().optional(),
+  /**
+   * When the current run of protection began (ms, the clock that names checkpoint epochs): only
+   * checkpoints newer than this may be taken over from. A store can hold checkpoints of an earlier
+   * run (from before an unprotect, or from the last time this host was the backup); resuming one
+   * would bring back a past state of the VM. Set by protect, reprotect, a resumed protection and
+   * every move. Absent in records written before it existed: any checkpoint counts.
+   */
+  checkpointsSince: z.number().int().nonnegative().optional(),
   /** Bumped on every change; a writer compares it to avoid lost updates. */
   generation: z.number().int().nonnegative(),
   updatedAt: z.string(),
