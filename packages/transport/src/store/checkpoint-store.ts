@@ -24,7 +24,7 @@ import {
   type DiskBase,
   type DiskDeltaMetadata,
 } from './metadata.js';
-import { closeAll, Replica, syncDir, type DeltaToApply, type ReplicaMarker, type ReplicaState } from './replica.js';
+import { closeAll, processAlive, Replica, syncDir, type DeltaToApply, type ReplicaMarker, type ReplicaState } from './replica.js';
 import { WriteBehind } from './write-behind.js';
 import { testPausePoint } from '../test-pause.js';
 
@@ -1078,15 +1078,6 @@ function isFsError(error: unknown): boolean {
   return typeof syscall === 'string' || /^E[A-Z0-9]+$/.test(String(code));
 }
 
-function processAlive(pid: number): boolean {
-  if (!Number.isSafeInteger(pid) || pid <= 0) return false;
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    return (error as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
 
 /** A stream input's error surfaces when it is iterated (see commit), not as an uncaught 'error' event. */
 function ignoreErrorsUntilRead(input: unknown): void {

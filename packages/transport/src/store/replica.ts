@@ -346,7 +346,8 @@ export async function syncDir(dir: string): Promise<void> {
   }
 }
 
-function processAlive(pid: number): boolean {
+/** A process with this pid exists (EPERM: it does, it is someone else's). */
+export function processAlive(pid: number): boolean {
   if (!Number.isSafeInteger(pid) || pid <= 0) return false;
   try {
     process.kill(pid, 0);
