@@ -14,11 +14,11 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { $ } from 'zx';
-import { execIn, hostInfo } from '../lab/lab.js';
+import { execIn, hostInfo, killHost } from '../lab/lab.js';
 import { allPids, nsOf, netnsFileId, signalAll } from '../lab/procs.js';
 import { sleep } from '../lab/wait.js';
-import { agentLogEntries, controlClient, probeService, startCluster, stopCluster, vmStatus, type Cluster } from '../support/ft-cluster.js';
-import { runFault, type FaultKind, type FaultRun } from '../support/failover-runs.js';
+import { agentLogEntries, controlClient, other, probeService, reviveHost, startCluster, stopCluster, untilAgents, vmStatus, waitProtectedOn, type Cluster } from '../support/ft-cluster.js';
+import { readRecord, runFault, type FaultKind, type FaultRun } from '../support/failover-runs.js';
 import { patchedQemu } from '../support/patched-qemu.js';
 import { describeStats, ServiceClient, type ServiceStats } from '../support/service-client.js';
 
@@ -171,4 +171,37 @@ describe('output commit: no client sees a value a failover loses', () => {
     expect(end.tcpReconnects - reconnectsBefore, 'the one TCP connection survived every failover').toBe(0);
     expect(end.tcpErrors - start.tcpErrors).toBe(0);
   }, 30 * 60_000);
+
+  it('a lost backup does not silence the VM: it runs on unprotected, and is protected again once the backup is back', async () => {
+    const { vm } = cluster!;
+    const from = cluster!.primary;
+    const to = other(from);
+    await controlClient(from).protect({ vm, backup: to, checkpointIntervalMs: INTERVAL_MS, outputCommit: true }, () => undefined);
+    expect((await readRecord(vm)).outputCommit).toBe(true);
+    const start = await client!.stats();
+    const killedAt = Date.now();
+    await killHost(to);
+    const lost = await untilAgents(`${from} records its backup lost`, async () => {
+      const r = await readRecord(vm);
+      return r.suspended?.why === 'backup-lost' ? r : undefined;
+    }, 30_000);
+    const lostAfterMs = Date.now() - killedAt;
+    expect(lost.protected).toBe(false);
+    expect(lost.primary).toBe(from);
+    // the held output goes and the service answers again, from the same copy of the VM
+    const flowing = await client!.waitFor('datagrams and TCP answers after the backup was taken as lost', (s) => s.udpCount > start.udpCount + 500 && s.tcpResponses > start.tcpResponses + 20, 30_000);
+    console.log(`backup killed; recorded lost after ${lostAfterMs} ms; longest datagram silence ${flowing.udpMaxGapMs.toFixed(0)} ms; ${describeStats(flowing)}`);
+    expect(flowing.rollbacks.length).toBe(start.rollbacks.length);
+    expect(flowing.lastBootId).toBe(start.lastBootId);
+    expect(flowing.tcpReconnects).toBe(start.tcpReconnects);
+
+    await reviveHost(to, cluster!);
+    const again = await untilAgents('protection resumes once the backup answers', async () => {
+      const r = await readRecord(vm);
+      return r.protected && !r.suspended ? r : undefined;
+    }, 60_000);
+    expect(again.checkpointsSince).toBeGreaterThan(lost.checkpointsSince ?? 0);
+    const status = await waitProtectedOn(from, vm, { committedAfter: Date.now() });
+    expect(status.outputCommit).toBe(true);
+  }, 240_000);
 });

@@ -48,6 +48,12 @@ const rows: [string, VmSnapshot, ActionKind, Phase][] = [
   ['primary agent restarted: runs it, nobody owns it', view(primaryView, { owner: undefined, local: { primaryActive: false } }), 'claim', 'waiting'],
   ['primary agent restarted without a lease yet', view(primaryView, { owner: undefined, leaseHeld: false, local: { primaryActive: false } }), 'wait', 'waiting'],
   ['primary back from an agent stop that suspended protection', view(primaryView, { record: { protected: false, suspended: { by: 'a' }, reason: 'agent-stop' } }), 'resume-protection', 'protected'],
+  ['output commit, backup silent a moment: held, degraded', view(primaryView, { record: { outputCommit: true }, peer: { name: 'b', alive: false, runsVm: false, downForMs: 2_000 } }), 'none', 'degraded'],
+  ['output commit, backup silent past the limit: run unprotected', view(primaryView, { record: { outputCommit: true }, peer: { name: 'b', alive: false, runsVm: false, downForMs: 5_000 } }), 'suspend-protection', 'unprotected'],
+  ['no output commit, backup silent long: nothing blocks, degraded', view(primaryView, { peer: { name: 'b', alive: false, runsVm: false, downForMs: 60_000 } }), 'none', 'degraded'],
+  ['backup lost, still silent: stays unprotected', view(primaryView, { record: { outputCommit: true, protected: false, suspended: { by: 'a', why: 'backup-lost' }, reason: 'backup-lost' }, peer: { name: 'b', alive: false, runsVm: false, downForMs: 60_000 } }), 'none', 'unprotected'],
+  ['backup lost, answers again: protect again', view(primaryView, { record: { outputCommit: true, protected: false, suspended: { by: 'a', why: 'backup-lost' }, reason: 'backup-lost' } }), 'resume-protection', 'protected'],
+  ['backup of a VM whose primary lost it: no take-over', view(backupView, { owner: undefined, peer: { name: 'a', alive: false, runsVm: false }, record: { outputCommit: true, protected: false, suspended: { by: 'a', why: 'backup-lost' }, reason: 'backup-lost' } }), 'none', 'unprotected'],
   ['primary fenced its copy: never claims it back by itself', view(primaryView, { owner: undefined, local: { primaryActive: false, fenced: true } }), 'fence-local', 'fenced'],
   ['primary QEMU crashed (QMP gone, no shutdown)', view(primaryView, { local: { failed: 'QMP connection closed' } }), 'fence-local', 'fenced'],
   ['primary after fencing the crashed copy: gives the key up', view(primaryView, { local: { running: false, primaryActive: false, fenced: true, failed: 'QMP connection closed' } }), 'release', 'waiting'],
@@ -146,6 +152,8 @@ describe('mayResume: the last look before the point of no return', () => {
     ['newer epoch committed while staging', gate({ newestEpoch: 101 }), false, true],
     ['the user stopped the VM meanwhile', gate({ record: { primary: 'a', backup: 'b', protected: true, reason: 'stop', stopped: { by: 'a', reason: 'host-signal' } } }), false, false],
     ['record moved to other hosts', gate({ record: { primary: 'c', backup: 'd', protected: true, reason: 'protect' } }), false, false],
+    ['unprotected meanwhile', gate({ record: { primary: 'a', backup: 'b', protected: false, reason: 'unprotect' } }), false, false],
+    ['the primary lost its backup meanwhile (output let go)', gate({ record: { primary: 'a', backup: 'b', protected: false, reason: 'backup-lost', suspended: { by: 'a', why: 'backup-lost' } } }), false, false],
   ];
   for (const [situation, g, resume, restage] of table) {
     it(situation, () => {

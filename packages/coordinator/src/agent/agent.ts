@@ -55,6 +55,7 @@ export class Agent implements AgentControl {
   private unwatchRecords: (() => Promise<void>) | undefined;
   private readonly takeOverContext: TakeOverContext;
   private readonly backupHost: BackupHost;
+  private readonly startedAt = performance.now();
 
   private constructor(
     private readonly config: AgentConfig,
@@ -75,6 +76,7 @@ export class Agent implements AgentControl {
       metrics,
       stage: (slot, kind) => stage(slot, this.backupHost, kind),
       newestEpoch: (slot) => newestEpoch(slot, this.backupHost),
+      record: (vm) => this.records.get(vm),
       runningHere: (vm) => this.runningHere(vm),
       finishMove: (slot) => this.finishMove(slot),
       becomePrimary: (slot, handover) => this.becomePrimary(slot, handover),
@@ -357,7 +359,7 @@ export class Agent implements AgentControl {
     }
     if (!record?.protected || record.stopped) return; // nobody takes an unprotected VM over: nothing to suspend
     try {
-      await this.records.update(slot.name, () => ({ protected: false, suspended: { by: this.config.host, at: new Date().toISOString() }, reason: 'agent-stop' }));
+      await this.records.update(slot.name, () => ({ protected: false, suspended: { by: this.config.host, at: new Date().toISOString(), why: 'agent-stop' }, reason: 'agent-stop' }));
       slot.log.warn('agent stop: VM keeps running here, protection suspended until the agent is back');
       // nobody can take it over now: output commit has nothing left to protect
       await slot.primary?.releaseOutput().catch((error: Error) => slot.log.warn({ err: error.message }, 'agent stop: releasing held output'));
@@ -456,10 +458,11 @@ export class Agent implements AgentControl {
         reason: record.reason,
         stopped: record.stopped,
         suspended: record.suspended,
+        outputCommit: record.outputCommit,
       },
       owner: slot.owner,
       leaseHeld: this.lease.state === 'held',
-      peer: other ? { name: other, alive: peer?.alive ?? false, runsVm: peer?.last?.vms[slot.name]?.running === true } : undefined,
+      peer: other ? { name: other, alive: peer?.alive ?? false, runsVm: peer?.last?.vms[slot.name]?.running === true, downForMs: this.peerSilentForMs(other) } : undefined,
       local: {
         running: slot.running,
         primaryActive: slot.primary !== undefined,
@@ -517,6 +520,18 @@ export class Agent implements AgentControl {
       }
       case 'take-over':
         return takeOver(this.takeOverContext, slot, action.kind);
+      case 'suspend-protection': {
+        // The record first: from this write on no host takes the VM over (decide, mayResume). Only
+        // then, still holding the lease, does the held output go.
+        slot.record = await this.records.update(slot.name, (r) =>
+          r.primary === self && r.protected && !r.suspended ? { protected: false, suspended: { by: self, at: new Date().toISOString(), why: 'backup-lost' }, reason: 'backup-lost' } : undefined,
+        );
+        if (slot.record.suspended?.why !== 'backup-lost' || slot.record.primary !== self) return;
+        slot.primary?.update(this.checkpointRecord(slot.record));
+        if (this.lease.state === 'held' && (await this.lease.owner(slot.name)) === self) await slot.primary?.releaseOutput();
+        slot.log.warn({ backup: slot.record.backup }, 'backup lost: the VM runs on unprotected, its output no longer held, until the backup answers again');
+        return;
+      }
       case 'update-xml': {
         const xml = slot.changedXml;
         if (!xml) return;
@@ -628,6 +643,13 @@ export class Agent implements AgentControl {
   }
 
   // ---- helpers -----------------------------------------------------------------------------------
+
+  /** Since the peer's last heartbeat on either path (or since this agent started, if it never beat). */
+  private peerSilentForMs(name: string): number {
+    const beats = this.heartbeat.peer(name)?.lastBeatAt;
+    const last = Math.max(beats?.udp ?? 0, beats?.ssh ?? 0);
+    return Math.round(performance.now() - (last > 0 ? last : this.startedAt));
+  }
 
   private peerHosts(): Set<string> {
     const peers = new Set<string>();

@@ -41,8 +41,10 @@ export interface RecordView {
   reason: string;
   /** the user stopped the VM (set by the host that saw it stop) */
   stopped?: { by: string; reason: string } | undefined;
-  /** an agent stop left the VM running here without protection: its restart resumes it */
-  suspended?: { by: string } | undefined;
+  /** an agent stop (or a lost backup, with output commit) left the VM running on `by` without protection */
+  suspended?: { by: string; why?: 'agent-stop' | 'backup-lost' | undefined } | undefined;
+  /** the guest's output is held until its checkpoint is committed */
+  outputCommit?: boolean | undefined;
 }
 
 export interface VmSnapshot {
@@ -54,8 +56,8 @@ export interface VmSnapshot {
   owner: string | undefined;
   /** this host's lease is current (a host without one claims nothing) */
   leaseHeld: boolean;
-  /** the record's other host, as its heartbeats tell */
-  peer: { name: string; alive: boolean; runsVm: boolean } | undefined;
+  /** the record's other host, as its heartbeats tell (downForMs: since its last beat, or since this agent started) */
+  peer: { name: string; alive: boolean; runsVm: boolean; downForMs?: number } | undefined;
   local: {
     /** the domain runs here (libvirt); undefined when libvirt cannot be asked */
     running: boolean | undefined;
@@ -110,10 +112,20 @@ export type Action =
   | (Base & { do: 'finish-move' })
   /** write the user's stop into the record (before the key is given up) */
   | (Base & { do: 'record-stop'; stopReason: string })
-  /** the VM runs here again (user start, agent back): clear the stop or suspension, protect again */
-  | (Base & { do: 'resume-protection' });
+  /** the VM runs here again (user start, agent back, backup back): clear the stop or suspension, protect again */
+  | (Base & { do: 'resume-protection' })
+  /** the backup is lost and output commit would block the VM: run on unprotected, release the output */
+  | (Base & { do: 'suspend-protection' });
 
 export type ActionKind = Action['do'];
+
+/**
+ * With output commit on, a backup silent this long is taken as lost: the primary records its VM
+ * unprotected (no take-over can happen from then on) and lets the held output go, rather than
+ * block the VM's network until the backup returns. Long enough that a blip (heartbeat timeout
+ * 500 ms by default) does not end protection.
+ */
+export const BACKUP_LOST_AFTER_MS = 5_000;
 
 /** Checkpoint failures in a row after which a protected primary says degraded. */
 export const DEGRADED_AFTER_FAILURES = 3;
@@ -173,7 +185,14 @@ export function decide(s: VmSnapshot): Action {
       return act('release', 'waiting', `this host owns the VM but does not run it: the key goes back for ${other}`);
     }
     if (!s.local.primaryActive) return act('run-primary', primaryPhase(s, r), 'this host owns the VM and runs it');
+    if (r.suspended?.by === self && r.suspended.why === 'backup-lost') {
+      if (s.peer?.alive) return act('resume-protection', 'protected', `backup ${other} answers again: protection resumes`);
+      return act('none', 'unprotected', `backup ${other} lost: runs unprotected, output not held, until it answers again`);
+    }
     if (r.suspended?.by === self) return act('resume-protection', 'protected', 'the agent is back: protection resumes');
+    if (protectedNow(r) && r.outputCommit && s.peer && !s.peer.alive && (s.peer.downForMs ?? 0) >= BACKUP_LOST_AFTER_MS) {
+      return act('suspend-protection', 'unprotected', `backup ${other} silent for more than ${BACKUP_LOST_AFTER_MS / 1000} s with output commit on: run unprotected rather than hold the VM's output`);
+    }
     if (s.local.devicesChanged) return act('update-xml', primaryPhase(s, r), 'devices changed on the running VM: the record takes its domain XML, the backup rebuilds its standby');
     return act('none', primaryPhase(s, r), primaryReason(s, r));
   }
@@ -252,6 +271,8 @@ export function mayResume(g: TakeOverGate): { resume: true } | { resume: false; 
   if (g.owner !== g.self) return { resume: false, restage: false, reason: g.owner ? `${g.owner} holds the owner key` : 'the owner key is gone' };
   if (!g.record || (g.record.primary !== g.self && g.record.backup !== g.self)) return { resume: false, restage: false, reason: 'no longer a host of this VM' };
   if (g.record.stopped) return { resume: false, restage: false, reason: `the user stopped the VM (${g.record.stopped.reason})` };
+  // unprotected meanwhile (unprotect, a lost backup): the primary may already have let go of output
+  if (!protectedNow(g.record)) return { resume: false, restage: false, reason: `the VM is no longer protected (${g.record.reason})` };
   if (g.newestEpoch !== undefined && g.newestEpoch > g.stagedEpoch) return { resume: false, restage: true, reason: `checkpoint ${g.newestEpoch} was committed after ${g.stagedEpoch} was staged` };
   return { resume: true };
 }

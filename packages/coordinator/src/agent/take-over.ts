@@ -22,6 +22,8 @@ export interface TakeOverContext {
   metrics: MetricsSink;
   stage(slot: VmSlot, kind: 'failover' | 'switchover'): Promise<StagedRestore | undefined>;
   newestEpoch(slot: VmSlot): Promise<number | undefined>;
+  /** The record as etcd has it now (not as the watch last delivered it). */
+  record(vm: string): Promise<VmRecord | undefined>;
   runningHere(vm: string): Promise<boolean>;
   finishMove(slot: VmSlot): Promise<void>;
   becomePrimary(slot: VmSlot, handover: { qmp: QmpClient; ledger: DriftLedger }): Promise<void>;
@@ -59,7 +61,10 @@ export async function takeOver(ctx: TakeOverContext, slot: VmSlot, kind: 'failov
     const fence = kind === 'failover' ? fenceRemote(sshEndpointOf(ctx.config, from), slot.name, ctx.config.hosts[from]!.libvirtUri, ctx.config.failover.fenceTimeoutMs) : Promise.resolve({ outcome: 'skipped', detail: 'switchover' });
     await staged.ready;
     for (;;) {
-      const gate = mayResume({ self, record: slot.record, owner: await ctx.lease.owner(slot.name), leaseHeld: ctx.lease.state === 'held', stagedEpoch: staged.epoch, newestEpoch: await ctx.newestEpoch(slot) });
+      // read afresh: an unprotect or a lost backup written a moment ago must stop this resume
+      const current = await ctx.record(slot.name);
+      if (current) slot.record = current;
+      const gate = mayResume({ self, record: current, owner: await ctx.lease.owner(slot.name), leaseHeld: ctx.lease.state === 'held', stagedEpoch: staged.epoch, newestEpoch: await ctx.newestEpoch(slot) });
       if (gate.resume) break;
       if (!gate.restage) throw new Error(gate.reason);
       slot.log.warn({ staged: staged.epoch, reason: gate.reason }, 'restaging');

@@ -36,7 +36,18 @@ export const vmRecordSchema = z.object({
   /** The user stopped the VM (guest poweroff, `virsh shutdown`, `virsh destroy`): it stays down on both hosts. */
   stopped: z.object({ by: z.string(), reason: z.string(), at: z.string() }).optional(),
   /** An agent stop left the VM running on `by` without protection; that agent's return resumes it. */
-  suspended: z.object({ by: z.string(), at: z.string() }).optional(),
+  suspended: z
+    .object({
+      by: z.string(),
+      at: z.string(),
+      /**
+       * agent-stop (absent in older records): that agent's return resumes it; backup-lost: the
+       * primary lost its backup with output commit on and runs on unprotected (held output would
+       * block the VM) until the backup answers again.
+       */
+      why: z.enum(['agent-stop', 'backup-lost']).optional(),
+    })
+    .optional(),
   /** The last move of the VM between hosts, as the host that resumed it measured it. */
   lastMove: z
     .object({
