@@ -84,9 +84,9 @@ describe('ftvm (child process) against an agent with a fake control', { timeout:
 
   it('protect without a TTY: one line per step event, in order, then the VM; the options reach the agent', async () => {
     const before = fake.calls.length;
-    const run = await ftvm(['--socket', socketPath, 'protect', 'vm7', '--backup', 'beta', '--interval', '400', '--output-commit']);
+    const run = await ftvm(['--socket', socketPath, 'protect', 'vm7', '--backup', 'beta', '--interval', '400', '--output-commit', '--full-every', '600']);
     expect(run).toMatchObject({ code: 0, stderr: '' });
-    expect(fake.calls.slice(before)).toEqual([{ op: 'protect', request: { vm: 'vm7', backup: 'beta', checkpointIntervalMs: 400, outputCommit: true } }]);
+    expect(fake.calls.slice(before)).toEqual([{ op: 'protect', request: { vm: 'vm7', backup: 'beta', checkpointIntervalMs: 400, outputCommit: true, fullEvery: 600 } }]);
     const lines = run.stdout.split('\n').map((line) => line.trimEnd());
     const steps = lines.filter((line) => /^[❯✔✖]/.test(line)).map((line) => line.replace(/ \[\d+\.\ds\]$/, ''));
     expect(steps).toEqual(['❯ connect to backup', '✔ connect to backup', '❯ first checkpoint', '✔ first checkpoint: epoch 42', '❯ arm clock hook', '✔ arm clock hook']);
