@@ -521,14 +521,14 @@ export class Agent implements AgentControl {
       case 'take-over':
         return takeOver(this.takeOverContext, slot, action.kind);
       case 'suspend-protection': {
-        // The record first: from this write on no host takes the VM over (decide, mayResume). Only
-        // then, still holding the lease, does the held output go.
+        // The record first: from this write on no host takes the VM over (decide, and mayResume,
+        // which reads the record afresh). Only then does the held output go.
         slot.record = await this.records.update(slot.name, (r) =>
           r.primary === self && r.protected && !r.suspended ? { protected: false, suspended: { by: self, at: new Date().toISOString(), why: 'backup-lost' }, reason: 'backup-lost' } : undefined,
         );
         if (slot.record.suspended?.why !== 'backup-lost' || slot.record.primary !== self) return;
         slot.primary?.update(this.checkpointRecord(slot.record));
-        if (this.lease.state === 'held' && (await this.lease.owner(slot.name)) === self) await slot.primary?.releaseOutput();
+        await slot.primary?.releaseOutput();
         slot.log.warn({ backup: slot.record.backup }, 'backup lost: the VM runs on unprotected, its output no longer held, until the backup answers again');
         return;
       }
@@ -546,7 +546,7 @@ export class Agent implements AgentControl {
         slot.record = await this.records.update(slot.name, () => ({ stopped: { by: self, reason: action.stopReason, at: new Date().toISOString() }, reason: `stopped: ${action.stopReason}` }));
         return;
       case 'resume-protection':
-        slot.record = await this.records.update(slot.name, (r) => ({ protected: true, stopped: undefined, suspended: undefined, checkpointsSince: Date.now(), reason: r.stopped ? 'started again' : 'agent back' }));
+        slot.record = await this.records.update(slot.name, (r) => ({ protected: true, stopped: undefined, suspended: undefined, checkpointsSince: Date.now(), reason: r.stopped ? 'started again' : r.suspended?.why === 'backup-lost' ? 'backup back' : 'agent back' }));
         slot.stoppedByUser = undefined;
         slot.failed = undefined;
         slot.fenced = false;

@@ -29,10 +29,6 @@ export interface PrimaryVmOptions {
 
 const nsToMs = (ns: bigint) => Number(ns) / 1e6;
 
-/**
- * A full checkpoint at least every 30 checkpoints, or every 30 s when the interval is short: a full
- * one takes about a second (it copies all of RAM), longer than a 50–200 ms interval it would miss.
- */
 const roundPhases = (phases: Record<string, number>) => Object.fromEntries(Object.entries(phases).map(([k, v]) => [k, Math.round(v * 10) / 10]));
 
 /**
@@ -42,7 +38,6 @@ const roundPhases = (phases: Record<string, number>) => Object.fromEntries(Objec
 function notCommitted(error: unknown): boolean {
   return error instanceof ReplicationError && !['closed', 'timeout', 'protocol'].includes(error.code);
 }
-
 
 /**
  * QEMU's SHUTDOWN reasons that are someone's decision: the guest powered itself off (also what
