@@ -61,8 +61,12 @@ export async function takeOver(ctx: TakeOverContext, slot: VmSlot, kind: 'failov
     const fence = kind === 'failover' ? fenceRemote(sshEndpointOf(ctx.config, from), slot.name, ctx.config.hosts[from]!.libvirtUri, ctx.config.failover.fenceTimeoutMs) : Promise.resolve({ outcome: 'skipped', detail: 'switchover' });
     await staged.ready;
     for (;;) {
-      // read afresh: an unprotect or a lost backup written a moment ago must stop this resume
-      const current = await ctx.record(slot.name);
+      // read afresh: an unprotect or a lost backup written a moment ago must stop this resume (a
+      // record etcd cannot give now, or one that does not parse, leaves the watched one to judge)
+      const current = await ctx.record(slot.name).catch((error: Error) => {
+        slot.log.warn({ err: error.message }, 'the record cannot be read afresh before the resume: judging by the watched one');
+        return slot.record;
+      });
       if (current) slot.record = current;
       const gate = mayResume({ self, record: current, owner: await ctx.lease.owner(slot.name), leaseHeld: ctx.lease.state === 'held', stagedEpoch: staged.epoch, newestEpoch: await ctx.newestEpoch(slot) });
       if (gate.resume) break;
