@@ -17,7 +17,7 @@ import { $ } from 'zx';
 import { execIn, hostInfo, killHost } from '../lab/lab.js';
 import { allPids, nsOf, netnsFileId, signalAll } from '../lab/procs.js';
 import { sleep } from '../lab/wait.js';
-import { agentLogEntries, controlClient, other, probeService, reviveHost, startCluster, stopCluster, untilAgents, vmStatus, waitProtectedOn, type Cluster } from '../support/ft-cluster.js';
+import { agentLog, agentLogEntries, controlClient, other, probeService, reviveHost, startCluster, stopCluster, untilAgents, vmStatus, waitProtectedOn, type Cluster } from '../support/ft-cluster.js';
 import { readRecord, runFault, type FaultKind, type FaultRun } from '../support/failover-runs.js';
 import { patchedQemu } from '../support/patched-qemu.js';
 import { describeStats, ServiceClient, type ServiceStats } from '../support/service-client.js';
@@ -89,6 +89,20 @@ async function refuseCheckpoints(primary: 'primary' | 'backup', backup: 'primary
   }
 }
 
+/** What the agents said since `sinceMs` that explains a long silence: warnings, errors, output commit. */
+function agentTrouble(sinceMs: number): string {
+  const lines: string[] = [];
+  for (const host of ['primary', 'backup'] as const) {
+    for (const line of fs.existsSync(agentLog(host)) ? fs.readFileSync(agentLog(host), 'utf8').split('\n') : []) {
+      if (!line) continue;
+      const entry = JSON.parse(line) as { time?: string; level?: number; msg?: string; err?: string };
+      if (Date.parse(String(entry.time)) < sinceMs) continue;
+      if ((entry.level ?? 0) >= 40 || /output commit|reprotect|resumed|running as primary/.test(entry.msg ?? '')) lines.push(`${host} ${entry.time} ${entry.msg}${entry.err ? `: ${entry.err}` : ''}`);
+    }
+  }
+  return lines.sort((a, b) => a.split(' ')[1]!.localeCompare(b.split(' ')[1]!)).slice(0, 60).join('\n');
+}
+
 async function pollUntil(done: () => boolean, timeoutMs: number, what: string): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!done()) {
@@ -153,9 +167,11 @@ describe('output commit: no client sees a value a failover loses', () => {
         const backup = cluster!.primary === 'primary' ? 'backup' : 'primary';
         await refuseCheckpoints(cluster!.primary, backup, cluster!.vm, 3);
       }
+      const faultAt = Date.now();
       const run = await runFault(cluster!, kind, (line) => console.log(line));
       runs.push(run);
       const after = await afterResume(BigInt(run.resumeNs), before.tcpResponses);
+      if (after.udpMaxGapEndNs > before.atNs && after.udpMaxGapMs > 8_000) console.log(`fault ${i}: ${after.udpMaxGapMs.toFixed(0)} ms without a datagram; the agents said:\n${agentTrouble(faultAt - 2_000)}`);
       const boot = after.boots.get(after.lastBootId!)!;
       console.log(
         `fault ${i} (${kind}): highest counter the client saw before ${before.highestUdpCounter}, restored guest now ${boot.highestUdpCounter}; rollbacks ${after.rollbacks.length - rollbacksBefore}; tcp reconnects ${after.tcpReconnects - reconnectsBefore}${after.tcpLastError ? ` (last error: ${after.tcpLastError})` : ''}; longest tcp silence ${after.tcpMaxGapMs.toFixed(0)} ms`,

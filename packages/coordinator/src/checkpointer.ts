@@ -192,12 +192,12 @@ export class Checkpointer {
   async checkpoint(
     epoch: number,
     sender: ReplicationSender,
-    options: { leaveStopped?: boolean; full?: boolean; disks?: CheckpointDisks; output?: CheckpointOutput } = {},
+    options: { leaveStopped?: boolean; full?: boolean; disks?: CheckpointDisks; output?: CheckpointOutput; timeoutMs?: number } = {},
   ): Promise<CheckpointResult> {
     const { qmp, vm } = this.options;
     const { disks, output } = options;
     const leaveStopped = options.leaveStopped ?? false;
-    const timeoutMs = this.options.timeoutMs ?? 60_000;
+    const timeoutMs = options.timeoutMs ?? this.options.timeoutMs ?? 60_000;
     const started = performance.now();
     let stopNs: bigint | undefined;
     let resumeNs: bigint | undefined;
@@ -245,8 +245,18 @@ export class Checkpointer {
     const connection = this.socket.nextConnection(10_000);
     connection.catch(() => undefined);
     const deadline = setTimeout(() => {
-      settle({ ok: false, reason: `checkpoint took longer than ${timeoutMs} ms` });
-      void qmp.execute('migrate_cancel').catch(() => undefined);
+      // say where it stood: a precopy that never converged, or a stream nobody read
+      void qmp
+        .execute<{ status?: string; ram?: { transferred?: number; remaining?: number; 'dirty-sync-count'?: number } }>('query-migrate', undefined, { timeoutMs: 1_000 })
+        .then(
+          (info) => `migration ${info.status ?? 'unknown'}, ${Math.round((info.ram?.transferred ?? 0) / 1e6)} MB sent, ${Math.round((info.ram?.remaining ?? 0) / 1e6)} MB remaining, ${info.ram?.['dirty-sync-count'] ?? '?'} passes`,
+          (error: Error) => `query-migrate: ${error.message}`,
+        )
+        .then((where) => {
+          settle({ ok: false, reason: `checkpoint took longer than ${timeoutMs} ms (${where})` });
+          return qmp.execute('migrate_cancel');
+        })
+        .catch(() => undefined);
     }, timeoutMs);
     try {
       if (leaveStopped && this.selfResuming) {

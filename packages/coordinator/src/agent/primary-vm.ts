@@ -29,6 +29,13 @@ export interface PrimaryVmOptions {
 
 const nsToMs = (ns: bigint) => Number(ns) / 1e6;
 
+/**
+ * With output commit on, the VM's output waits for each checkpoint: one that is not acknowledged
+ * within 10 s plus its RAM at 100 MB/s (a full checkpoint ran at 170–240 MB/s here) is given up
+ * and the next one tried, instead of holding the output for the default 30 s.
+ */
+export const outputCommitDeadlineMs = (ramBytes: number) => 10_000 + Math.ceil(ramBytes / 100_000);
+
 const roundPhases = (phases: Record<string, number>) => Object.fromEntries(Object.entries(phases).map(([k, v]) => [k, Math.round(v * 10) / 10]));
 
 /**
@@ -83,6 +90,8 @@ export class PrimaryVm {
     private readonly checkpointer: Checkpointer,
     /** The VM's writable local disks, replicated with each checkpoint (none: shared storage or no disk). */
     private readonly disks: DiskReplicator | undefined,
+    /** The guest's RAM (QEMU's base memory): bounds how long a checkpoint may hold output. */
+    private readonly ramBytes: number,
   ) {
     this.record = options.record;
     this.ledger = options.ledger ?? new DriftLedger(options.record.name);
@@ -157,7 +166,8 @@ export class PrimaryVm {
             if (!options.qmp) await qmp.close().catch(() => undefined);
             throw error;
           });
-    vm = new PrimaryVm({ ...options, ledger }, qmp, hook, checkpointer, disks);
+    const memory = await qmp.execute<{ 'base-memory': number }>('query-memory-size-summary').catch(() => ({ 'base-memory': 1024 ** 3 }));
+    vm = new PrimaryVm({ ...options, ledger }, qmp, hook, checkpointer, disks, memory['base-memory']);
     qmp.onEvent((event) => {
       if (event.event !== 'SHUTDOWN') return;
       const reason = String((event.data as { reason?: unknown }).reason ?? 'unknown');
@@ -317,7 +327,12 @@ export class PrimaryVm {
     const epoch = Date.now();
     this.hook.expect('checkpoint');
     try {
-      const result = await this.checkpointer.checkpoint(epoch, sender, { leaveStopped, full, ...(this.disks ? { disks: this.disks } : {}), ...(this.output ? { output: this.output } : {}) });
+      const result = await this.checkpointer.checkpoint(epoch, sender, {
+        leaveStopped,
+        full,
+        ...(this.disks ? { disks: this.disks } : {}),
+        ...(this.output ? { output: this.output, timeoutMs: outputCommitDeadlineMs(this.ramBytes) } : {}),
+      });
       // The ledger counted the pause from QEMU's STOP stamp, which comes ~1 ms after the freeze.
       if (result.frozeAt.source === 'stream') this.ledger.redateStop(result.stopNs, result.frozeAt.stopNs);
       const pauseMs = nsToMs(result.resumeNs - result.stopNs);
