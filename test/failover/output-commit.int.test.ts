@@ -13,6 +13,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { OutputBufferInfo } from '@ftvm/coordinator';
 import { $ } from 'zx';
 import { execIn, hostInfo, killHost } from '../lab/lab.js';
 import { allPids, nsOf, netnsFileId, signalAll } from '../lab/procs.js';
@@ -55,7 +56,7 @@ interface OutputBuffers {
 /** The primary QEMU's output buffers, asked through libvirt (the agent holds its own QMP socket). */
 async function outputBuffers(host: 'primary' | 'backup', vm: string): Promise<OutputBuffers> {
   const out = await execIn(host, ['virsh', '-c', 'qemu:///system', 'qemu-monitor-command', vm, '{"execute":"x-ftvm-query-output-buffers"}']);
-  const buffers = (JSON.parse(out.stdout) as { return: { 'held-packets': number; 'released-packets': number; 'closed-epochs': number[] }[] }).return;
+  const buffers = (JSON.parse(out.stdout) as { return: OutputBufferInfo[] }).return;
   return {
     held: buffers.reduce((n, b) => n + b['held-packets'], 0),
     released: buffers.reduce((n, b) => n + b['released-packets'], 0),

@@ -15,8 +15,9 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { QmpClient, QmpCommandError, type QmpEvent } from '@ftvm/qmp';
+import { QmpClient, type QmpEvent } from '@ftvm/qmp';
 import { patchedQemu } from '../support/patched-qemu.js';
+import { check, CheckFailed, checksPassed, expectQmpError } from './checks.js';
 
 const run = promisify(execFile);
 const KiB = 1024;
@@ -29,16 +30,6 @@ interface Range {
   length: number;
 }
 
-class CheckFailed extends Error {
-  override name = 'CheckFailed';
-}
-
-let checks = 0;
-function check(ok: boolean, what: string, detail?: unknown): void {
-  checks++;
-  if (!ok) throw new CheckFailed(`${what}${detail === undefined ? '' : `: ${JSON.stringify(detail)}`}`);
-  console.log(`ok ${checks} - ${what}`);
-}
 
 function parseArgs(argv: string[]): { runs: number; qemu: string | undefined } {
   let runs = 10;
@@ -341,16 +332,6 @@ const A2 = { offset: 8 * MiB, length: 4 * KiB };
 const C = { offset: 16 * MiB, length: 128 * KiB };
 const UNTOUCHED = { offset: 0, length: 1 * MiB };
 
-async function expectQmpError(promise: Promise<unknown>, match: RegExp, what: string): Promise<void> {
-  try {
-    await promise;
-  } catch (error) {
-    check(error instanceof QmpCommandError && match.test(error.desc), what, (error as Error).message);
-    return;
-  }
-  check(false, what, 'the command succeeded');
-}
-
 /**
  * Two chained disk checkpoints on one VM: the fleece of each shows the disk of its stop instant,
  * its bitmap exactly the ranges written since the previous stop, the live disk the newer data.
@@ -604,7 +585,7 @@ async function main(): Promise<void> {
 
     const round = (v: number) => Math.round(v * 1000) / 1000;
     console.log(JSON.stringify({
-      checks,
+      checks: checksPassed(),
       runs,
       pause_ms: {
         plain: { p50: round(p50(timing.plainMs)), all: timing.plainMs.map(round) },

@@ -17,9 +17,11 @@
  * Prints TAP lines `ok N - ...`; exits 1 at the first mismatch (`not ok - ...`).
  */
 import dgram from 'node:dgram';
-import { QmpClient, QmpCommandError, type QmpEvent } from '@ftvm/qmp';
+import type { OutputBufferInfo } from '@ftvm/coordinator';
+import { QmpClient, type QmpEvent } from '@ftvm/qmp';
 import { bootGuest, buildGuest, type BootedGuest } from '../guest/boot-qemu.js';
 import { patchedQemu } from '../support/patched-qemu.js';
+import { check, CheckFailed, checksPassed, expectQmpError, stringify } from './checks.js';
 import { Command, decodeReply, encodeRequest, startWorkload } from '../support/probe-client.js';
 
 const RARP_BYTES = 60;
@@ -27,18 +29,6 @@ const MIGRATION_DEADLINE_MS = 60_000;
 /** How long "nothing arrives" is watched. Short: the guest's ARP probes are held too (see holdFor). */
 const QUIET_MS = 1_000;
 
-class CheckFailed extends Error {
-  override name = 'CheckFailed';
-}
-
-let checks = 0;
-function check(ok: boolean, what: string, detail?: unknown): void {
-  checks++;
-  if (!ok) throw new CheckFailed(`${what}${detail === undefined ? '' : `: ${stringify(detail)}`}`);
-  console.log(`ok ${checks} - ${what}`);
-}
-
-const stringify = (v: unknown): string => JSON.stringify(v, (_k, x) => (typeof x === 'bigint' ? x.toString() : x));
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 function parseArgs(argv: string[]): { qemu: string | undefined } {
@@ -53,23 +43,6 @@ function parseArgs(argv: string[]): { qemu: string | undefined } {
     }
   }
   return { qemu };
-}
-
-interface BufferInfo {
-  id: string;
-  netdev: string;
-  'open-packets': number;
-  'open-bytes': number;
-  'held-packets': number;
-  'held-bytes': number;
-  'closed-epochs': number[];
-  'last-closed-epoch'?: number;
-  'unsent-packets': number;
-  'unsent-bytes': number;
-  'released-packets': number;
-  'released-bytes': number;
-  'dropped-packets': number;
-  'dropped-bytes': number;
 }
 
 /** A UDP socket bound on 127.0.0.1 that records what arrives, in order. */
@@ -151,12 +124,12 @@ class Rig {
     }
   }
 
-  async buffers(): Promise<Map<string, BufferInfo>> {
-    const list = await this.qmp.execute<BufferInfo[]>('x-ftvm-query-output-buffers');
+  async buffers(): Promise<Map<string, OutputBufferInfo>> {
+    const list = await this.qmp.execute<OutputBufferInfo[]>('x-ftvm-query-output-buffers');
     return new Map(list.map((b) => [b.id, b]));
   }
 
-  async buffer(id: string): Promise<BufferInfo> {
+  async buffer(id: string): Promise<OutputBufferInfo> {
     const b = (await this.buffers()).get(id);
     if (!b) throw new CheckFailed(`x-ftvm-query-output-buffers does not list ${id}`);
     return b;
@@ -239,16 +212,6 @@ interface MigrationEnd {
   status: string;
   errorDesc: string | undefined;
   ram: Record<string, number> | undefined;
-}
-
-async function expectQmpError(promise: Promise<unknown>, match: RegExp, what: string): Promise<void> {
-  try {
-    await promise;
-  } catch (error) {
-    check(error instanceof QmpCommandError && match.test(error.desc), what, (error as Error).message);
-    return;
-  }
-  check(false, what, 'the command succeeded');
 }
 
 const sameIds = (a: bigint[], b: bigint[]) => stringify(a) === stringify(b);
@@ -549,7 +512,7 @@ async function main(): Promise<void> {
     await failedCheckpoints(rig);
     await releaseWhileStopped(rig, heldReply);
     await protectionOff(rig);
-    console.log(JSON.stringify({ checks }));
+    console.log(JSON.stringify({ checks: checksPassed() }));
   } catch (error) {
     console.log(`not ok - ${(error as Error).message}`);
     process.exitCode = 1;

@@ -1,6 +1,7 @@
 export { Checkpointer, type CheckpointerOptions, type CheckpointResult, type CheckpointDisks } from './checkpointer.js';
 export { DiskReplicator, DiskReplicatorError, KEEP_BLOCK_ACTIVE, type DiskAudit } from './disk/disk-replicator.js';
 export { MigrationSocket } from './migration-socket.js';
+export { OutputCommit, OutputCommitError, OUTPUT_BUFFER_TYPE, OUTPUT_CLOSE_ACTION, type OutputBufferInfo } from './output/output-commit.js';
 export { Agent } from './agent/agent.js';
 export { runAgent } from './agent/run.js';
 export { VmRecords, vmRecordSchema, RecordConflictError, type VmRecord } from './agent/vm-records.js';

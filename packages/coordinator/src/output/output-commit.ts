@@ -20,9 +20,13 @@ export interface OutputBufferInfo {
   'held-bytes': number;
   'closed-epochs': number[];
   'last-closed-epoch'?: number;
+  /** Released, not passed on yet (the netdev could not take them). */
+  'unsent-packets': number;
+  'unsent-bytes': number;
   'released-packets': number;
   'released-bytes': number;
   'dropped-packets': number;
+  'dropped-bytes': number;
 }
 
 /** Output commit cannot be given to this VM (its QEMU, its NICs): protection must not go on without it. */

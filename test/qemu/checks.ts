@@ -1,0 +1,33 @@
+/**
+ * The QEMU patch checks' little TAP-like harness (`ok N - what`, a CheckFailed on the first
+ * failure), shared by the standalone check scripts in this folder.
+ */
+import { QmpCommandError } from '@ftvm/qmp';
+
+export class CheckFailed extends Error {
+  override name = 'CheckFailed';
+}
+
+let count = 0;
+
+/** How many checks passed so far in this process. */
+export const checksPassed = (): number => count;
+
+export const stringify = (v: unknown): string => JSON.stringify(v, (_k, x) => (typeof x === 'bigint' ? x.toString() : x));
+
+export function check(ok: boolean, what: string, detail?: unknown): void {
+  count++;
+  if (!ok) throw new CheckFailed(`${what}${detail === undefined ? '' : `: ${stringify(detail)}`}`);
+  console.log(`ok ${count} - ${what}`);
+}
+
+/** `promise` must fail with a QMP error whose description matches. */
+export async function expectQmpError(promise: Promise<unknown>, match: RegExp, what: string): Promise<void> {
+  try {
+    await promise;
+  } catch (error) {
+    check(error instanceof QmpCommandError && match.test(error.desc), what, (error as Error).message);
+    return;
+  }
+  check(false, what, 'the command succeeded');
+}
