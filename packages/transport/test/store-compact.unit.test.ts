@@ -6,6 +6,7 @@ import { Readable } from 'node:stream';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { CheckpointStore, type CheckpointMetadata, type CheckpointStoreError, type CommitInput, type DiskBase } from '../src/store/index.js';
 import { createStreamVerifier, encodeRecords, parseMigrationStream, RamFlag } from '../src/stream/index.js';
+import { compactInChildProcess, PauseGate } from '../src/store/compaction.js';
 import { BLOCKS, full, PAGE, stream, type Page } from './fixtures-chain.js';
 import { ModelDisk } from './fixtures-disks.js';
 import { pseudoRandom } from './fixtures-synthetic.js';
@@ -272,16 +273,18 @@ describe('CheckpointStore compaction', () => {
         const reader = await new CheckpointStore(dir, 2).open();
         expect(await sorted()).toContain(`4.full-${process.pid}.ckpt.tmp`);
 
-        const readFile = fs.readFile;
+        const { readFile, open } = fs;
         let raced = false;
-        vi.spyOn(fs, 'readFile').mockImplementation(async (file, options) => {
+        const race = async (file: unknown) => {
           if (!raced && String(file) === path.join(dir, vanishing)) {
             raced = true; // the receiver switches to the compacted 4 and prunes 1–3 just now
             hold.release();
             await writer.compacted();
           }
-          return readFile(file, options as never);
-        });
+        };
+        // metadata is read whole, data opened and read in slices
+        vi.spyOn(fs, 'readFile').mockImplementation(async (file, options) => (await race(file), readFile(file, options as never)));
+        vi.spyOn(fs, 'open').mockImplementation(async (file, ...rest) => (await race(file), open(file, ...(rest as [never]))));
         const corrupt: string[] = [];
         const content = await latestContent(reader, (e) => corrupt.push(e.message));
         expect(raced).toBe(true);
@@ -291,42 +294,116 @@ describe('CheckpointStore compaction', () => {
     }
   });
 
-  it('reports a failed compaction (disk full, a rotten link) and leaves the store as it was', async () => {
+  it('reports a full disk during a compaction (run here, where fs can be made to fail) and leaves the store as it was', async () => {
     const errors: CheckpointStoreError[] = [];
     const open = fs.open;
-    let full = true;
     vi.spyOn(fs, 'open').mockImplementation(async (file, ...rest) => {
-      if (full && /\.full-\d+\.ckpt\.tmp$/.test(String(file))) throw Object.assign(new Error(`ENOSPC: no space left on device, open '${String(file)}'`), { code: 'ENOSPC' });
+      if (/\.full-\d+\.ckpt\.tmp$/.test(String(file))) throw Object.assign(new Error(`ENOSPC: no space left on device, open '${String(file)}'`), { code: 'ENOSPC' });
       return open(file, ...(rest as [never]));
     });
-    const store = await openStore(2, { compactAtLength: 3, compactAtRatio: Infinity, compactRetryMs: 0, onCompactError: (e) => errors.push(e) });
+    const store = await openStore(2, { compactIn: 'here', compactAtLength: 3, compactAtRatio: Infinity, compactRetryMs: 0, onCompactError: (e) => errors.push(e) });
     let tip = await commit(store, 1);
     for (const epoch of [2, 3]) tip = await commit(store, epoch, tip);
     await store.compacted();
     expect(errors).toEqual([expect.objectContaining({ code: 'no-space', epoch: 3 })]);
     expect(await sorted()).toEqual(['1.ckpt', '1.json', '2.ckpt', '2.json', '3.ckpt', '3.json']);
     expect((await store.metadata(3)).base).toBe(2);
+  });
 
-    full = false;
-    const intact = await fs.readFile(store.dataPath(2));
-    const file = await fs.open(store.dataPath(2), 'r+');
+  it('reports what its worker process found (a rotten link, what the codec cannot carry, a deadline) and leaves the store as it was', async () => {
+    const errors: CheckpointStoreError[] = [];
+    const store = await openStore(2, { compactAtLength: 3, compactAtRatio: Infinity, compactRetryMs: 0, onCompactError: (e) => errors.push(e) });
+    let tip = await commit(store, 1);
+    for (const epoch of [2, 3]) tip = await commit(store, epoch, tip);
+    await store.compacted();
+    expect(errors).toEqual([]);
+    expect((await store.metadata(3)).dataFile).toMatch(/^3\.full-\d+\.ckpt$/);
+
+    tip = await commit(store, 4, tip);
+    const intact = await fs.readFile(store.dataPath(4));
+    const file = await fs.open(store.dataPath(4), 'r+');
     await file.write(Buffer.from([0xee]), 0, 1, 200);
     await file.close();
-    tip = await commit(store, 4, tip);
+    tip = await commit(store, 5, tip);
+    tip = await commit(store, 6, tip);
     await store.compacted();
-    expect(errors[1]).toMatchObject({ code: 'corrupt', epoch: 2, message: expect.stringContaining('checkpoint 2 is corrupt') });
-    expect(await sorted()).toEqual(['1.ckpt', '1.json', '2.ckpt', '2.json', '3.ckpt', '3.json', '4.ckpt', '4.json']);
-    expect((await store.metadata(4)).dataFile).toBeUndefined();
+    expect(errors[0]).toMatchObject({ code: 'corrupt', epoch: 4, message: expect.stringContaining('checkpoint 4 is corrupt') });
+    expect(await sorted()).toEqual([expect.stringMatching(/^3\.full-\d+\.ckpt$/), '3.json', '4.ckpt', '4.json', '5.ckpt', '5.json', '6.ckpt', '6.json']);
+    expect((await store.metadata(6)).dataFile).toBeUndefined();
 
     // what the codec cannot carry over (an XBZRLE page is a delta against an older copy): verify
-    await fs.writeFile(store.dataPath(2), intact);
-    const records = parseMigrationStream(stream(increment(5), BLOCKS, 5));
+    await fs.writeFile(store.dataPath(4), intact);
+    const records = parseMigrationStream(stream(increment(7), BLOCKS, 7));
     const xbzrle = records.map((r) => (r.type === 'ram-page' ? { type: 'ram-xbzrle' as const, addr: r.addr, flags: RamFlag.XBZRLE | (r.flags & RamFlag.CONTINUE), block: r.block, encoding: 1, data: Buffer.alloc(12) } : r));
-    await commit(store, 5, tip, { data: Readable.from([encodeRecords(xbzrle)]) });
+    await commit(store, 7, tip, { data: Readable.from([encodeRecords(xbzrle)]) });
     await store.compacted();
-    expect(errors[2]).toMatchObject({ code: 'verify', epoch: 5, message: expect.stringContaining('XBZRLE') });
-    expect((await store.metadata(5)).dataFile).toBeUndefined();
-    expect(await store.epochs()).toEqual([1, 2, 3, 4, 5]);
+    expect(errors[1]).toMatchObject({ code: 'verify', epoch: 7, message: expect.stringContaining('XBZRLE') });
+    expect((await store.metadata(7)).dataFile).toBeUndefined();
+    expect(await store.epochs()).toEqual([3, 4, 5, 6, 7]);
+
+    const slow = await openStore(2, { compactAtLength: 2, compactAtRatio: Infinity, compactTimeoutMs: 1, onCompactError: (e) => errors.push(e) }, await fs.mkdtemp(path.join(dir, 'slow-')));
+    const first = await commit(slow, 1);
+    await commit(slow, 2, first);
+    await slow.compacted();
+    expect(errors[2]).toMatchObject({ code: 'io', epoch: 2, message: expect.stringContaining('took longer than 1 ms') });
+    expect(await sorted(slow.dir)).toEqual(['1.ckpt', '1.json', '2.ckpt', '2.json']);
+  });
+
+  it('pauses its worker between slices until resumed or for 100 ms at most, and not once hurried', async () => {
+    vi.useFakeTimers();
+    try {
+      let now = 0;
+      const gate = new PauseGate(() => now);
+      const passed = async () => {
+        let done = false;
+        void gate.passed().then(() => (done = true));
+        await vi.advanceTimersByTimeAsync(0);
+        return { done: () => done };
+      };
+      expect((await passed()).done()).toBe(true); // not paused
+      gate.pause();
+      const held = await passed();
+      now = 60;
+      await vi.advanceTimersByTimeAsync(60);
+      expect(held.done()).toBe(false);
+      gate.resume();
+      await vi.advanceTimersByTimeAsync(0);
+      expect(held.done()).toBe(true); // resumed
+
+      gate.pause(); // at 60
+      now = 100;
+      const bounded = await passed(); // 60 ms left of this pause
+      await vi.advanceTimersByTimeAsync(59);
+      expect(bounded.done()).toBe(false);
+      await vi.advanceTimersByTimeAsync(1);
+      expect(bounded.done()).toBe(true); // a pause never lasts longer than 100 ms
+      now = 500;
+      expect((await passed()).done()).toBe(true); // still "paused", but long past its bound
+      gate.resume();
+
+      gate.pause();
+      const hurried = await passed();
+      gate.hurry(); // the compaction is behind the chain's growth: no more pauses
+      await vi.advanceTimersByTimeAsync(0);
+      expect(hurried.done()).toBe(true);
+      gate.pause();
+      expect((await passed()).done()).toBe(true);
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+
+  it('compacts in its worker process even when paused and never resumed (a long commit does not starve it)', async () => {
+    const store = await openStore(2, { compactAtLength: Infinity, compactAtRatio: Infinity });
+    let tip = await commit(store, 1);
+    for (const epoch of [2, 3]) tip = await commit(store, epoch, tip);
+    const chain = await Promise.all([1, 2, 3].map((e) => store.metadata(e)));
+    const tmp = path.join(dir, `3.full-${process.pid}.ckpt.tmp`);
+    const worker = compactInChildProcess({ dir, chain, tmp }, 30_000);
+    worker.pause();
+    const compacted = await worker.done;
+    expect(compacted.bytes).toBe((await fs.stat(tmp)).size);
+    expect(contentOf(await fs.readFile(tmp))).toEqual(contentOf(store.read((await store.latestVerified())!)));
   });
 
   it('leaves disk deltas and disk bases as they were: the replica follows, and a failover gets the disks exactly', async () => {

@@ -3,8 +3,8 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
 import { assembleCheckpointChain, sameBlocks, type AssembledCheckpoint, type CheckpointLayout } from '../stream/chain.js';
-import { CheckpointChainCompactor } from '../stream/compact.js';
-import { createStreamVerifier, type StreamSummary } from '../stream/verifier.js';
+import type { StreamSummary } from '../stream/verifier.js';
+import { compactInChildProcess, dataFileIn, isVanished, readVerifiedData, vanished, writeCompactedChain, type CompactedData, type CompactionJob, type CompactionProcess } from './compaction.js';
 import {
   DiskDeltaWriter,
   scanDiskDelta,
@@ -100,15 +100,19 @@ const TMP_SUFFIX = '.tmp';
 const DELTA_SUFFIX = '.delta';
 /** `<epoch>.<disk>.delta` */
 const DELTA_NAME = /^(\d+)\.([^.]+)\.delta$/;
-const HASH_SLICE_BYTES = 4 * 1024 * 1024;
 const DEFAULT_COMPACT_AT_RATIO = 1;
 const DEFAULT_COMPACT_AT_LENGTH = 600;
 const DEFAULT_COMPACT_RETRY_MS = 10_000;
+const DEFAULT_COMPACT_TIMEOUT_MS = 300_000;
+/**
+ * A compaction running while its chain grows to this many times its trigger is behind (heavy
+ * dirtying: increments of 50–100 MB); its worker then runs at normal priority, unpaused. Without
+ * it the niced worker starved and chains reached 2 GB, a 4–5 s read at failover.
+ */
+const HURRY_FACTOR = 2;
 
 /** Compacted data files (and their temporaries) this process is writing and has not yet named in metadata. */
 const compactingHere = new Set<string>();
-/** Errors that say a file of a chain vanished while it was read (another process compacted or pruned): worth one re-read. */
-const vanishedErrors = new WeakSet<Error>();
 
 /**
  * A directory of committed checkpoints, on the backup.
@@ -141,10 +145,17 @@ const vanishedErrors = new WeakSet<Error>();
 export class CheckpointStore {
   /** Pruning after the last commit (or a seed): it runs once the commit is durable, and the next commit waits for it. */
   private pruning: Promise<void> = Promise.resolve();
+  /** Unlinking the files of pruned checkpoints, after their metadata went (see removeCheckpoint). */
+  private dropping: Promise<void> = Promise.resolve();
   private readonly replica: Replica;
   /** The compaction running in the background (it never rejects: see onCompactError). */
   private compaction: Promise<void> = Promise.resolve();
   private compacting = false;
+  /** The compaction's worker process, while one runs; and how many commits run now. */
+  private worker: CompactionProcess | undefined;
+  private committing = 0;
+  /** The running compaction is behind the chain's growth (see considerCompaction). */
+  private hurry = false;
   /** No compaction before this time (a failed one backs off). */
   private compactRetryAt = 0;
   /**
@@ -174,6 +185,14 @@ export class CheckpointStore {
       onCompactError?: (error: CheckpointStoreError) => void;
       /** After a failed compaction, none is tried for this long (default 10 s). */
       compactRetryMs?: number;
+      /**
+       * Where the compaction's reading, rewriting and checking runs: 'process' (default) in a
+       * child process at the lowest CPU priority, so commits keep their pace meanwhile; 'here'
+       * on this event loop, in slices.
+       */
+      compactIn?: 'process' | 'here';
+      /** A compaction in a child process is killed after this long (default 300 s), and retried later. */
+      compactTimeoutMs?: number;
     } = {},
   ) {
     if (!Number.isInteger(keep) || keep < 1) throw new RangeError(`keep must be an integer ≥ 1, got ${keep}`);
@@ -233,6 +252,18 @@ export class CheckpointStore {
    * the primary is waiting for the ack. `pruned()` waits for it.
    */
   async commit(input: CommitInput): Promise<CheckpointMetadata> {
+    // a compaction's worker waits meanwhile: commits keep their pace (see compaction.ts)
+    this.committing++;
+    this.worker?.pause();
+    try {
+      return await this.commitNow(input);
+    } finally {
+      this.committing--;
+      this.worker?.resume();
+    }
+  }
+
+  private async commitNow(input: CommitInput): Promise<CheckpointMetadata> {
     // The source may fail before it is read (the link dies while this waits for the last prune or
     // the disk): its error then surfaces from the read loop below — an errored stream throws when
     // iterated — instead of as an uncaught 'error' event that would take the receiver down.
@@ -327,9 +358,10 @@ export class CheckpointStore {
     }
   }
 
-  /** Resolves once the pruning after the last commit is done (it never rejects: see onPruneError). */
+  /** Resolves once the pruning after the last commit is done, its files unlinked too (it never rejects: see onPruneError). */
   async pruned(): Promise<void> {
     await this.pruning;
+    await this.dropping;
   }
 
   /**
@@ -339,6 +371,7 @@ export class CheckpointStore {
   async compacted(): Promise<void> {
     await this.pruning;
     await this.compaction;
+    await this.dropping;
   }
 
   /** Committed epochs, oldest first. */
@@ -377,7 +410,7 @@ export class CheckpointStore {
   /** Re-reads the data and checks size and checksum against the metadata. */
   async verify(epoch: number): Promise<CheckpointMetadata> {
     const meta = await this.metadata(epoch);
-    await this.readVerified(meta);
+    await readVerifiedData(this.dir, meta);
     return meta;
   }
 
@@ -408,7 +441,7 @@ export class CheckpointStore {
     const failed = new Set<string>();
     const readOnce = (meta: CheckpointMetadata) => {
       const key = `${this.dataPathOf(meta)} ${meta.dataSha256 ?? meta.sha256}`;
-      if (!verified.has(key)) verified.set(key, this.readVerified(meta).catch((error: unknown) => (failed.add(key), Promise.reject(error))));
+      if (!verified.has(key)) verified.set(key, readVerifiedData(this.dir, meta).catch((error: unknown) => (failed.add(key), Promise.reject(error))));
       return verified.get(key)!;
     };
     const deltasVerified = new Map<string, Promise<unknown>>();
@@ -427,14 +460,14 @@ export class CheckpointStore {
               await readOnce(link).catch((error: unknown) => {
                 if (link.epoch === epoch || !(error instanceof CheckpointStoreError)) throw error;
                 const wrapped = new CheckpointStoreError(`checkpoint ${epoch} builds on checkpoint ${link.epoch}: ${error.message}`, 'corrupt', epoch, error.path);
-                throw vanishedErrors.has(error) ? vanished(wrapped) : wrapped;
+                throw isVanished(error) ? vanished(wrapped) : wrapped;
               }),
             );
           }
           return { metadata: head, chain, data, ...(diskEpochs ? { diskEpochs } : {}) };
         } catch (error) {
           if (!(error instanceof CheckpointStoreError)) throw error;
-          if (attempt === 1 && vanishedErrors.has(error)) {
+          if (attempt === 1 && isVanished(error)) {
             for (const key of failed) verified.delete(key);
             failed.clear();
             deltasVerified.clear();
@@ -515,7 +548,7 @@ export class CheckpointStore {
 
   /** Where the data of the checkpoint `meta` describes is: its compacted file, if it has one. */
   dataPathOf(meta: CheckpointMetadata): string {
-    return meta.dataFile === undefined ? this.dataPath(meta.epoch) : path.join(this.dir, meta.dataFile);
+    return dataFileIn(this.dir, meta);
   }
 
   deltaPath(epoch: number, disk: string): string {
@@ -524,37 +557,6 @@ export class CheckpointStore {
 
   private metaPath(epoch: number): string {
     return path.join(this.dir, `${epoch}${META_SUFFIX}`);
-  }
-
-  /**
-   * A checkpoint's data, checked against its metadata's size and checksum. Hashed in slices: a
-   * backup agent does this at failover and must go on answering its lease keepalives meanwhile.
-   */
-  private async readVerified(meta: CheckpointMetadata): Promise<Buffer> {
-    const file = this.dataPathOf(meta);
-    const expected = meta.dataSha256 ?? meta.sha256;
-    let data: Buffer;
-    try {
-      data = await fs.readFile(file);
-    } catch (error) {
-      const unreadable = new CheckpointStoreError(`checkpoint ${meta.epoch} data unreadable: ${(error as Error).message}`, 'corrupt', meta.epoch);
-      throw (error as NodeJS.ErrnoException).code === 'ENOENT' ? vanished(unreadable) : unreadable;
-    }
-    const hash = createHash('sha256');
-    for (let offset = 0; offset < data.length; offset += HASH_SLICE_BYTES) {
-      hash.update(data.subarray(offset, offset + HASH_SLICE_BYTES));
-      await new Promise<void>((resolve) => setImmediate(resolve));
-    }
-    const sha256 = hash.digest('hex');
-    if (data.length !== meta.bytes || sha256 !== expected) {
-      throw new CheckpointStoreError(
-        `checkpoint ${meta.epoch} is corrupt: ${data.length} bytes sha256 ${sha256.slice(0, 12)}…, ${meta.dataFile === undefined ? 'committed' : 'compacted to'} ${meta.bytes} bytes ${expected.slice(0, 12)}…`,
-        'corrupt',
-        meta.epoch,
-        file,
-      );
-    }
-    return data;
   }
 
   /** An incremental checkpoint may only extend the newest committed one, of the same lineage. */
@@ -616,15 +618,26 @@ export class CheckpointStore {
     };
   }
 
-  /** Metadata first (the checkpoint is no longer committed), then its data (compacted too) and disk deltas. */
+  /**
+   * Metadata first (the checkpoint is no longer committed); its data (compacted too) and disk
+   * deltas are unlinked after, outside the pruning chain: unlinking a 137 MB file took ~40 ms here,
+   * and the next commit must not wait for it. Their names are never used again (epochs only grow).
+   */
   private async removeCheckpoint(epoch: number): Promise<void> {
     this.known.delete(epoch);
     await fs.rm(this.metaPath(epoch), { force: true });
-    await fs.rm(this.dataPath(epoch), { force: true });
-    for (const name of await fs.readdir(this.dir)) {
-      const owner = DELTA_NAME.exec(name)?.[1] ?? COMPACTED_DATA_NAME.exec(name)?.[1];
-      if (owner === String(epoch)) await fs.rm(path.join(this.dir, name), { force: true });
-    }
+    this.dropLater(async () => {
+      await fs.rm(this.dataPath(epoch), { force: true });
+      for (const name of await fs.readdir(this.dir)) {
+        const owner = DELTA_NAME.exec(name)?.[1] ?? COMPACTED_DATA_NAME.exec(name)?.[1];
+        if (owner === String(epoch)) await fs.rm(path.join(this.dir, name), { force: true });
+      }
+    });
+  }
+
+  /** Queues the removal of files no metadata names any more (open() removes them after a crash). */
+  private dropLater(remove: () => Promise<void>): void {
+    this.dropping = this.dropping.then(remove).catch((error: unknown) => this.reportPruneError(error));
   }
 
   private reportPruneError(error: unknown): void {
@@ -645,7 +658,7 @@ export class CheckpointStore {
   private async considerCompaction(epoch: number): Promise<void> {
     const ratio = this.options.compactAtRatio ?? DEFAULT_COMPACT_AT_RATIO;
     const length = this.options.compactAtLength ?? DEFAULT_COMPACT_AT_LENGTH;
-    if (this.compacting || Date.now() < this.compactRetryAt || (ratio === Infinity && length === Infinity)) return;
+    if ((!this.compacting && Date.now() < this.compactRetryAt) || (ratio === Infinity && length === Infinity)) return;
     let chain: CheckpointMetadata[];
     try {
       chain = await this.chain(epoch, this.cachedReader(await this.epochs()));
@@ -654,8 +667,15 @@ export class CheckpointStore {
     }
     if (chain.length < 2 || !chain.every((m) => m.layout && m.ramBlocks)) return; // full already, or not verified migration streams
     const incrementBytes = chain.slice(1).reduce((n, m) => n + m.bytes, 0);
+    // a chain grown to HURRY_FACTOR times what starts a compaction: the running one is behind
+    const behind = incrementBytes >= HURRY_FACTOR * ratio * chain[0]!.bytes || chain.length >= HURRY_FACTOR * length;
+    if (this.compacting) {
+      if (behind) this.hurry = true, this.worker?.hurry();
+      return;
+    }
     if (incrementBytes < ratio * chain[0]!.bytes && chain.length < length) return;
     this.compacting = true;
+    this.hurry = behind;
     this.compaction = this.compact(chain).finally(() => {
       this.compacting = false;
     });
@@ -675,7 +695,8 @@ export class CheckpointStore {
     const state = { named: false };
     compactingHere.add(target).add(tmp);
     try {
-      const compacted = await this.writeCompacted(chain, tmp);
+      const job = { dir: this.dir, chain, tmp };
+      const compacted = (this.options.compactIn ?? 'process') === 'here' ? await writeCompactedChain(job) : await this.compactInWorker(job);
       await fs.rename(tmp, target);
       await this.syncDir();
       const run = this.pruning.then(async () => {
@@ -695,12 +716,7 @@ export class CheckpointStore {
       );
       if (!gone) {
         this.compactRetryAt = Date.now() + (this.options.compactRetryMs ?? DEFAULT_COMPACT_RETRY_MS);
-        const reported =
-          error instanceof CheckpointStoreError
-            ? error
-            : isFsError(error)
-              ? CheckpointStoreError.fromFs(error, `compact checkpoint ${epoch} in ${this.dir}`, epoch)
-              : new CheckpointStoreError(`checkpoint ${epoch} cannot be compacted: ${(error as Error).message}`, 'verify', epoch);
+        const reported = error instanceof CheckpointStoreError ? error : CheckpointStoreError.fromFs(error, `compact checkpoint ${epoch} in ${this.dir}`, epoch);
         (this.options.onCompactError ?? this.options.onPruneError)?.(reported);
       }
     } finally {
@@ -711,42 +727,17 @@ export class CheckpointStore {
     }
   }
 
-  /**
-   * Writes the chain compacted into `tmp` (fsync'd) and checks it is a full stream of the chain's
-   * RAM blocks; the chain's data is read (and verified) here and let go on return. The work is
-   * sliced so the event loop goes on serving commits.
-   */
-  private async writeCompacted(chain: CheckpointMetadata[], tmp: string): Promise<{ dataSha256: string; bytes: number; layout: CheckpointLayout }> {
-    const head = chain.at(-1)!;
-    const data: Buffer[] = [];
-    for (const link of chain) data.push(await this.readVerified(link)); // never launder a rotten chain into a new checksum
-    const compactor = new CheckpointChainCompactor(data, chain.map((m) => m.layout!));
-    for (const _ of compactor.index()) await nextTurn();
-    const verifier = createStreamVerifier();
-    const hash = createHash('sha256');
-    const file = await fs.open(tmp, 'wx');
+  /** compactInChildProcess, paused while a commit runs. */
+  private async compactInWorker(job: CompactionJob): Promise<CompactedData> {
+    const worker = compactInChildProcess(job, this.options.compactTimeoutMs ?? DEFAULT_COMPACT_TIMEOUT_MS);
+    if (this.hurry) worker.hurry();
+    for (let i = 0; i < this.committing; i++) worker.pause();
+    this.worker = worker;
     try {
-      const writer = new WriteBehind(file);
-      try {
-        for (const chunk of compactor.chunks()) {
-          hash.update(chunk);
-          verifier.update(chunk);
-          await writer.write(chunk);
-          await nextTurn();
-        }
-        await writer.finish();
-      } finally {
-        await writer.settled();
-      }
+      return await worker.done;
     } finally {
-      await file.close();
+      this.worker = undefined;
     }
-    const summary = verifier.end();
-    const layout = compactor.layout;
-    if (!summary.fullRam || !sameBlocks(summary.ramBlocks, head.ramBlocks) || summary.bytes !== compactor.bytes || !sameLayout(summary.layout, layout)) {
-      throw new CheckpointStoreError(`checkpoint ${head.epoch}'s compacted stream is not a full stream of its RAM blocks`, 'verify', head.epoch, tmp);
-    }
-    return { dataSha256: hash.digest('hex'), bytes: summary.bytes, layout };
   }
 
   /**
@@ -777,7 +768,7 @@ export class CheckpointStore {
     state.named = true;
     this.known.set(epoch, metadata);
     await this.syncDir(); // the new name durable before the old data goes
-    await fs.rm(this.dataPath(epoch), { force: true });
+    this.dropLater(() => fs.rm(this.dataPath(epoch), { force: true }));
     return true;
   }
 
@@ -1056,27 +1047,6 @@ function checkShape(epoch: number, shape: StreamShape, base: CheckpointMetadata 
 }
 
 function ignoreHere(): void {}
-
-/** Marks an error as "a file vanished under the reader" (see latestVerified). */
-function vanished(error: CheckpointStoreError): CheckpointStoreError {
-  vanishedErrors.add(error);
-  return error;
-}
-
-/** Lets the event loop run (commits, lease keepalives) between slices of a long computation. */
-function nextTurn(): Promise<void> {
-  return new Promise((resolve) => setImmediate(resolve));
-}
-
-function sameLayout(a: CheckpointLayout | undefined, b: CheckpointLayout): boolean {
-  return a !== undefined && a.ramSectionId === b.ramSectionId && a.preambleEnd === b.preambleEnd && a.ramSetupEnd === b.ramSetupEnd && a.deviceStateStart === b.deviceStateStart;
-}
-
-/** A system call's error (ENOSPC, EIO…), not the codec's (whose codes are words like BAD_PAGE). */
-function isFsError(error: unknown): boolean {
-  const { code, syscall } = error as NodeJS.ErrnoException;
-  return typeof syscall === 'string' || /^E[A-Z0-9]+$/.test(String(code));
-}
 
 
 /** A stream input's error surfaces when it is iterated (see commit), not as an uncaught 'error' event. */

@@ -15,7 +15,15 @@ export class WriteBehind {
   private syncing: Promise<void> | undefined;
   private syncError: unknown;
 
-  constructor(private readonly file: FileHandle) {}
+  private readonly syncEveryBytes: number;
+
+  /** `syncEveryBytes`: how much is written before its write-back starts (default 16 MiB). */
+  constructor(
+    private readonly file: FileHandle,
+    options: { syncEveryBytes?: number } = {},
+  ) {
+    this.syncEveryBytes = options.syncEveryBytes ?? WriteBehind.WRITE_BEHIND_BYTES;
+  }
 
   async write(chunk: Buffer): Promise<void> {
     this.batch.push(chunk);
@@ -43,7 +51,7 @@ export class WriteBehind {
     this.batch = [];
     this.batchBytes = 0;
     await this.file.writev(batch);
-    if (this.unsynced >= WriteBehind.WRITE_BEHIND_BYTES && !this.syncing) {
+    if (this.unsynced >= this.syncEveryBytes && !this.syncing) {
       this.unsynced = 0;
       this.syncing = this.file.datasync().then(
         () => (this.syncing = undefined),
