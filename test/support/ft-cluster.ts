@@ -77,7 +77,11 @@ export interface ClusterOptions {
   service?: boolean;
   /** Protect with output commit: the guest's service output is held until its checkpoint is committed. */
   outputCommit?: boolean;
+  /** Extra environment of a host's agent (test-only knobs such as FTVM_TEST_REALTIME_SKEW_MS), kept for its restarts. */
+  agentEnv?: AgentEnv;
 }
+
+export type AgentEnv = Partial<Record<AgentHost, Record<string, string>>>;
 
 /**
  * A probe VM's fixed place on the service network: `ft-probe` (the cluster's default VM) is guest
@@ -138,10 +142,12 @@ export function writeAgentConfig(host: AgentHost): string {
   return agentConfigPath(host);
 }
 
-/** Starts `ftvm agent` inside a lab host (a daemon of that host: kill/freeze/cut reach it). */
-export async function startAgent(host: AgentHost): Promise<number> {
+/** Starts `ftvm agent` inside a lab host (a daemon of that host: kill/freeze/cut reach it), with `env` added to its environment. */
+export async function startAgent(host: AgentHost, env: Record<string, string> = {}): Promise<number> {
   const config = writeAgentConfig(host);
-  const pid = spawnDaemonIn(host, [process.execPath, CLI, 'agent', '--config', config], path.join(CLUSTER_DIR, `${host}.agent.out`));
+  const withEnv = Object.entries(env).map(([name, value]) => `${name}=${value}`);
+  const argv = [...(withEnv.length ? ['env', ...withEnv] : []), process.execPath, CLI, 'agent', '--config', config];
+  const pid = spawnDaemonIn(host, argv, path.join(CLUSTER_DIR, `${host}.agent.out`));
   const client = controlClient(host);
   const deadline = performance.now() + 30_000;
   for (;;) {
@@ -197,6 +203,7 @@ export interface Cluster {
   /** Where the VM runs now. */
   primary: AgentHost;
   agentPids: Record<AgentHost, number>;
+  agentEnv?: AgentEnv;
 }
 
 /**
@@ -230,9 +237,9 @@ export async function startCluster(options: ClusterOptions = {}): Promise<Cluste
   } finally {
     etcd.close();
   }
-  const agentPids = { primary: await startAgent('primary'), backup: await startAgent('backup') };
+  const agentPids = { primary: await startAgent('primary', options.agentEnv?.primary), backup: await startAgent('backup', options.agentEnv?.backup) };
   await controlClient('primary').protect({ vm: name, backup: 'backup', checkpointIntervalMs: options.checkpointIntervalMs ?? 1000, ...(options.outputCommit ? { outputCommit: true } : {}), ...(options.fullEvery ? { fullEvery: options.fullEvery } : {}) }, () => undefined);
-  return { vm: name, primary: 'primary', agentPids };
+  return { vm: name, primary: 'primary', agentPids, ...(options.agentEnv ? { agentEnv: options.agentEnv } : {}) };
 }
 
 /**
@@ -304,7 +311,7 @@ export async function untilAgents<T>(what: string, probe: () => Promise<T | unde
 export async function reviveHost(host: AgentHost, cluster: Cluster): Promise<void> {
   await restartHost(host);
   fs.mkdirSync(path.join(hostInfo(host).runDir, 'ftvm'), { recursive: true });
-  cluster.agentPids[host] = await startAgent(host);
+  cluster.agentPids[host] = await startAgent(host, cluster.agentEnv?.[host]);
 }
 
 /** JSON lines of an agent's log with `msg` equal to `message`. */

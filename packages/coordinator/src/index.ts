@@ -32,7 +32,7 @@ export { createLogger, flushLogger, reopenLogFile, type Logger, type LoggerOptio
 export { runCli, DEFAULT_SOCKET, type CliDeps } from './cli/program.js';
 export { ExitCode } from './cli/exit-codes.js';
 export type { RunAgent, SignalSource } from './cli/agent-command.js';
-export { encodeHeartbeat, parseHeartbeat, PeerTracker, MAX_HEARTBEAT_BYTES, type HeartbeatLog, type HeartbeatOptions, type HeartbeatPath, type HeartbeatServiceOptions, type VmBeat } from './heartbeat/index.js';
+export { encodeHeartbeat, parseHeartbeat, PeerTracker, MAX_HEARTBEAT_BYTES, ClockOffsetEstimator, peerInstantOnOurClock, type ClockOffsetEstimate, type ClockOffsetOptions, type ClockSample, type HeartbeatEcho, type HeartbeatLog, type HeartbeatOptions, type HeartbeatPath, type HeartbeatServiceOptions, type VmBeat } from './heartbeat/index.js';
 export {
   HostLease,
   LeaseUnusableError,

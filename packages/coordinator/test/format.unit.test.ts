@@ -25,6 +25,8 @@ describe('CLI formatting', () => {
     const status = agentStatus();
     status.lease = { id: undefined, healthy: false, lastRenewAgeMs: 2_400 };
     status.peers.push({ name: 'gamma', alive: false, lastBeatAgeMs: { udp: undefined, ssh: 95_000 } });
+    status.peers.push({ name: 'delta', alive: true, lastBeatAgeMs: { udp: 20, ssh: 30 }, clockOffset: { offsetMs: -2000.04, errorMs: 0.23, ageMs: 40, samples: 64 } });
+    status.peers.push({ name: 'eps', alive: true, lastBeatAgeMs: { udp: 20, ssh: 30 }, clockOffset: { offsetMs: 0.31, errorMs: 0.004, ageMs: 40, samples: 3 } });
     expect(formatStatus(status)).toBe(
       [
         'VM   ROLE     STATE    PHASE      PRIMARY  BACKUP  LEASE HOLDER  INTERVAL  OUTPUT  CHECKPOINT AGE  CLOCK   WHY',
@@ -35,6 +37,8 @@ describe('CLI formatting', () => {
         'lease: none UNHEALTHY, renewed 2.4s ago',
         'peer beta: alive (last heartbeat udp 80ms ago, ssh never)',
         'peer gamma: DEAD (last heartbeat udp never, ssh 1m35s ago)',
+        'peer delta: alive (last heartbeat udp 20ms ago, ssh 30ms ago), clock -2000.0ms ±0.3ms',
+        'peer eps: alive (last heartbeat udp 20ms ago, ssh 30ms ago), clock +0.3ms ±0.1ms',
       ].join('\n'),
     );
     expect(formatStatus({ host: 'alpha', lease: { id: 'abc', healthy: true, lastRenewAgeMs: undefined }, peers: [], vms: [] })).toBe('no VMs\n\nhost: alpha\nlease: abc healthy\npeers: none');

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { encodeHeartbeat, parseHeartbeat, PeerTracker, type Heartbeat } from '../src/heartbeat/index.js';
+import { encodeHeartbeat, heartbeatSchema, parseHeartbeat, PeerTracker, type Heartbeat } from '../src/heartbeat/index.js';
 
 const beat = (seq: number, sentAtMs = 1_000 + seq, vms: Heartbeat['vms'] = {}): Heartbeat => ({ from: 'backup', seq, sentAtMs, vms });
 
@@ -25,6 +25,36 @@ describe('heartbeat wire', () => {
     const parsed = parseHeartbeat(JSON.stringify({ ...beat(2), extra: true, vms: { vm1: { role: 'backup', running: false, later: 1 } } }));
     expect(parsed).toEqual({ beat: beat(2, 1_002, { vm1: { role: 'backup', running: false } }) });
   });
+});
+
+describe('heartbeat wire: clock fields', () => {
+  const timed = (): Heartbeat => ({ ...beat(7), sentAtNs: 1_700_000_000_123_456_789n, echo: { sentAtNs: 1_700_000_000_100_000_001n, receivedAtNs: 1_699_999_998_100_050_000n } });
+
+  it('carries ns instants as decimal strings (beyond 2^53) and round-trips them exactly', () => {
+    const line = encodeHeartbeat(timed());
+    expect(JSON.parse(line)).toMatchObject({ sentAtNs: '1700000000123456789', echo: { sentAtNs: '1700000000100000001', receivedAtNs: '1699999998100050000' } });
+    expect(parseHeartbeat(line)).toEqual({ beat: timed() });
+  });
+
+  it('an old agent (no clock fields) and a new one understand each other', () => {
+    expect(parseHeartbeat(encodeHeartbeat(beat(1)))).toEqual({ beat: beat(1) }); // old → new: no timingError
+    // new → old: the old agent's schema (this one without the clock fields, not strict) drops them
+    expect(heartbeatSchema.parse(JSON.parse(encodeHeartbeat(timed())))).toEqual(beat(7));
+  });
+
+  // [bad clock fields, what the error names]
+  const rows: [string, object, RegExp][] = [
+    ['sentAtNs a JSON number (rounded beyond 2^53)', { sentAtNs: 1_700_000_000_123_456_789 }, /^clock fields left out: sentAtNs: Expected string/],
+    ['sentAtNs not decimal', { sentAtNs: '0x10' }, /^clock fields left out: sentAtNs: a decimal count of ns/],
+    ['sentAtNs zero', { sentAtNs: '0' }, /^clock fields left out: sentAtNs: ns within \(0, 2\^63\)/],
+    ['echo without receivedAtNs', { sentAtNs: '5', echo: { sentAtNs: '4' } }, /^clock fields left out: echo\.receivedAtNs: Required/],
+    ['echo beyond 2^63', { sentAtNs: '5', echo: { sentAtNs: '99999999999999999999', receivedAtNs: '4' } }, /^clock fields left out: echo\.sentAtNs: ns within/],
+  ];
+  for (const [situation, fields, error] of rows) {
+    it(`${situation}: the beat still counts, without its clock fields`, () => {
+      expect(parseHeartbeat(JSON.stringify({ ...beat(3), ...fields }))).toEqual({ beat: beat(3), timingError: expect.stringMatching(error) });
+    });
+  }
 });
 
 describe('PeerTracker', () => {

@@ -1,4 +1,4 @@
-export { DriftLedger, PauseTracker, type PauseCause, type PauseEntry, type UncorrectedReason, type Actuator, type Correction, type LedgerSummary, type ResidualMeasurement } from './ledger.js';
+export { DriftLedger, PauseTracker, type PauseCause, type PauseEntry, type HostClockOffset, type UncorrectedReason, type Actuator, type Correction, type LedgerSummary, type ResidualMeasurement, type Jsonified } from './ledger.js';
 export {
   loadWithLateClockRewrite,
   loadAndResumeOnTime,

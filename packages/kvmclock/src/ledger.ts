@@ -23,6 +23,27 @@ export interface Correction {
   frozenNs?: bigint;
 }
 
+/**
+ * A pause that spans two hosts (a failover or switchover: stopped on the old primary, resumed on
+ * this host) is dated with two clocks. How the old primary's clock stood to this host's, as the
+ * heartbeats measured it (NTP-style, see the coordinator's ClockOffsetEstimator), and whether the
+ * rewrite used it to bring the stop instant onto this host's clock.
+ */
+export interface HostClockOffset {
+  /** The host whose stop instant was converted (the old primary). */
+  peer: string;
+  /** The peer's realtime minus this host's (ns), as measured; absent when nothing was measured. */
+  offsetNs?: bigint;
+  /** |true offset − offsetNs| ≤ errorNs (half the best round trip plus a drift allowance for its age). */
+  errorNs?: bigint;
+  /** Age of the sample the measure came from, at the rewrite (ms). */
+  ageMs?: number;
+  /** The stop instant was converted with offsetNs: the pause's length is right to within errorNs. */
+  applied: boolean;
+  /** Why it was not applied (then the pause is off by however far the clocks disagreed). */
+  detail?: string;
+}
+
 /** One stop→resume of the VM, from QEMU's own event stamps. */
 export interface PauseEntry {
   cause: PauseCause;
@@ -34,6 +55,8 @@ export interface PauseEntry {
   stopEventNs?: bigint;
   /** The clock hook decided not to (or could not) give this pause back, and why. */
   uncorrected?: { reason: UncorrectedReason; detail?: string };
+  /** A pause across two hosts: how their clocks stood (see HostClockOffset). */
+  hostOffset?: HostClockOffset;
 }
 
 export interface ResidualMeasurement {
@@ -54,6 +77,8 @@ export interface LedgerSummary {
   /** Pauses the clock hook left uncorrected (see PauseEntry.uncorrected), by reason. */
   uncorrected: Partial<Record<UncorrectedReason, { pauses: number; pausedNs: bigint }>>;
   lastResidual?: ResidualMeasurement;
+  /** The host clock offset of the newest pause across two hosts. */
+  lastHostOffset?: HostClockOffset;
 }
 
 /**
@@ -111,6 +136,18 @@ export class DriftLedger {
     return entry;
   }
 
+  /**
+   * Notes on a pause across two hosts (the last one by default) how their clocks stood. The
+   * pause's stamps must already be on this host's clock (converted when `applied`).
+   */
+  recordHostOffset(offset: HostClockOffset, entry: PauseEntry | undefined = this.entries.at(-1)): void {
+    if (!entry) throw new Error(`no pause of ${this.vm} to note the clock offset to ${offset.peer} on`);
+    if (offset.applied && (offset.offsetNs === undefined || offset.errorNs === undefined)) {
+      throw new Error(`clock offset to ${offset.peer} marked applied without a measured offset and error bound`);
+    }
+    entry.hostOffset = { ...offset };
+  }
+
   recordResidual(measuredLagNs: bigint, atNs: bigint): ResidualMeasurement {
     const residual = { measuredLagNs, predictedLagNs: this.predictedLagNs, atNs };
     this.residuals.push(residual);
@@ -144,6 +181,7 @@ export class DriftLedger {
       sum.pausedNs += e.pausedNs;
     }
     const lastResidual = this.residuals.at(-1);
+    const lastHostOffset = this.entries.findLast((e) => e.hostOffset !== undefined)?.hostOffset;
     return {
       vm: this.vm,
       pauses: this.entries.length,
@@ -153,8 +191,24 @@ export class DriftLedger {
       byCause,
       uncorrected,
       ...(lastResidual ? { lastResidual } : {}),
+      ...(lastHostOffset ? { lastHostOffset } : {}),
     };
   }
+
+  /** summary() as JSON can carry it (what `ftvm drift` shows): ns as decimal strings, beyond 2^53. */
+  summaryJson(): Jsonified<LedgerSummary> {
+    return jsonified(this.summary());
+  }
+}
+
+/** A value with its bigints as decimal strings. */
+export type Jsonified<T> = T extends bigint ? string : T extends (infer U)[] ? Jsonified<U>[] : T extends object ? { [K in keyof T]: Jsonified<T[K]> } : T;
+
+function jsonified<T>(value: T): Jsonified<T> {
+  if (typeof value === 'bigint') return value.toString() as Jsonified<T>;
+  if (Array.isArray(value)) return value.map(jsonified) as Jsonified<T>;
+  if (value && typeof value === 'object') return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, jsonified(v)])) as Jsonified<T>;
+  return value as Jsonified<T>;
 }
 
 /**

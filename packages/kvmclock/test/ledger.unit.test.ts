@@ -79,6 +79,39 @@ describe('DriftLedger', () => {
   });
 });
 
+describe('DriftLedger: pauses across two hosts', () => {
+  it('notes how the hosts\' clocks stood on the pause, and the summary shows the newest', () => {
+    const ledger = new DriftLedger('vm1');
+    const failover = ledger.recordPause('failover', 1_000_000_000n, 2_500_000_000n);
+    ledger.recordCorrection({ actuator: 'stream-rewrite', appliedNs: 1_500_000_000n }, failover);
+    ledger.recordHostOffset({ peer: 'alpha', offsetNs: -2_000_000_000n, errorNs: 150_000n, ageMs: 800, applied: true }, failover);
+    ledger.recordPause('checkpoint', 3_000_000_000n, 3_001_000_000n);
+    expect(ledger.entries[0]!.hostOffset).toEqual({ peer: 'alpha', offsetNs: -2_000_000_000n, errorNs: 150_000n, ageMs: 800, applied: true });
+    expect(ledger.entries[1]!.hostOffset).toBeUndefined();
+    expect(ledger.summary().lastHostOffset).toMatchObject({ peer: 'alpha', applied: true });
+    ledger.recordPause('migration', 4_000_000_000n, 4_100_000_000n);
+    ledger.recordHostOffset({ peer: 'beta', applied: false, detail: 'no clock offset to beta measured' });
+    expect(ledger.summary().lastHostOffset).toEqual({ peer: 'beta', applied: false, detail: 'no clock offset to beta measured' });
+  });
+
+  it('gives its summary as JSON can carry it (ns as decimal strings), as `ftvm drift` sends it', () => {
+    const ledger = new DriftLedger('vm1');
+    const failover = ledger.recordPause('failover', 1_000_000_000n, 2_500_000_000n);
+    ledger.recordHostOffset({ peer: 'alpha', offsetNs: -2_000_000_000n, errorNs: 150_000n, ageMs: 800, applied: true }, failover);
+    expect(() => JSON.stringify(ledger.summary())).toThrow(/BigInt/);
+    const sent = JSON.parse(JSON.stringify(ledger.summaryJson()));
+    expect(sent).toMatchObject({ vm: 'vm1', pauses: 1, pausedNs: '1500000000', predictedLagNs: '1500000000', byCause: { failover: { pauses: 1, pausedNs: '1500000000' } } });
+    expect(sent.lastHostOffset).toEqual({ peer: 'alpha', offsetNs: '-2000000000', errorNs: '150000', ageMs: 800, applied: true });
+  });
+
+  it('refuses an offset marked applied without its measure, or with no pause to note it on', () => {
+    const ledger = new DriftLedger('vm1');
+    expect(() => ledger.recordHostOffset({ peer: 'alpha', applied: false })).toThrow(/no pause of vm1 to note the clock offset to alpha on/);
+    ledger.recordPause('failover', 1n, 2n);
+    expect(() => ledger.recordHostOffset({ peer: 'alpha', offsetNs: 5n, applied: true })).toThrow(/marked applied without a measured offset and error bound/);
+  });
+});
+
 describe('clock policy', () => {
   it('takes a valid YAML policy and fills defaults', () => {
     expect(parsePolicy('compensate: [checkpoint, failover]\nmaxStepMs: 500\n')).toEqual({

@@ -5,6 +5,7 @@ import type { QmpClient } from '@ftvm/qmp';
 import type { HookEvent } from '../api/hook-listener.js';
 import { fenceAfterMs, type AgentConfig } from '../config/agent-config.js';
 import { HeartbeatService } from '../heartbeat/index.js';
+import { testIgnoreHostOffset, testRealtimeSkewNs } from '../host-clock.js';
 import { HostLease } from '../lease/index.js';
 import {
   ControlError,
@@ -67,7 +68,14 @@ export class Agent implements AgentControl {
     private readonly heartbeat: HeartbeatService,
   ) {
     this.ssh = new SshPool(config);
-    this.backupHost = { conn, storeDir: config.storeDir };
+    this.backupHost = {
+      conn,
+      storeDir: config.storeDir,
+      peerClock: (record) => {
+        const peer = record.primary === config.host ? record.backup : record.primary;
+        return { peer, estimate: heartbeat.peer(peer)?.clockOffset };
+      },
+    };
     this.takeOverContext = {
       config,
       lease,
@@ -96,6 +104,9 @@ export class Agent implements AgentControl {
     // get a longer deadline than the lease's keepalives.
     const records = VmRecords.onLease(lease, { timeoutMs: config.etcd.requestTimeoutMs * 4 });
     let agent: Agent | undefined;
+    const skewNs = testRealtimeSkewNs(); // a bad value stops the agent here, named
+    const ignoreOffset = testIgnoreHostOffset();
+    if (skewNs !== 0n || ignoreOffset) log.warn({ realtimeSkewMs: nsToMs(skewNs), ignoreHostOffset: ignoreOffset !== undefined }, 'TEST ONLY: this agent reads a skewed host clock or ignores the measured host offset');
     const heartbeat = await HeartbeatService.start({
       host: config.host,
       listen: { udpAddress: self.address, port: config.heartbeat.port },
@@ -165,7 +176,13 @@ export class Agent implements AgentControl {
       peers: [...peers].map((name) => {
         const p = this.heartbeat.peer(name);
         const age = (t: number | undefined) => (t === undefined ? undefined : Math.round(now - t));
-        return { name, alive: p?.alive ?? false, lastBeatAgeMs: { udp: age(p?.lastBeatAt.udp), ssh: age(p?.lastBeatAt.ssh) } };
+        const clock = p?.clockOffset;
+        return {
+          name,
+          alive: p?.alive ?? false,
+          lastBeatAgeMs: { udp: age(p?.lastBeatAt.udp), ssh: age(p?.lastBeatAt.ssh) },
+          ...(clock ? { clockOffset: { offsetMs: nsToMs(clock.offsetNs), errorMs: nsToMs(clock.errorNs), ageMs: Math.round(clock.ageMs), samples: clock.samples } } : {}),
+        };
       }),
       vms,
     };
@@ -284,7 +301,7 @@ export class Agent implements AgentControl {
     const slot = this.slot(vm);
     if (!slot.primary) throw new ControlError(`VM '${vm}' does not run on ${this.config.host}: its drift ledger is on ${slot.record?.primary ?? 'its primary'}`, 409);
     const ledger = slot.primary.ledger;
-    return { vm, ledger: ledger.summary(), predictedLagMs: nsToMs(ledger.predictedLagNs) };
+    return { vm, ledger: ledger.summaryJson(), predictedLagMs: nsToMs(ledger.predictedLagNs) };
   }
 
   /**

@@ -1,5 +1,6 @@
 import { readProtection, type LibvirtConnection } from '@ftvm/libvirt';
 import { CheckpointStore } from '@ftvm/transport';
+import type { ClockOffsetEstimate } from '../heartbeat/index.js';
 import { NoCheckpointError, StagedRestore, prepareStandby, vmStoreDir } from './staged-restore.js';
 import type { VmSlot } from './vm-slot.js';
 import type { VmRecord } from './vm-records.js';
@@ -8,6 +9,8 @@ import type { VmRecord } from './vm-records.js';
 export interface BackupHost {
   conn: LibvirtConnection;
   storeDir: string;
+  /** The VM's other host (whose checkpoints these are) and its clock's offset to ours, measured now. */
+  peerClock?: (record: VmRecord) => { peer: string; estimate: ClockOffsetEstimate | undefined };
 }
 
 /** A backup keeps the VM's domain started paused, waiting for a stream: a failover then only sends it. */
@@ -67,15 +70,18 @@ export function compensates(slot: VmSlot, kind: 'failover' | 'switchover'): bool
 export async function stage(slot: VmSlot, host: BackupHost, kind: 'failover' | 'switchover' = 'failover'): Promise<StagedRestore | undefined> {
   const standby = slot.standby;
   slot.standby = undefined;
+  const record = slot.record!;
+  const peerClock = host.peerClock;
   try {
     return await StagedRestore.begin({
-      record: slot.record!,
+      record,
       conn: host.conn,
       storeDir: host.storeDir,
       log: slot.log,
       standby,
       correctClock: compensates(slot, kind),
       onCorrupt: (epoch) => slot.badEpochs.add(epoch),
+      ...(peerClock ? { peerClock: () => peerClock(record) } : {}),
     });
   } catch (error) {
     if (!(error instanceof NoCheckpointError)) throw error;

@@ -47,6 +47,13 @@ export interface PeerStatus {
   alive: boolean;
   /** ms since the last heartbeat on each path (undefined: never heard on it). */
   lastBeatAgeMs: { udp: number | undefined; ssh: number | undefined };
+  /**
+   * The peer's realtime minus this host's, measured over the heartbeats (ms; the true offset is
+   * within ±errorMs), from the best round of the last minute, `ageMs` old. Absent: no round yet
+   * (or a peer that does not echo beats). A failover onto this host converts the old primary's
+   * stop instant with it.
+   */
+  clockOffset?: { offsetMs: number; errorMs: number; ageMs: number; samples: number };
 }
 
 export interface AgentStatus {
@@ -59,7 +66,7 @@ export interface AgentStatus {
 
 export interface DriftReport {
   vm: string;
-  /** The drift ledger's pauses, corrections and residuals (kvmclock's DriftLedger.toJSON()). */
+  /** The drift ledger's summary (kvmclock's DriftLedger.summaryJson(): ns as decimal strings). */
   ledger: unknown;
   predictedLagMs: number;
 }

@@ -3,10 +3,12 @@ import { once } from 'node:events';
 import { createReadStream } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { advanceClockSections, InPlaceActuator, realtimeClock, resumeOnTime, splitAssembledCheckpoint, type OnTimeResume } from '@ftvm/kvmclock';
+import { advanceClockSections, InPlaceActuator, realtimeClock, resumeOnTime, splitAssembledCheckpoint, type HostClockOffset, type OnTimeResume } from '@ftvm/kvmclock';
 import type { QmpClient } from '@ftvm/qmp';
 import { PreparedRestore, replicatedDisks, standbyDomainXml, type LibvirtConnection, type RestoreResult } from '@ftvm/libvirt';
 import { CheckpointStore, type AssembledCheckpoint, type CheckpointMetadata } from '@ftvm/transport';
+import { peerInstantOnOurClock, type ClockOffsetEstimate } from '../heartbeat/index.js';
+import { testIgnoreHostOffset, toHostRealtime, toKernelRealtime } from '../host-clock.js';
 import type { Log } from './types.js';
 import type { VmRecord } from './vm-records.js';
 
@@ -21,6 +23,11 @@ export interface StagedRestoreOptions {
   correctClock?: boolean;
   /** A committed checkpoint that does not verify (skipped; the caller never takes it for newer). */
   onCorrupt?: (epoch: number) => void;
+  /**
+   * The host that stopped the checkpoint (the old primary) and how its clock stands to this
+   * host's, as the heartbeats measure it: asked at the clock rewrite, the latest moment.
+   */
+  peerClock?: () => { peer: string; estimate: ClockOffsetEstimate | undefined };
 }
 
 /** The VM's checkpoint store on this host. */
@@ -49,8 +56,15 @@ export interface CompletedRestore {
   resume: OnTimeResume;
   /** How far the clock sections were moved forward. */
   deltaNs: bigint;
-  /** The checkpoint's STOP stamp on the old primary (host realtime, ns). */
+  /** The checkpoint's STOP stamp on the old primary (its host realtime, ns). */
   stopNs: bigint;
+  /**
+   * The same instant on this host's clock, in the frame of its QEMU's stamps (the resume's): the
+   * old primary's stamp minus the measured offset between the hosts, when one was applied.
+   */
+  stopHereNs: bigint;
+  /** How the old primary's clock stood to this host's, and whether the rewrite used it (see peerClock). */
+  hostOffset?: HostClockOffset;
   /** ftvm's QEMU gave the resume's lateness back to the guest clock (see giveBackLateness). */
   lateFix?: LatenessCorrection;
 }
@@ -129,6 +143,8 @@ export class StagedRestore {
   private cancel!: (error: Error) => void;
   private targetNs: bigint | undefined;
   private deltaNs: bigint | undefined;
+  private stopHereNs: bigint | undefined;
+  private hostOffset: HostClockOffset | undefined;
   private readonly restoring: Promise<RestoreResult>;
   private resume: OnTimeResume | undefined;
   private lateFix: LatenessCorrection | undefined;
@@ -184,11 +200,21 @@ export class StagedRestore {
         headSent();
         const marginNs = await Promise.race([released, gone]);
         this.targetNs = clock() + marginNs;
+        // The stop was stamped by the old primary's clock, the resume target by this host's: bring
+        // the stop onto this host's clock with the heartbeats' measure of the two (a 2 ms skew
+        // would otherwise be a 2 ms error in the guest). `clock` and QEMU's stamps read the
+        // kernel's CLOCK_REALTIME; toHostRealtime adds a test's injected skew (host-clock.ts).
+        const peer = options.peerClock?.();
+        const stopHere = peer ? peerInstantOnOurClock(stopNs, peer.peer, peer.estimate, testIgnoreHostOffset()) : { ns: stopNs, record: undefined };
+        this.hostOffset = stopHere.record;
+        this.stopHereNs = toKernelRealtime(stopHere.ns);
         if (options.correctClock === false) {
           this.deltaNs = 0n; // the policy leaves this outage uncorrected: the guest resumes behind
         } else {
-          this.deltaNs = this.targetNs - stopNs;
-          if (this.deltaNs <= 0n) throw new Error(`checkpoint ${metadata.epoch} stopped at ${stopNs}, after the resume target: host clocks disagree`);
+          this.deltaNs = toHostRealtime(this.targetNs) - stopHere.ns;
+          if (this.deltaNs <= 0n) {
+            throw new Error(`checkpoint ${metadata.epoch} stopped at ${stopNs} (${peer?.peer ?? 'its host'}'s clock), after the resume target ${toHostRealtime(this.targetNs)}: host clocks disagree by more than the outage${stopHere.record?.applied ? ` even with the measured offset ${stopHere.record.offsetNs} ns` : ''}`);
+          }
           advanceClockSections(split.deviceState, this.deltaNs);
         }
         socket.end(split.encodeTail());
@@ -241,7 +267,17 @@ export class StagedRestore {
     // date the resume by QEMU's stamp as load saw it
     const resumeNs = this.resume?.resumeNs ?? restore.resumedNs ?? realtimeClock()();
     const resume: OnTimeResume = this.resume ?? { qmpRoundTripNs: 0n, contSentNs: resumeNs, resumeNs, lateNs: resumeNs - (this.targetNs ?? resumeNs), overrun: false };
-    return { epoch: this.epoch, restore, resume, deltaNs: this.deltaNs ?? 0n, stopNs: BigInt(this.metadata.stopNs), ...(this.lateFix ? { lateFix: this.lateFix } : {}) };
+    const stopNs = BigInt(this.metadata.stopNs);
+    return {
+      epoch: this.epoch,
+      restore,
+      resume,
+      deltaNs: this.deltaNs ?? 0n,
+      stopNs,
+      stopHereNs: this.stopHereNs ?? stopNs,
+      ...(this.hostOffset ? { hostOffset: this.hostOffset } : {}),
+      ...(this.lateFix ? { lateFix: this.lateFix } : {}),
+    };
   }
 
   /** Gives up: the paused domain is destroyed and undefined (restore's own cleanup). */

@@ -1,4 +1,4 @@
-import { DriftLedger } from '@ftvm/kvmclock';
+import { DriftLedger, type HostClockOffset } from '@ftvm/kvmclock';
 import type { LibvirtConnection } from '@ftvm/libvirt';
 import type { QmpClient } from '@ftvm/qmp';
 import type { AgentConfig } from '../config/agent-config.js';
@@ -114,12 +114,17 @@ export async function takeOver(ctx: TakeOverContext, slot: VmSlot, kind: 'failov
       lateGivenBackMs: done.lateFix ? nsToMs(done.lateFix.lateNs) : 0,
       lastBeatToResumeMs: lastBeatWall ? Math.round(resumeMs - lastBeatWall) : undefined,
       restoreMs: Math.round(performance.now() - started),
+      ...(done.hostOffset ? { hostOffset: hostOffsetFields(done.hostOffset) } : {}),
     },
     'VM resumed from its last committed checkpoint',
   );
   ctx.metrics.failover(slot.name, kind, lastBeatWall ? (resumeMs - lastBeatWall) / 1000 : (performance.now() - started) / 1000);
   const ledger = new DriftLedger(slot.name);
-  const entry = ledger.recordPause(kind === 'failover' ? 'failover' : 'migration', done.stopNs, done.resume.resumeNs);
+  // the outage on this host's clock: the old primary's stop converted with the measured offset
+  // (a stop after the resume means the hosts disagree by more than the outage: counted as none)
+  const stopHereNs = done.stopHereNs <= done.resume.resumeNs ? done.stopHereNs : done.resume.resumeNs;
+  const entry = ledger.recordPause(kind === 'failover' ? 'failover' : 'migration', stopHereNs, done.resume.resumeNs);
+  if (done.hostOffset) ledger.recordHostOffset(done.hostOffset, entry);
   if (compensates(slot, kind)) ledger.recordCorrection({ actuator: 'stream-rewrite', appliedNs: done.deltaNs }, entry);
   else ledger.recordUncorrected('not-in-policy', entry, { detail: `the clock policy does not compensate ${kind === 'failover' ? 'failover' : 'migration'}` });
   if (done.lateFix) {
@@ -128,7 +133,7 @@ export async function takeOver(ctx: TakeOverContext, slot: VmSlot, kind: 'failov
     ledger.recordCorrection({ actuator: 'inplace', appliedNs: done.lateFix.appliedNs, frozenNs: done.lateFix.pauseNs }, fix);
   }
   const lastBeatNs = lastBeatWall !== undefined ? String(BigInt(Math.round(lastBeatWall * 1e3)) * 1000n) : undefined;
-  slot.unfinishedMove = movePatch(self, kind, from, done.epoch, { stopNs: String(done.stopNs), resumeNs: String(done.resume.resumeNs), ...(lastBeatNs ? { lastBeatNs } : {}) });
+  slot.unfinishedMove = movePatch(self, kind, from, done.epoch, { stopNs: String(stopHereNs), resumeNs: String(done.resume.resumeNs), ...(lastBeatNs ? { lastBeatNs } : {}) });
   // the record first: it names this host primary (and, after a failover, unprotected) before the
   // checkpoint loop starts, so the new primary never checkpoints into its own store
   await ctx.finishMove(slot).catch((error: Error) => slot.log.error({ err: error.message }, 'cannot record the move yet (retried)'));
@@ -136,6 +141,18 @@ export async function takeOver(ctx: TakeOverContext, slot: VmSlot, kind: 'failov
     slot.log.error({ err: error.message }, 'the resumed VM runs, but its watch and checkpoints cannot start yet (retried)');
     await done.restore.qmp.close().catch(() => undefined);
   });
+}
+
+/** A ledger's HostClockOffset for the log (JSON has no bigint): ms. */
+function hostOffsetFields(offset: HostClockOffset): Record<string, unknown> {
+  return {
+    peer: offset.peer,
+    applied: offset.applied,
+    ...(offset.offsetNs !== undefined ? { offsetMs: nsToMs(offset.offsetNs) } : {}),
+    ...(offset.errorNs !== undefined ? { errorMs: nsToMs(offset.errorNs) } : {}),
+    ...(offset.ageMs !== undefined ? { ageMs: offset.ageMs } : {}),
+    ...(offset.detail ? { detail: offset.detail } : {}),
+  };
 }
 
 export function movePatch(self: string, kind: 'failover' | 'switchover', from: string, epoch: number, times: { stopNs?: string; resumeNs?: string; lastBeatNs?: string } = {}): Partial<VmRecord> {

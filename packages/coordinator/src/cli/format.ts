@@ -63,9 +63,15 @@ export function formatVmTable(vms: readonly VmStatus[]): string {
   return table([VM_HEADER, ...vms.map(vmRow)]);
 }
 
+/** The error bound of a clock offset: `±0.3ms`, never below `±0.1ms` (it is never exactly 0). */
+function formatBound(ms: number): string {
+  return `±${Math.max(0.1, Math.ceil(ms * 10) / 10).toFixed(1)}ms`;
+}
+
 function peerLine(peer: PeerStatus): string {
   const beat = (path: string, ms: number | undefined) => `${path} ${ms === undefined ? 'never' : `${formatDuration(ms)} ago`}`;
-  return `peer ${peer.name}: ${peer.alive ? 'alive' : 'DEAD'} (last heartbeat ${beat('udp', peer.lastBeatAgeMs?.udp)}, ${beat('ssh', peer.lastBeatAgeMs?.ssh)})`;
+  const clock = peer.clockOffset ? `, clock ${formatResidual(peer.clockOffset.offsetMs)} ${formatBound(peer.clockOffset.errorMs)}` : '';
+  return `peer ${peer.name}: ${peer.alive ? 'alive' : 'DEAD'} (last heartbeat ${beat('udp', peer.lastBeatAgeMs?.udp)}, ${beat('ssh', peer.lastBeatAgeMs?.ssh)})${clock}`;
 }
 
 /** `ftvm status`: the VM table, then this host's lease and its peers. */

@@ -1,8 +1,10 @@
 import dgram from 'node:dgram';
 import net from 'node:net';
 import type { SshConnection } from '@ftvm/transport';
+import { hostRealtimeNs } from '../host-clock.js';
+import { ClockOffsetEstimator, type ClockOffsetEstimate, type ClockOffsetOptions } from './clock-offset.js';
 import { PeerTracker, type HeartbeatPath } from './peer-tracker.js';
-import { encodeHeartbeat, MAX_HEARTBEAT_BYTES, parseHeartbeat, type Heartbeat } from './wire.js';
+import { encodeHeartbeat, MAX_HEARTBEAT_BYTES, parseHeartbeat, type Heartbeat, type HeartbeatEcho } from './wire.js';
 
 export type HeartbeatLog = (level: 'info' | 'warn' | 'error', msg: string, fields?: object) => void;
 
@@ -25,6 +27,10 @@ export interface HeartbeatServiceOptions {
   /** What this host says about its VMs in each beat. */
   payload: () => Heartbeat['vms'];
   log?: HeartbeatLog;
+  /** This host's realtime in ns, for the clock-offset rounds (default: hostRealtimeNs, see host-clock.ts). */
+  clock?: () => bigint;
+  /** The clock-offset filter of each peer (window, drift allowance). */
+  clockOffset?: ClockOffsetOptions;
 }
 
 export interface HeartbeatPeer {
@@ -45,6 +51,8 @@ export interface PeerState {
   last?: Heartbeat;
   /** Our SSH path to the peer: a forwarded channel of ours, the peer's channel to us, or none. */
   sshPath: 'channel' | 'inbound' | 'none';
+  /** The peer's realtime minus ours, measured over the beats (absent: no round in the window). */
+  clockOffset?: ClockOffsetEstimate;
 }
 
 interface SshSide {
@@ -62,6 +70,11 @@ interface PeerEntry {
   state: PeerTracker;
   ssh: SshSide;
   udpFailing: string | undefined;
+  clock: ClockOffsetEstimator;
+  /** The newest beat from the peer, echoed back in our beats to it. */
+  echo: HeartbeatEcho | undefined;
+  /** Clock samples refused and clock fields dropped, logged at most once a minute. */
+  clockTrouble: { loggedAt: number; sinceLog: number };
 }
 
 interface Inbound {
@@ -85,6 +98,10 @@ interface Inbound {
  * timeoutMs (so down is reported timeoutMs to timeoutMs + intervalMs/2 after its last beat), and
  * **up** again at its next beat. A peer never heard from is `alive: false`, with no event. Incoming data that is not a valid heartbeat is dropped and logged (the
  * first, then a count at most once a minute per path).
+ *
+ * The beats also measure each peer's clock: every beat carries its send time (`sentAtNs`) and
+ * echoes the newest beat received from that peer, so each beat that comes back completes an
+ * NTP-style round (see ClockOffsetEstimator); `peer(name).clockOffset` is the current estimate.
  */
 export class HeartbeatService {
   private readonly peers = new Map<string, PeerEntry>();
@@ -96,6 +113,7 @@ export class HeartbeatService {
   private readonly invalid = { udp: { count: 0, loggedAt: -Infinity, sinceLog: 0 }, ssh: { count: 0, loggedAt: -Infinity, sinceLog: 0 } };
   private readonly unknownSenders = new Set<string>();
   private readonly log: HeartbeatLog;
+  private readonly clock: () => bigint;
   private readonly sshRetryMs: number;
   private seq = 0;
   private sendTimer: NodeJS.Timeout | undefined;
@@ -108,6 +126,7 @@ export class HeartbeatService {
     private readonly tcp: net.Server,
   ) {
     this.log = options.log ?? (() => undefined);
+    this.clock = options.clock ?? hostRealtimeNs;
     this.sshRetryMs = Math.max(options.intervalMs, Math.min(1_000, options.timeoutMs));
   }
 
@@ -145,7 +164,12 @@ export class HeartbeatService {
     if (existing) {
       const moved = existing.config.address !== peer.address || existing.config.port !== peer.port;
       existing.config = peer;
-      if (moved) this.closeChannel(existing);
+      if (moved) {
+        this.closeChannel(existing);
+        // another address may be another machine, with its own clock
+        existing.clock.reset();
+        existing.echo = undefined;
+      }
       return;
     }
     this.peers.set(peer.name, {
@@ -153,6 +177,9 @@ export class HeartbeatService {
       state: new PeerTracker(peer.name),
       ssh: { conn: undefined, channel: undefined, writable: false, opening: false, nextAttemptAt: 0, failing: undefined },
       udpFailing: undefined,
+      clock: new ClockOffsetEstimator(this.options.clockOffset),
+      echo: undefined,
+      clockTrouble: { loggedAt: -Infinity, sinceLog: 0 },
     });
     this.log('info', 'heartbeat: peer added', { peer: peer.name, address: peer.address, port: peer.port, ssh: peer.ssh !== undefined });
     this.beatTo(this.peers.get(peer.name)!, this.nextBeat());
@@ -170,11 +197,13 @@ export class HeartbeatService {
     const entry = this.peers.get(name);
     if (!entry) return undefined;
     const { state } = entry;
+    const clockOffset = entry.clock.estimate(performance.now());
     return {
       alive: state.alive,
       lastBeatAt: { ...state.lastBeatAt },
       ...(state.last ? { last: state.last } : {}),
       sshPath: entry.ssh.channel ? 'channel' : this.inbound.has(name) ? 'inbound' : 'none',
+      ...(clockOffset ? { clockOffset } : {}),
     };
   }
 
@@ -230,7 +259,7 @@ export class HeartbeatService {
     this.checkTimer = setInterval(() => this.checkPeers(), Math.max(5, this.options.intervalMs / 2));
   }
 
-  private nextBeat(): string {
+  private nextBeat(): Omit<Heartbeat, 'sentAtMs'> {
     let vms: Heartbeat['vms'];
     try {
       vms = this.options.payload();
@@ -238,10 +267,13 @@ export class HeartbeatService {
       this.log('error', 'heartbeat: payload() threw; beating without VMs', { error: String(error) });
       vms = {};
     }
-    return encodeHeartbeat({ from: this.options.host, seq: ++this.seq, sentAtMs: Date.now(), vms });
+    return { from: this.options.host, seq: ++this.seq, vms };
   }
 
-  private beatTo(entry: PeerEntry, line: string): void {
+  /** One beat to one peer on both paths: stamped now, echoing the peer's newest beat. */
+  private beatTo(entry: PeerEntry, beat: Omit<Heartbeat, 'sentAtMs'>): void {
+    const sentAtNs = this.clock();
+    const line = encodeHeartbeat({ ...beat, sentAtMs: Number(sentAtNs / 1_000_000n), sentAtNs, ...(entry.echo ? { echo: entry.echo } : {}) });
     this.sendUdp(entry, line);
     this.sendSsh(entry, line);
   }
@@ -377,6 +409,7 @@ export class HeartbeatService {
   }
 
   private received(data: Buffer | string, path: HeartbeatPath, source: string): Heartbeat | undefined {
+    const receivedAtNs = this.clock(); // t4 of the round: first, before any parsing
     const parsed = parseHeartbeat(data);
     if ('error' in parsed) {
       this.invalidMessage(path, source, parsed.error);
@@ -392,13 +425,36 @@ export class HeartbeatService {
       }
       return beat;
     }
-    const up = entry.state.beat(path, beat, performance.now());
+    const now = performance.now();
+    const up = entry.state.beat(path, beat, now);
+    this.clockRound(entry, beat, receivedAtNs, now, parsed.timingError);
     if (up) {
       this.log('info', 'heartbeat: peer up', { peer: beat.from, path });
       for (const listener of [...this.upListeners]) this.callListener('onPeerUp', () => listener(beat.from));
     }
     for (const listener of [...this.beatListeners]) this.callListener('onBeat', () => listener(beat.from, path, beat));
     return beat;
+  }
+
+  /** The beat's clock fields: echo it from now on (the newest beat only), and take the round it completes. */
+  private clockRound(entry: PeerEntry, beat: Heartbeat, receivedAtNs: bigint, now: number, timingError: string | undefined): void {
+    if (timingError) this.clockTrouble(entry, timingError, now);
+    if (beat.sentAtNs === undefined) return;
+    // the first arrival of a newer beat (not its copy over the slower path)
+    if (entry.state.last === beat) entry.echo = { sentAtNs: beat.sentAtNs, receivedAtNs };
+    if (!beat.echo) return;
+    const verdict = entry.clock.add({ t1: beat.echo.sentAtNs, t2: beat.echo.receivedAtNs, t3: beat.sentAtNs, t4: receivedAtNs }, now);
+    if (!verdict.accepted) this.clockTrouble(entry, `clock sample refused: ${verdict.reason}`, now);
+    else if (verdict.reset) this.log('warn', 'heartbeat: peer clock offset changed at once', { peer: entry.config.name, detail: verdict.reset, offsetNs: String(verdict.offsetNs) });
+  }
+
+  private clockTrouble(entry: PeerEntry, error: string, now: number): void {
+    const trouble = entry.clockTrouble;
+    trouble.sinceLog++;
+    if (now - trouble.loggedAt < 60_000) return;
+    this.log('warn', 'heartbeat: clock measure', { peer: entry.config.name, error, sinceLastReport: trouble.sinceLog });
+    trouble.loggedAt = now;
+    trouble.sinceLog = 0;
   }
 
   private invalidMessage(path: HeartbeatPath, source: string, error: string): void {

@@ -7,4 +7,5 @@ export {
   type PeerState,
 } from './heartbeat-service.js';
 export { PeerTracker, type HeartbeatPath } from './peer-tracker.js';
-export { encodeHeartbeat, heartbeatSchema, parseHeartbeat, MAX_HEARTBEAT_BYTES, type Heartbeat, type VmBeat } from './wire.js';
+export { ClockOffsetEstimator, peerInstantOnOurClock, type ClockOffsetEstimate, type ClockOffsetOptions, type ClockSample, type SampleVerdict } from './clock-offset.js';
+export { encodeHeartbeat, heartbeatSchema, parseHeartbeat, MAX_HEARTBEAT_BYTES, type Heartbeat, type HeartbeatEcho, type VmBeat } from './wire.js';

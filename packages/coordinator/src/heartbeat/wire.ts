@@ -18,6 +18,23 @@ export interface Heartbeat {
   /** The sender's Date.now() when it sent the beat (informational: clocks of two hosts differ). */
   sentAtMs: number;
   vms: Record<string, VmBeat>;
+  /**
+   * The sender's realtime (ns) when it sent the beat: t3 of the receiver's clock-offset round,
+   * and what the receiver echoes back as t1. Absent from agents that do not measure offsets.
+   */
+  sentAtNs?: bigint;
+  /** The newest beat the sender received from the receiver (see HeartbeatEcho). */
+  echo?: HeartbeatEcho;
+}
+
+/**
+ * Each beat to a peer echoes the newest beat received from it: that beat's `sentAtNs` (t1, on the
+ * peer's clock) and when it arrived here (t2, on this host's clock). With the echoing beat's own
+ * `sentAtNs` (t3) and its arrival (t4) the peer has the four timestamps of an NTP round.
+ */
+export interface HeartbeatEcho {
+  sentAtNs: bigint;
+  receivedAtNs: bigint;
 }
 
 // Not strict: fields a newer agent adds are dropped, so two versions can beat each other.
@@ -34,15 +51,36 @@ export const heartbeatSchema = z.object({
   vms: z.record(z.string().min(1), vmBeatSchema),
 });
 
+// ns instants are beyond 2^53: on the wire they are decimal strings
+const nsSchema = z
+  .string()
+  .regex(/^[0-9]{1,20}$/, 'a decimal count of ns')
+  .transform((s) => BigInt(s))
+  .refine((n) => n > 0n && n < 2n ** 63n, 'ns within (0, 2^63)');
+const timingSchema = z.object({
+  sentAtNs: nsSchema.optional(),
+  echo: z.object({ sentAtNs: nsSchema, receivedAtNs: nsSchema }).optional(),
+});
+
 /** Larger than this is not a heartbeat (and does not fit a UDP datagram anyway). */
 export const MAX_HEARTBEAT_BYTES = 60_000;
 
 export function encodeHeartbeat(beat: Heartbeat): string {
-  return JSON.stringify(beat);
+  const { sentAtNs, echo, ...rest } = beat;
+  return JSON.stringify({
+    ...rest,
+    ...(sentAtNs !== undefined ? { sentAtNs: String(sentAtNs) } : {}),
+    ...(echo ? { echo: { sentAtNs: String(echo.sentAtNs), receivedAtNs: String(echo.receivedAtNs) } } : {}),
+  });
 }
 
-/** A heartbeat, or why the bytes are not one (for the log). Never throws. */
-export function parseHeartbeat(data: Buffer | string): { beat: Heartbeat } | { error: string } {
+/**
+ * A heartbeat, or why the bytes are not one (for the log). Never throws. The clock fields
+ * (`sentAtNs`, `echo`) are optional, so agents without them and with them beat each other; bad
+ * clock fields cost only the clock measure, never the beat: they are left out and `timingError`
+ * says why.
+ */
+export function parseHeartbeat(data: Buffer | string): { beat: Heartbeat; timingError?: string } | { error: string } {
   const length = typeof data === 'string' ? Buffer.byteLength(data) : data.length;
   if (length > MAX_HEARTBEAT_BYTES) return { error: `${length} bytes, more than ${MAX_HEARTBEAT_BYTES}` };
   let json: unknown;
@@ -56,5 +94,13 @@ export function parseHeartbeat(data: Buffer | string): { beat: Heartbeat } | { e
     const issue = result.error.issues[0]!;
     return { error: `not a heartbeat: ${issue.path.join('.') || '(root)'}: ${issue.message}` };
   }
-  return { beat: result.data };
+  const beat: Heartbeat = result.data;
+  const timing = timingSchema.safeParse(json);
+  if (!timing.success) {
+    const issue = timing.error.issues[0]!;
+    return { beat, timingError: `clock fields left out: ${issue.path.join('.')}: ${issue.message}` };
+  }
+  if (timing.data.sentAtNs !== undefined) beat.sentAtNs = timing.data.sentAtNs;
+  if (timing.data.echo) beat.echo = timing.data.echo;
+  return { beat };
 }
