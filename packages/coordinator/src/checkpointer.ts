@@ -25,6 +25,17 @@ export interface CheckpointerOptions {
    */
   beforeMigrate?: () => Promise<void>;
   /**
+   * Called when a checkpoint failed, once QEMU's migration is cancelled: undoes what
+   * beforeMigrate armed for a stop that may never have come (the clock hook's disarm). An arming
+   * made while the VM runs waits for the next stop, whatever its cause.
+   */
+  afterFailure?: () => Promise<void>;
+  /**
+   * False once the VM is being fenced: a `stop` that landed in a checkpoint's pause keeps the VM
+   * stopped (ftvm's QEMU, patch 0011), and the checkpointer must not `cont` it back to life.
+   */
+  mayResume?: () => boolean;
+  /**
    * QEMU's `downtime-limit` (ms): it stops the VM once the remaining dirty memory fits in this
    * much time at the measured bandwidth. Default 5 ms with ftvm's QEMU, 50 ms with stock QEMU:
    * stock 7.2 under TCG loses writes across precopy iterations (fixed by ftvm's patch 0010), and
@@ -351,6 +362,8 @@ export class Checkpointer {
     } catch (error) {
       // The primary VM must keep running whatever happened to the backup or the link.
       await qmp.execute('migrate_cancel').catch(() => undefined);
+      // nor may a clock compensation armed for this checkpoint's resume apply to a later pause
+      await this.options.afterFailure?.().catch(() => undefined);
       // armed actions that never ran must not run at some later stop
       if (disks || output) await qmp.execute(ARM_STOP_ACTIONS, { actions: [] }).catch(() => undefined);
       await disks?.settle(false).catch(() => undefined);
@@ -405,6 +418,7 @@ export class Checkpointer {
   }
 
   private async resume(): Promise<void> {
+    if (this.options.mayResume?.() === false) return;
     if (!this.selfResuming) {
       await this.options.beforeResume?.();
       // QEMU emits `completed` a moment before it finalizes; a `cont` in between is refused
@@ -422,6 +436,7 @@ export class Checkpointer {
    */
   private async ensureRunning(): Promise<void> {
     for (let attempt = 0; attempt < 5; attempt++) {
+      if (this.options.mayResume?.() === false) return; // fenced: stopped is where it belongs
       const { status } = await this.options.qmp.execute<{ status: string }>('query-status');
       if (status === 'running') return;
       if (status === 'postmigrate' || status === 'paused' || status === 'finish-migrate') {

@@ -4,6 +4,8 @@ import { QmpCommandError } from '@ftvm/qmp';
 /** The QMP command of ftvm's QEMU patch (packages/kvmclock/qemu). */
 export const COMPENSATE_COMMAND = 'x-ftvm-clock-compensate';
 export const QUERY_COMPENSATION_COMMAND = 'x-ftvm-query-clock-compensation';
+/** Patch 0012: drops an arming whose stop never came. */
+export const DISARM_COMMAND = 'x-ftvm-clock-compensate-disarm';
 
 export interface AppliedCompensation {
   stoppedNs: bigint;
@@ -16,12 +18,17 @@ export interface AppliedCompensation {
  * advances the guest clock by the host time elapsed since the stop (+ an explicit offset).
  */
 export class InPlaceActuator {
-  private constructor(private readonly qmp: QmpClient) {}
+  private constructor(
+    private readonly qmp: QmpClient,
+    /** This build has x-ftvm-clock-compensate-disarm (older ones only re-arm with a zero step). */
+    private readonly canDisarm: boolean,
+  ) {}
 
   /** Resolves to an actuator when this QEMU has ftvm's command, to undefined when it does not. */
   static async detect(qmp: QmpClient): Promise<InPlaceActuator | undefined> {
     const commands = await qmp.execute<{ name: string }[]>('query-commands');
-    return commands.some((c) => c.name === COMPENSATE_COMMAND) ? new InPlaceActuator(qmp) : undefined;
+    const has = (name: string) => commands.some((c) => c.name === name);
+    return has(COMPENSATE_COMMAND) ? new InPlaceActuator(qmp, has(DISARM_COMMAND)) : undefined;
   }
 
   /** Arms the next resume. Only valid while the VM is stopped. */
@@ -30,6 +37,15 @@ export class InPlaceActuator {
       'include-stopped-time': options.includeStoppedTime ?? true,
       'offset-ns': options.offsetNs ?? 0n,
     });
+  }
+
+  /**
+   * The next resume moves the guest clock no more. Without the disarm command (builds before it),
+   * a zero-step arming takes the arming's place: the resume then applies 0.
+   */
+  async disarm(): Promise<void> {
+    if (this.canDisarm) await this.qmp.execute(DISARM_COMMAND);
+    else await this.arm({ includeStoppedTime: false, offsetNs: 0n });
   }
 
   /** What the last resume applied (exact 64-bit values from the raw reply). */

@@ -131,6 +131,23 @@ export class ClockHook {
     if (stoppedAt !== undefined && this.tracker.stoppedAtNs === stoppedAt) this.startGuard(stoppedAt);
   }
 
+  /**
+   * The pause announced (`expect`, `arm`) did not come: a checkpoint that failed before its stop.
+   * With ftvm's QEMU an arming made while the VM runs waits for the next stop, whatever its
+   * cause: drop it and the announcement, so a later pause is the user's and gets what the policy
+   * gives a user pause. A no-op once the VM stopped (that stop's resume takes the arming).
+   */
+  async disarm(): Promise<void> {
+    if (this.tracker.stoppedAtNs !== undefined) return;
+    this.tracker.expect(undefined);
+    this.plan = undefined;
+    this.stopGuard();
+    if (this.armedInQemu && this.actuator) {
+      this.armedInQemu = false;
+      await this.actuator.disarm();
+    }
+  }
+
   close(): void {
     this.closed = true;
     this.stopGuard();

@@ -18,6 +18,6 @@ export {
 } from './stop-instant.js';
 export { realtimeClock, realtimeAnchorNs, type RealtimeClock } from './realtime.js';
 export { advanceClockSections, splitAssembledCheckpoint, splitCheckpoint, type ClockSectionAdvance, type SplitCheckpoint } from './stream-rewrite.js';
-export { InPlaceActuator, GuestAgentActuator, COMPENSATE_COMMAND, QUERY_COMPENSATION_COMMAND, type AppliedCompensation } from './actuators.js';
+export { InPlaceActuator, GuestAgentActuator, COMPENSATE_COMMAND, QUERY_COMPENSATION_COMMAND, DISARM_COMMAND, type AppliedCompensation } from './actuators.js';
 export { ClockHook, ClockCorrectionImpossibleError, type ClockHookOptions } from './clock-hook.js';
 export { parsePolicy, validatePolicy, PolicyError, DEFAULT_POLICY, type ClockPolicy, type OnImpossible } from './policy.js';

@@ -233,8 +233,8 @@ export class PauseTracker {
     return this.stoppedAt;
   }
 
-  /** The next stop is for this cause. */
-  expect(cause: PauseCause): void {
+  /** The next stop is for this cause (undefined: withdrawn, a stop now is the user's). */
+  expect(cause: PauseCause | undefined): void {
     this.nextCause = cause;
   }
 

@@ -71,6 +71,8 @@ export class PrimaryVm {
   private receiver: { sender: ReplicationSender; host: string } | undefined;
   private healthTimer: NodeJS.Timeout | undefined;
   private failed = false;
+  /** pauseNow ran: the fence stopped the VM, and nothing here may resume it. */
+  private fencing = false;
   /** Checkpoints that failed in a row (reset by a committed one). */
   consecutiveFailures = 0;
   /** A disk seed is copying (it can take minutes for large disks; protect waits for it). */
@@ -134,6 +136,9 @@ export class PrimaryVm {
         if (checkpointer.selfResuming) await hook.arm('checkpoint');
       },
       beforeResume: async () => hook.arm('checkpoint'),
+      // a checkpoint that failed before its stop: its arming must not compensate a later pause
+      afterFailure: async () => hook.disarm(),
+      mayResume: () => !(vm as PrimaryVm | undefined)?.fencing,
       // ftvm's QEMU measured the frozen interval it gave back: the clock froze that long before RESUME
       ...(inPlace
         ? {
@@ -216,6 +221,7 @@ export class PrimaryVm {
    * stamp — the fence's proof of when this copy stopped running. The caller kills QEMU after.
    */
   async pauseNow(timeoutMs: number): Promise<bigint | undefined> {
+    this.fencing = true; // no checkpoint may `cont` it from here on (see CheckpointerOptions.mayResume)
     const stopped = this.qmp.waitForEvent('STOP', { timeoutMs });
     stopped.catch(() => undefined);
     try {
