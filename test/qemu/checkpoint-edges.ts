@@ -29,7 +29,7 @@ import readline from 'node:readline';
 import { ClockHook, DEFAULT_POLICY, DriftLedger } from '@ftvm/kvmclock';
 import { QmpClient, QmpCommandError, type QmpEvent } from '@ftvm/qmp';
 import { patchedQemu } from '../support/patched-qemu.js';
-import { check, CheckFailed, checksPassed, stringify } from './checks.js';
+import { check, CheckFailed, checksPassed, stringify, quitQemu } from './checks.js';
 
 const SINK = 'exec:cat > /dev/null';
 const MIGRATION_DEADLINE_MS = 30_000;
@@ -112,17 +112,7 @@ class TestVm {
   }
 
   async stop(): Promise<void> {
-    await this.qmp.execute('quit').catch(() => undefined); // the socket closes under the reply
-    await this.qmp.close();
-    await new Promise<void>((resolve) => {
-      if (this.child.exitCode !== null || this.child.signalCode !== null) return resolve();
-      const timer = setTimeout(() => this.child.kill('SIGKILL'), 5_000);
-      this.child.once('exit', () => {
-        clearTimeout(timer);
-        resolve();
-      });
-    });
-    await rm(this.dir, { recursive: true, force: true });
+    await quitQemu(this.qmp, this.child, this.dir);
   }
 
   get log(): string {

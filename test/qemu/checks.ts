@@ -2,7 +2,9 @@
  * The QEMU patch checks' little TAP-like harness (`ok N - what`, a CheckFailed on the first
  * failure), shared by the standalone check scripts in this folder.
  */
-import { QmpCommandError } from '@ftvm/qmp';
+import type { ChildProcess } from 'node:child_process';
+import { rm } from 'node:fs/promises';
+import { QmpCommandError, type QmpClient } from '@ftvm/qmp';
 
 export class CheckFailed extends Error {
   override name = 'CheckFailed';
@@ -30,4 +32,19 @@ export async function expectQmpError(promise: Promise<unknown>, match: RegExp, w
     return;
   }
   check(false, what, 'the command succeeded');
+}
+
+/** Quits a check's QEMU (SIGKILL if it has not exited 5 s later) and removes its directory. */
+export async function quitQemu(qmp: QmpClient, child: ChildProcess, dir: string): Promise<void> {
+  await qmp.execute('quit').catch(() => undefined); // the socket closes under the reply
+  await qmp.close();
+  await new Promise<void>((resolve) => {
+    if (child.exitCode !== null || child.signalCode !== null) return resolve();
+    const timer = setTimeout(() => child.kill('SIGKILL'), 5_000);
+    child.once('exit', () => {
+      clearTimeout(timer);
+      resolve();
+    });
+  });
+  await rm(dir, { recursive: true, force: true });
 }

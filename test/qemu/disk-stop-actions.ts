@@ -17,7 +17,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { QmpClient, type QmpEvent } from '@ftvm/qmp';
 import { patchedQemu } from '../support/patched-qemu.js';
-import { check, CheckFailed, checksPassed, expectQmpError } from './checks.js';
+import { check, CheckFailed, checksPassed, expectQmpError, quitQemu } from './checks.js';
 
 const run = promisify(execFile);
 const KiB = 1024;
@@ -100,21 +100,7 @@ class TestVm {
   }
 
   async stop(): Promise<void> {
-    try {
-      await this.qmp.execute('quit');
-    } catch {
-      // the socket closes under the reply
-    }
-    await this.qmp.close();
-    await new Promise<void>((resolve) => {
-      if (this.child.exitCode !== null || this.child.signalCode !== null) return resolve();
-      const timer = setTimeout(() => this.child.kill('SIGKILL'), 5_000);
-      this.child.once('exit', () => {
-        clearTimeout(timer);
-        resolve();
-      });
-    });
-    await rm(this.dir, { recursive: true, force: true });
+    await quitQemu(this.qmp, this.child, this.dir);
   }
 
   get log(): string {
