@@ -11,38 +11,22 @@
  * measured with the probe against the kernel clock, before the kill and after the take-over.
  */
 import { afterEach, describe, expect, it } from 'vitest';
-import { agentLogEntries, controlClient, startCluster, stopCluster, untilAgents, type Cluster } from '../support/ft-cluster.js';
+import { controlClient, stopCluster, type Cluster } from '../support/ft-cluster.js';
 import { runFault } from '../support/failover-runs.js';
-import { patchedQemu } from '../support/patched-qemu.js';
+import { SKEW_MS, skewedCluster as startSkewed, takeOverClock } from '../support/skewed-cluster.js';
 
-const SKEW_MS = 2_000;
 let cluster: Cluster | undefined;
 
-/** Starts the cluster with the backup's clock SKEW_MS ahead and waits until the backup's status shows the measure. */
+/** Starts the cluster with the backup's clock SKEW_MS ahead and checks the measure both status views show. */
 async function skewedCluster(extraEnv: Record<string, string> = {}) {
-  cluster = await startCluster({
-    emulator: patchedQemu(),
-    workloadMiBps: 4,
-    checkpointIntervalMs: 1000,
-    agentEnv: { backup: { FTVM_TEST_REALTIME_SKEW_MS: String(SKEW_MS), ...extraEnv } },
-  });
-  // `ftvm status` on each host shows the other's clock (peer − this host) within its error bound
-  const seen = async (host: 'primary' | 'backup', peer: 'primary' | 'backup') =>
-    untilAgents(`${host} measures ${peer}'s clock`, async () => (await controlClient(host).status()).peers.find((p) => p.name === peer && (p.clockOffset?.samples ?? 0) >= 5)?.clockOffset, 30_000);
-  const fromBackup = await seen('backup', 'primary');
-  const fromPrimary = await seen('primary', 'backup');
+  const { cluster: started, fromBackup, fromPrimary } = await startSkewed(extraEnv);
+  cluster = started;
   console.log(JSON.stringify({ fromBackup, fromPrimary }));
   // the bound is for the clocks as read; each agent anchors its ns clock to within a few µs
   expect(Math.abs(fromBackup.offsetMs + SKEW_MS)).toBeLessThanOrEqual(fromBackup.errorMs + 0.05);
   expect(Math.abs(fromPrimary.offsetMs - SKEW_MS)).toBeLessThanOrEqual(fromPrimary.errorMs + 0.05);
   expect(fromBackup.errorMs).toBeLessThan(5);
-  return cluster;
-}
-
-/** What the take-over logged about the two hosts' clocks (the drift ledger's entry, in ms). */
-function takeOverClock(): Record<string, unknown> | undefined {
-  const resumed = agentLogEntries('backup', 'VM resumed from its last committed checkpoint').at(-1);
-  return resumed?.['hostOffset'] as Record<string, unknown> | undefined;
+  return started;
 }
 
 describe(`failover onto a host whose clock is ${SKEW_MS} ms ahead`, () => {
