@@ -22,14 +22,14 @@
  * exits 1 at the first mismatch (`not ok - ...`).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import readline from 'node:readline';
 import { ClockHook, DEFAULT_POLICY, DriftLedger } from '@ftvm/kvmclock';
 import { QmpClient, QmpCommandError, type QmpEvent } from '@ftvm/qmp';
 import { patchedQemu } from '../support/patched-qemu.js';
-import { check, CheckFailed, checksPassed, stringify, quitQemu } from './checks.js';
+import { check, CheckFailed, checksPassed, stringify, quitQemu, baseQemuArgs, startQemu } from './checks.js';
 
 const SINK = 'exec:cat > /dev/null';
 const MIGRATION_DEADLINE_MS = 30_000;
@@ -90,22 +90,12 @@ class TestVm {
     const qmpPath = path.join(dir, 'qmp.sock');
     const spareQmpPath = path.join(dir, 'qmp-peer.sock');
     const args = [
-      '-machine', 'pc', '-accel', 'tcg', '-m', '128', '-nodefaults', '-display', 'none', '-serial', 'none',
-      '-qmp', `unix:${qmpPath},server=on,wait=off`,
+      ...baseQemuArgs(qmpPath),
       '-qmp', `unix:${spareQmpPath},server=on,wait=off`,
       // patch 0011's trace: a command found the previous migration still finishing
       '-trace', 'migration_ftvm_finish_previous',
     ];
-    const child = spawn(binary, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-    const stderr: string[] = [];
-    child.stderr!.on('data', (chunk: Buffer) => stderr.push(chunk.toString()));
-    const qmp = await QmpClient.connectWhenReady({ path: qmpPath }, { timeoutMs: 15_000, commandTimeoutMs: 20_000 }).catch(
-      async (error: Error) => {
-        child.kill('SIGKILL');
-        await rm(dir, { recursive: true, force: true });
-        throw new CheckFailed(`QEMU did not answer (${error.message}); its stderr: ${stderr.join('').trim()}`);
-      },
-    );
+    const { child, qmp, stderr } = await startQemu(binary, args, qmpPath, dir);
     const vm = new TestVm(dir, qmp, spareQmpPath, child, stderr);
     await vm.setCaps({ events: true });
     return vm;

@@ -2,9 +2,9 @@
  * The QEMU patch checks' little TAP-like harness (`ok N - what`, a CheckFailed on the first
  * failure), shared by the standalone check scripts in this folder.
  */
-import type { ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { rm } from 'node:fs/promises';
-import { QmpCommandError, type QmpClient } from '@ftvm/qmp';
+import { QmpClient, QmpCommandError } from '@ftvm/qmp';
 
 export class CheckFailed extends Error {
   override name = 'CheckFailed';
@@ -47,4 +47,32 @@ export async function quitQemu(qmp: QmpClient, child: ChildProcess, dir: string)
     });
   });
   await rm(dir, { recursive: true, force: true });
+}
+
+/** The arguments every check's QEMU starts with (TCG, no guest OS), its QMP socket at `qmpPath`. */
+export const baseQemuArgs = (qmpPath: string): string[] => [
+  '-machine', 'pc', '-accel', 'tcg', '-m', '128', '-nodefaults', '-display', 'none', '-serial', 'none',
+  '-qmp', `unix:${qmpPath},server=on,wait=off`,
+];
+
+/**
+ * Starts a check's QEMU (`command args`, its stderr kept) and connects to its QMP socket within
+ * 15 s; if it does not answer, kills it, removes `dir` and fails with its stderr.
+ */
+export async function startQemu(
+  command: string,
+  args: string[],
+  qmpPath: string,
+  dir: string,
+  stdout: 'ignore' | 'pipe' = 'ignore',
+): Promise<{ child: ChildProcess; qmp: QmpClient; stderr: string[] }> {
+  const child = spawn(command, args, { stdio: ['ignore', stdout, 'pipe'] });
+  const stderr: string[] = [];
+  child.stderr!.on('data', (chunk: Buffer) => stderr.push(chunk.toString()));
+  const qmp = await QmpClient.connectWhenReady({ path: qmpPath }, { timeoutMs: 15_000, commandTimeoutMs: 20_000 }).catch(async (error: Error) => {
+    child.kill('SIGKILL');
+    await rm(dir, { recursive: true, force: true });
+    throw new CheckFailed(`QEMU did not answer (${error.message}); its stderr: ${stderr.join('').trim()}`);
+  });
+  return { child, qmp, stderr };
 }

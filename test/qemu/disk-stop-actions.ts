@@ -10,14 +10,14 @@
  * (qemu-utils) and nbdinfo (libnbd-bin). Prints one line per check and a JSON summary with the
  * STOP→RESUME pause p50 with and without armed actions; exits 1 on any mismatch.
  */
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { execFile, type ChildProcess } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { QmpClient, type QmpEvent } from '@ftvm/qmp';
 import { patchedQemu } from '../support/patched-qemu.js';
-import { check, CheckFailed, checksPassed, expectQmpError, quitQemu } from './checks.js';
+import { check, CheckFailed, checksPassed, expectQmpError, quitQemu, baseQemuArgs, startQemu } from './checks.js';
 
 const run = promisify(execFile);
 const KiB = 1024;
@@ -74,23 +74,13 @@ class TestVm {
     await run('qemu-img', ['create', '-q', '-f', 'qcow2', disk, String(DISK_SIZE)]);
     const qmpPath = path.join(dir, 'qmp.sock');
     const args = [
-      '-machine', 'pc', '-accel', 'tcg', '-m', '128', '-nodefaults', '-display', 'none', '-serial', 'none',
-      '-qmp', `unix:${qmpPath},server=on,wait=off`,
+      ...baseQemuArgs(qmpPath),
       '-blockdev', `driver=file,filename=${disk},node-name=disk0-file`,
       '-blockdev', 'driver=qcow2,file=disk0-file,node-name=disk0',
       '-device', 'virtio-blk-pci,drive=disk0,id=vda',
     ];
     // qemu-io (HMP) prints its results to QEMU's stdout, not to the monitor: line-buffer it.
-    const child = spawn('stdbuf', ['-oL', binary, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    const stderr: string[] = [];
-    child.stderr!.on('data', (chunk: Buffer) => stderr.push(chunk.toString()));
-    const qmp = await QmpClient.connectWhenReady({ path: qmpPath }, { timeoutMs: 15_000, commandTimeoutMs: 20_000 }).catch(
-      async (error: Error) => {
-        child.kill('SIGKILL');
-        await rm(dir, { recursive: true, force: true });
-        throw new CheckFailed(`QEMU did not answer (${error.message}); its stderr: ${stderr.join('').trim()}`);
-      },
-    );
+    const { child, qmp, stderr } = await startQemu('stdbuf', ['-oL', binary, ...args], qmpPath, dir, 'pipe');
     const vm = new TestVm(dir, qmp, child, stderr);
     child.stdout!.on('data', (chunk: Buffer) => {
       vm.stdout += chunk.toString();
