@@ -2,6 +2,7 @@
 import { stringify } from 'yaml';
 import type { ProbeDisk, ProbeDisks } from '../support/disk-check.js';
 import { SERVICE_HOST_BRIDGE } from '../lab/topology.js';
+import { withClocksource, type ProbeClocksource } from '../support/probe-domain.js';
 import { buildGuest } from './boot-qemu.js';
 
 export interface ProbeGuestSpec {
@@ -14,6 +15,10 @@ export interface ProbeGuestSpec {
   workloadMiBps?: number;
   /** Guest memory (default 256 MiB). */
   memoryMiB?: number;
+  /** vCPUs (default 1). */
+  vcpus?: number;
+  /** The guest kernel's clocksource (default: the image's, tsc). */
+  clocksource?: ProbeClocksource;
   /** Give the guest its qemu-ga channel (`virsh shutdown` through the agent, guest-exec). */
   agent?: boolean;
   /**
@@ -49,7 +54,8 @@ export async function probeGuestYaml(spec: ProbeGuestSpec): Promise<string> {
     name: spec.name,
     type: 'qemu',
     memoryMiB: spec.memoryMiB ?? 256,
-    boot: { kernel: image.kernel, initrd: image.initrd, cmdline: spec.service ? `${image.cmdline} ${serviceCmdline(spec.service)}` : image.cmdline },
+    ...(spec.vcpus ? { vcpus: spec.vcpus } : {}),
+    boot: { kernel: image.kernel, initrd: image.initrd, cmdline: [spec.clocksource ? withClocksource(image.cmdline, spec.clocksource) : image.cmdline, spec.service ? serviceCmdline(spec.service) : ''].filter(Boolean).join(' ') },
     serialLog: `/run/ftvm/${spec.name}.serial.log`,
     ...(spec.disks ? { disks: [spec.disks.ring, spec.disks.fs].filter((d): d is ProbeDisk => d !== undefined).map(({ path, format, serial }) => ({ path, format, serial, cache: 'none' })) } : {}),
     ...(spec.service ? { nics: [{ bridge: spec.service.bridge ?? SERVICE_HOST_BRIDGE, mac: spec.service.mac }] } : {}),

@@ -37,6 +37,8 @@ export interface FaultRun {
   epoch: number;
   /** Backup's last heartbeat from the old primary → RESUME on the backup (s). */
   failoverS: number | undefined;
+  /** The guest's outage: the resumed checkpoint's stop → the RESUME on the backup (ms). */
+  outageMs: number;
   offsetBeforeMs: number;
   offsetAfterMs: number;
   /** after − before (target: within 5 ms). */
@@ -111,7 +113,13 @@ export async function updateRecord(vm: string, patch: Partial<VmRecord>): Promis
 }
 
 /** Injects `kind` on the host running the VM, waits for the take-over, measures, and re-protects. */
-export async function runFault(cluster: Cluster, kind: FaultKind, log: (line: string) => void = () => undefined): Promise<FaultRun> {
+export async function runFault(
+  cluster: Cluster,
+  kind: FaultKind,
+  log: (line: string) => void = () => undefined,
+  /** Wait this long after a committed checkpoint before the fault (longer outages; default: right after it). */
+  options: { afterCommitMs?: number } = {},
+): Promise<FaultRun> {
   const { vm } = cluster;
   const from = cluster.primary;
   const to = other(from);
@@ -127,6 +135,16 @@ export async function runFault(cluster: Cluster, kind: FaultKind, log: (line: st
   await waitProtectedOn(from, vm, { timeoutMs: 60_000, committedAfter: Date.now() + 200 });
   const before = await clockOffset(probeOn(from), { samples: 16 });
   const previousMove = (await readRecord(vm)).lastMove?.resumeNs;
+  if (options.afterCommitMs) {
+    // from the commit of a fresh checkpoint: the outage is then afterCommitMs + the take-over
+    const seen = (await waitProtectedOn(from, vm, { timeoutMs: 60_000 })).lastCheckpoint?.epoch;
+    const fresh = await untilAgents('a fresh checkpoint', async () => {
+      const epoch = (await controlClient(from).status()).vms.find((v) => v.name === vm)?.lastCheckpoint?.epoch;
+      return epoch !== undefined && epoch !== seen ? epoch : undefined;
+    }, 30_000, 20);
+    log(`fault ${options.afterCommitMs} ms after checkpoint ${fresh} committed`);
+    await sleep(options.afterCommitMs);
+  }
 
   let frozenPid: number | undefined;
   if (kind === 'kill') await killHost(from);
@@ -206,6 +224,7 @@ export async function runFault(cluster: Cluster, kind: FaultKind, log: (line: st
     from,
     to,
     epoch: move.epoch,
+    outageMs: Math.round(Number(resumeNs - stopNs) / 1e3) / 1e3,
     failoverS: move.lastBeatNs ? Math.round(Number(resumeNs - BigInt(move.lastBeatNs)) / 1e6) / 1e3 : undefined,
     offsetBeforeMs: ms(before.offsetNs),
     offsetAfterMs: ms(after.offsetNs),

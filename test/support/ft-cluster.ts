@@ -14,6 +14,7 @@ import { Etcd3 } from 'etcd3';
 import { stringify as toYaml } from 'yaml';
 import { probeGuestYaml, type ProbeService } from '../guest/probe-spec.js';
 import { createProbeDisks, type DiskFormat, type ProbeDisks } from './disk-check.js';
+import type { ProbeClocksource } from './probe-domain.js';
 import {
   hostInfo,
   labEtcdEndpoint,
@@ -77,6 +78,10 @@ export interface ClusterOptions {
   service?: boolean;
   /** Protect with output commit: the guest's service output is held until its checkpoint is committed. */
   outputCommit?: boolean;
+  /** The guest kernel's clocksource (default: the image's, tsc). */
+  clocksource?: ProbeClocksource;
+  /** vCPUs (default 1). */
+  vcpus?: number;
   /** Extra environment of a host's agent (test-only knobs such as FTVM_TEST_REALTIME_SKEW_MS), kept for its restarts. */
   agentEnv?: AgentEnv;
 }
@@ -190,6 +195,8 @@ export async function probeVmXml(options: ClusterOptions & { host?: AgentHost } 
     probeListen: { address: '0.0.0.0', port: options.probePort ?? PROBE_PORT },
     ...(options.workloadMiBps ? { workloadMiBps: options.workloadMiBps } : {}),
     ...(options.memoryMiB ? { memoryMiB: options.memoryMiB } : {}),
+    ...(options.vcpus ? { vcpus: options.vcpus } : {}),
+    ...(options.clocksource ? { clocksource: options.clocksource } : {}),
     ...(options.agent ? { agent: true } : {}),
     ...(disks ? { disks } : {}),
     ...(options.service ? { service: probeService(name) } : {}),

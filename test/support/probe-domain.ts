@@ -14,6 +14,8 @@ export interface ProbeDomainSpec {
   /** The guest image's kernel command line (the probe guest's measured settings). */
   cmdline: string;
   memoryMiB: number;
+  /** vCPUs (default 1). */
+  vcpus?: number;
   /** Where the host side listens for the probe (the lab host's address). */
   probeListen: { address: string; port: number };
   /** Paths inside the host's mount namespace. */
@@ -37,6 +39,14 @@ export interface ProbeDomainSpec {
 
 export const PROBE_GUEST_PORT = 5555;
 
+export type ProbeClocksource = 'tsc' | 'hpet' | 'acpi_pm';
+
+/** The image's command line with its clocksource choice replaced (tsc also gets tsc=reliable: no watchdog). */
+export function withClocksource(cmdline: string, clocksource: ProbeClocksource): string {
+  const chosen = clocksource === 'tsc' ? 'clocksource=tsc tsc=reliable' : `clocksource=${clocksource}`;
+  return `${cmdline.replace(/(^|\s)(clocksource|tsc)=\S+/g, '')} ${chosen}`.replace(/\s+/g, ' ').trim();
+}
+
 export function probeDomainXml(spec: ProbeDomainSpec): string {
   const cmdline = [spec.cmdline, spec.workloadMiBps ? `ftvm.workload=${spec.workloadMiBps}` : '', spec.fsKiB ? `ftvm.fskib=${spec.fsKiB}` : '']
     .filter(Boolean)
@@ -54,7 +64,7 @@ export function probeDomainXml(spec: ProbeDomainSpec): string {
   return `<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>${escapeXml(spec.name)}</name>
   <memory unit='MiB'>${spec.memoryMiB}</memory>
-  <vcpu>1</vcpu>
+  <vcpu>${spec.vcpus ?? 1}</vcpu>
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>${escapeXml(spec.kernel)}</kernel>

@@ -10,7 +10,7 @@ import { buildGuest, type GuestImage } from '../guest/boot-qemu.js';
 import { hostInfo, type LabHostName } from '../lab/lab.js';
 import { waitForProbe, syncGuestClock, type ProbeTarget } from './probe-client.js';
 import type { ProbeDisks } from './disk-check.js';
-import { probeDomainXml } from './probe-domain.js';
+import { probeDomainXml, withClocksource, type ProbeClocksource } from './probe-domain.js';
 
 const run = promisify(execFile);
 
@@ -46,6 +46,10 @@ export interface ProbeVmOptions {
   disks?: ProbeDisks;
   /** KiB per fs-workload cycle (20 cycles/s): the disk write load. */
   fsKiB?: number;
+  /** The guest kernel's clocksource (default: the image's, tsc); checked once the guest is up. */
+  clocksource?: ProbeClocksource;
+  /** vCPUs (default 1). */
+  vcpus?: number;
 }
 
 /**
@@ -65,8 +69,9 @@ export async function startProbeVm(options: ProbeVmOptions): Promise<ProbeVm> {
     name,
     kernel: image.kernel,
     initrd: image.initrd,
-    cmdline: image.cmdline,
+    cmdline: options.clocksource ? withClocksource(image.cmdline, options.clocksource) : image.cmdline,
     memoryMiB: options.memoryMiB ?? 256,
+    ...(options.vcpus ? { vcpus: options.vcpus } : {}),
     probeListen: { address: host.ip, port: probePort },
     qmpSocket: inside(`${name}.qmp`),
     agentSocket: inside(`${name}.qga`),
@@ -112,7 +117,17 @@ export async function startProbeVm(options: ProbeVmOptions): Promise<ProbeVm> {
       await virsh('undefine', name).catch(() => undefined);
     },
   };
-  if (!options.incoming) await waitForGuest(vm, options.bootTimeoutMs ?? 60_000, true);
+  if (!options.incoming) {
+    await waitForGuest(vm, options.bootTimeoutMs ?? 60_000, true);
+    if (options.clocksource) {
+      // the kernel may refuse the one asked for (falls back to another): the figures would lie
+      const ready = await readyClocksource(vm.serialLogPath, 10_000);
+      if (ready !== options.clocksource) {
+        await vm.destroy();
+        throw new Error(`probe guest ${name} keeps time with clocksource '${ready ?? 'unknown'}', not the '${options.clocksource}' asked for`);
+      }
+    }
+  }
   return vm;
 }
 
@@ -140,6 +155,17 @@ export async function restoreCheckpoint(vm: ProbeVm, checkpointPath: string, tim
   await vm.virsh('resume', vm.name);
   await waitForGuest(vm, timeoutMs, false);
   return { loadMs };
+}
+
+/** The clocksource the guest's init announced on its console (its READY line may trail the probe by a little). */
+async function readyClocksource(serialLog: string, timeoutMs: number): Promise<string | undefined> {
+  const deadline = performance.now() + timeoutMs;
+  for (;;) {
+    const text = fs.existsSync(serialLog) ? fs.readFileSync(serialLog, 'utf8') : '';
+    const found = /FTVM-PROBE-READY .*clocksource=(\S+)/.exec(text)?.[1];
+    if (found || performance.now() > deadline) return found;
+    await new Promise((r) => setTimeout(r, 200));
+  }
 }
 
 async function waitForGuest(vm: ProbeVm, timeoutMs: number, sync: boolean): Promise<void> {

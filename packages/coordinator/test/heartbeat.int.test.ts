@@ -165,6 +165,8 @@ describe('HeartbeatService', () => {
     } finally {
       await restoreLink('backup');
     }
+    // A beat can cross the restored link before restoreLink() returns, so "up" is looked for
+    // after each side's own "down", not after this instant.
     const restoredAt = now();
     const aDown = aEvents.find((e) => e.event === 'down' && e.at > cutAt)!;
     const bDown = b.events.find((e) => e.event === 'down' && (e.at as number) > cutAt)!;
@@ -180,9 +182,9 @@ describe('HeartbeatService', () => {
     }
     expect(a.peer('backup')!.alive).toBe(false);
 
-    await until(() => aEvents.some((e) => e.event === 'up' && e.at > restoredAt), 5_000, 'A to see backup up again');
-    const bUp = await b.waitFor((e) => e.event === 'up' && (e.at as number) > restoredAt, 5_000, 'B to see tester up again');
-    const aUp = aEvents.find((e) => e.event === 'up' && e.at > restoredAt)!;
+    await until(() => aEvents.some((e) => e.event === 'up' && e.at > aDown.at), 5_000, 'A to see backup up again');
+    const bUp = await b.waitFor((e) => e.event === 'up' && (e.at as number) > (bDown.at as number), 5_000, 'B to see tester up again');
+    const aUp = aEvents.find((e) => e.event === 'up' && e.at > aDown.at)!;
     console.log(`restore → peer up: A ${(aUp.at - restoredAt).toFixed(0)} ms, B ${((bUp.at as number) - restoredAt).toFixed(0)} ms`);
     expect(a.peer('backup')!.alive).toBe(true);
     // The SSH path recovers too (the connection may have died of its keepalive timeout meanwhile).

@@ -21,3 +21,5 @@ export { advanceClockSections, splitAssembledCheckpoint, splitCheckpoint, type C
 export { InPlaceActuator, GuestAgentActuator, COMPENSATE_COMMAND, QUERY_COMPENSATION_COMMAND, DISARM_COMMAND, type AppliedCompensation } from './actuators.js';
 export { ClockHook, ClockCorrectionImpossibleError, type ClockHookOptions } from './clock-hook.js';
 export { parsePolicy, validatePolicy, PolicyError, DEFAULT_POLICY, type ClockPolicy, type OnImpossible } from './policy.js';
+export { CLOCKSOURCE_LIMIT_NS, safeStepNs, machineClocks, describeMachineClocks, planSteps, type GuestClocksource, type MachineClocks } from './clocksource.js';
+export { stepClockInPlace, InPlaceStepError, type InPlaceStep, type InPlaceStepsResult, type InPlaceStepsOptions } from './in-place-steps.js';

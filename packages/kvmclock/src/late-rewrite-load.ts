@@ -3,6 +3,8 @@ import type { Writable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { QmpClient } from '@ftvm/qmp';
 import { realtimeClock, type RealtimeClock } from './realtime.js';
+import { InPlaceActuator } from './actuators.js';
+import { stepClockInPlace, type InPlaceStepsResult } from './in-place-steps.js';
 import { advanceClockSections, splitCheckpoint, type ClockSectionAdvance } from './stream-rewrite.js';
 
 export interface LateRewriteResult {
@@ -46,7 +48,7 @@ export interface ResumeOnTimeOptions {
    * capability on, `migrate-incoming` already issued — and no `cont` before the load, which would
    * arm QEMU's autostart and resume the VM at whatever moment the load happens to complete.
    */
-  qmp: Pick<QmpClient, 'execute' | 'waitForEvent'>;
+  qmp: QmpClient;
   /** The incoming migration channel (ended by this function). */
   sink: Writable;
   checkpoint: Buffer;
@@ -68,6 +70,12 @@ export interface ResumeOnTimeOptions {
   clock?: RealtimeClock;
   /** Deadline for the whole load (default 60 s). */
   loadTimeoutMs?: number;
+  /**
+   * The largest step the guest may take at once (machineClocks().stepNs): the clock sections move
+   * by at most this; the rest is given back in place in such steps after the resume (ftvm's
+   * QEMU), or left uncorrected and reported (`uncorrectedNs`) where QEMU cannot. Default: no limit.
+   */
+  stepNs?: bigint;
 }
 
 export interface ResumeOnTimeResult extends LateRewriteResult {
@@ -91,6 +99,12 @@ export interface ResumeOnTimeResult extends LateRewriteResult {
   lateNs: bigint;
   /** The load completed after the target instant: `marginNs` was too small. */
   overrun: boolean;
+  /** The part of Δ the clock sections carried (Δ capped at `stepNs`). */
+  firstStepNs: bigint;
+  /** The rest of Δ, given back in place after the resume. */
+  inPlace?: InPlaceStepsResult;
+  /** What stays uncorrected: the rest of Δ on a QEMU without in-place correction. */
+  uncorrectedNs: bigint;
 }
 
 /**
@@ -122,7 +136,8 @@ export async function loadAndResumeOnTime(options: ResumeOnTimeOptions): Promise
   const targetNs = rewriteNs + marginNs;
   const deltaNs = targetNs - stopNs;
   if (deltaNs <= 0n) throw new RangeError(`the checkpoint stopped at ${stopNs}, after the resume target ${targetNs}: wrong stop stamp or clock`);
-  const advances = advanceClockSections(split.deviceState, deltaNs);
+  const firstStepNs = options.stepNs !== undefined && deltaNs > options.stepNs ? options.stepNs : deltaNs;
+  const advances = advanceClockSections(split.deviceState, firstStepNs);
   const tail = split.encodeTail();
   sink.end(tail);
 
@@ -135,7 +150,16 @@ export async function loadAndResumeOnTime(options: ResumeOnTimeOptions): Promise
 
   const timing = await resumeOnTime(qmp, targetNs, { clock, ...(options.contLeadNs !== undefined ? { contLeadNs: options.contLeadNs } : {}) });
   const { qmpRoundTripNs, contSentNs, resumeNs, overrun } = timing;
+  const restNs = deltaNs - firstStepNs;
+  let inPlace: InPlaceStepsResult | undefined;
+  if (restNs > 0n) {
+    const actuator = await InPlaceActuator.detect(qmp);
+    if (actuator) inPlace = await stepClockInPlace(qmp, actuator, restNs, { stepNs: options.stepNs });
+  }
   return {
+    firstStepNs,
+    ...(inPlace ? { inPlace } : {}),
+    uncorrectedNs: restNs - (inPlace?.givenNs ?? 0n),
     deltaNs,
     advances,
     headBytes: split.head.length,

@@ -9,7 +9,7 @@ export type Actuator = 'inplace' | 'stream-rewrite' | 'agent';
  * correct in place and the policy says record or fail (`impossible`), or the guest agent the
  * policy falls back to did not answer (`agent-failed`).
  */
-export type UncorrectedReason = 'not-in-policy' | 'max-step' | 'impossible' | 'agent-failed';
+export type UncorrectedReason = 'not-in-policy' | 'max-step' | 'impossible' | 'agent-failed' | 'clocksource-limit';
 
 export interface Correction {
   actuator: Actuator;

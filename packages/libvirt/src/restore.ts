@@ -17,9 +17,10 @@ export { RestoreError } from './errors.js';
  * (the clock code rewrites device state at the very end); it must end the socket, or resolve and
  * let restore end it. The socket may error or close at any time (QEMU refused the stream and
  * exited): restore listens for that itself, but a writer waiting for 'drain' must also stop
- * waiting on 'close' and 'error', or it waits until its own deadline.
+ * waiting on 'close' and 'error', or it waits until its own deadline. `qmp` is the incoming
+ * QEMU's monitor (for what the writer must ask it first, e.g. the clocks its machine offers).
  */
-export type StreamWriter = (socket: net.Socket, checkpoint: string) => Promise<void>;
+export type StreamWriter = (socket: net.Socket, checkpoint: string, qmp: QmpClient) => Promise<void>;
 
 /** Resumes a restored VM through its QMP; resolves with QEMU's RESUME stamp (ns, host realtime). */
 export type ResumeFunction = (qmp: QmpClient) => Promise<bigint>;
@@ -337,7 +338,7 @@ export class PreparedRestore {
     try {
       const writer = options.writeStream ?? defaultStreamWriter;
       const writing = Promise.resolve()
-        .then(() => writer(socket, options.checkpoint))
+        .then(() => writer(socket, options.checkpoint, qmp))
         .then(() => {
           if (!socket.writableEnded && !socket.destroyed) socket.end();
         });

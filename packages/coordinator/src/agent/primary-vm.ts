@@ -303,12 +303,21 @@ export class PrimaryVm {
         this.options.log.warn({ err: (error as Error).message }, 'checkpoint failed');
         backoffMs = Math.min(2_000, Math.max(100, backoffMs * 2));
       }
-      const waitMs = Math.max(backoffMs, this.record.checkpointIntervalMs - (performance.now() - began));
-      await new Promise<void>((resolve) => {
-        this.wake = resolve;
-        setTimeout(resolve, waitMs);
-      });
-      this.wake = undefined;
+      // A wake (the record changed: every lease renewal rewrites it) only re-reads the interval and
+      // the loop's conditions: it must not cut the interval short.
+      const backoffUntil = performance.now() + backoffMs;
+      while (!this.stopped && this.record.protected && !this.refusal) {
+        const waitMs = Math.max(backoffUntil, began + this.record.checkpointIntervalMs) - performance.now();
+        if (waitMs <= 0) break;
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(resolve, waitMs);
+          this.wake = () => {
+            clearTimeout(timer);
+            resolve();
+          };
+        });
+        this.wake = undefined;
+      }
     }
     // unprotected (not stopped by the agent or a failover): nothing left to hold output for
     if (!this.stopped && !this.record.protected) await this.releaseOutput().catch((error: Error) => this.options.log.warn({ err: error.message }, 'output commit: releasing the buffers'));

@@ -111,7 +111,10 @@ export async function takeOver(ctx: TakeOverContext, slot: VmSlot, kind: 'failov
       epoch: done.epoch,
       deltaMs: nsToMs(done.deltaNs),
       resumeLateMs: nsToMs(done.resume.lateNs),
-      lateGivenBackMs: done.lateFix ? nsToMs(done.lateFix.lateNs) : 0,
+      firstStepMs: nsToMs(done.firstStepNs),
+      ...(done.clockSteps
+        ? { inPlaceSteps: done.clockSteps.steps.length, restMs: nsToMs(done.clockSteps.restNs), uncorrectedMs: nsToMs(done.clockSteps.uncorrectedNs) }
+        : {}),
       lastBeatToResumeMs: lastBeatWall ? Math.round(resumeMs - lastBeatWall) : undefined,
       restoreMs: Math.round(performance.now() - started),
       ...(done.hostOffset ? { hostOffset: hostOffsetFields(done.hostOffset) } : {}),
@@ -125,12 +128,15 @@ export async function takeOver(ctx: TakeOverContext, slot: VmSlot, kind: 'failov
   const stopHereNs = done.stopHereNs <= done.resume.resumeNs ? done.stopHereNs : done.resume.resumeNs;
   const entry = ledger.recordPause(kind === 'failover' ? 'failover' : 'migration', stopHereNs, done.resume.resumeNs);
   if (done.hostOffset) ledger.recordHostOffset(done.hostOffset, entry);
-  if (compensates(slot, kind)) ledger.recordCorrection({ actuator: 'stream-rewrite', appliedNs: done.deltaNs }, entry);
+  if (compensates(slot, kind)) ledger.recordCorrection({ actuator: 'stream-rewrite', appliedNs: done.firstStepNs }, entry);
   else ledger.recordUncorrected('not-in-policy', entry, { detail: `the clock policy does not compensate ${kind === 'failover' ? 'failover' : 'migration'}` });
-  if (done.lateFix) {
-    // the correcting stop/cont: its pause and the lateness, both given back in place
-    const fix = ledger.recordPause('failover', done.lateFix.resumeNs - done.lateFix.pauseNs, done.lateFix.resumeNs);
-    ledger.recordCorrection({ actuator: 'inplace', appliedNs: done.lateFix.appliedNs, frozenNs: done.lateFix.pauseNs }, fix);
+  for (const step of done.clockSteps?.steps ?? []) {
+    // each correcting stop/cont: its own pause and its step, both given back in place
+    const fix = ledger.recordPause('failover', step.resumeNs - step.pauseNs, step.resumeNs);
+    ledger.recordCorrection({ actuator: 'inplace', appliedNs: step.appliedNs, frozenNs: step.pauseNs }, fix);
+  }
+  if (done.clockSteps && done.clockSteps.uncorrectedNs > 0n && done.clockSteps.restNs > 0n) {
+    ledger.recordUncorrected('clocksource-limit', entry, { detail: done.clockSteps.detail ?? 'not given back in place' });
   }
   const lastBeatNs = lastBeatWall !== undefined ? String(BigInt(Math.round(lastBeatWall * 1e3)) * 1000n) : undefined;
   slot.unfinishedMove = movePatch(self, kind, from, done.epoch, { stopNs: String(stopHereNs), resumeNs: String(done.resume.resumeNs), ...(lastBeatNs ? { lastBeatNs } : {}) });

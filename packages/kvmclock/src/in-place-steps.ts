@@ -1,0 +1,78 @@
+/**
+ * The part of a correction the resume could not carry, given back to a running guest in place:
+ * for each step, arm x-ftvm-clock-compensate with the step, stop, cont — a pause of a few ms whose
+ * own length is given back with it. Between steps the guest runs long enough to read its
+ * clocksource (its timers are due after a forward step, so it does so at once), which is what
+ * lets a guest on a narrow counter (acpi_pm) count a gap larger than that counter can show.
+ */
+import type { QmpClient } from '@ftvm/qmp';
+import { InPlaceActuator } from './actuators.js';
+import { planSteps } from './clocksource.js';
+
+export interface InPlaceStep {
+  /** The step asked for (beside the step's own pause). */
+  offsetNs: bigint;
+  /** What QEMU added to the guest clock at that resume: its own pause plus the step. */
+  appliedNs: bigint;
+  /** The pause the step took (QEMU's own measure). */
+  pauseNs: bigint;
+  /** QEMU's RESUME stamp ending it. */
+  resumeNs: bigint;
+}
+
+export interface InPlaceStepsResult {
+  steps: InPlaceStep[];
+  /** The sum of the steps' offsets actually applied (what the guest was behind). */
+  givenNs: bigint;
+}
+
+export interface InPlaceStepsOptions {
+  /** At most this per step (undefined: all at once). */
+  stepNs: bigint | undefined;
+  /** How long the guest runs between two steps (default 50 ms). */
+  settleMs?: number;
+  /** Per QMP exchange and per RESUME wait (default 10 s). */
+  timeoutMs?: number;
+}
+
+export class InPlaceStepError extends Error {
+  override name = 'InPlaceStepError';
+  constructor(
+    message: string,
+    /** The steps that were applied before the failure. */
+    readonly done: InPlaceStep[],
+    options?: ErrorOptions,
+  ) {
+    super(message, options);
+  }
+}
+
+/**
+ * Moves a running guest's clock forward by `totalNs` in steps (ftvm's QEMU only; throws an
+ * InPlaceStepError naming what was applied when a step fails). Resolves with every step.
+ */
+export async function stepClockInPlace(qmp: QmpClient, actuator: InPlaceActuator, totalNs: bigint, options: InPlaceStepsOptions): Promise<InPlaceStepsResult> {
+  const timeoutMs = options.timeoutMs ?? 10_000;
+  const settleMs = options.settleMs ?? 50;
+  const steps: InPlaceStep[] = [];
+  const plan = planSteps(totalNs, options.stepNs);
+  for (const [i, offsetNs] of plan.entries()) {
+    if (i > 0) await new Promise((resolve) => setTimeout(resolve, settleMs));
+    try {
+      // someone else stopped it meanwhile (a user, a fence): never `cont` a VM we did not stop
+      const status = await qmp.execute<{ running: boolean; status: string }>('query-status', undefined, { timeoutMs });
+      if (!status.running) throw new Error(`the VM is not running (${status.status}): the remaining steps are not applied`);
+      await actuator.arm({ includeStoppedTime: true, offsetNs });
+      const resumed = qmp.waitForEvent('RESUME', { timeoutMs });
+      resumed.catch(() => undefined);
+      await qmp.execute('stop', undefined, { timeoutMs });
+      await qmp.execute('cont', undefined, { timeoutMs });
+      const resumeNs = (await resumed).timestampNs;
+      const applied = await actuator.lastApplied();
+      steps.push({ offsetNs: applied?.offsetNs ?? offsetNs, appliedNs: applied?.appliedNs ?? 0n, pauseNs: applied?.stoppedNs ?? 0n, resumeNs });
+    } catch (error) {
+      throw new InPlaceStepError(`in-place clock step ${i + 1} of ${plan.length} (${offsetNs} ns) failed: ${(error as Error).message}`, steps, { cause: error });
+    }
+  }
+  return { steps, givenNs: steps.reduce((sum, s) => sum + s.offsetNs, 0n) };
+}
