@@ -18,7 +18,13 @@
  * SKEW_MS ahead (test/support/skewed-cluster.ts, as host-clock-skew.int.test.ts), once with the
  * measured host offset applied and once with FTVM_TEST_IGNORE_HOST_OFFSET=1.
  *
- * FTVM_DRIFT_SECTIONS=none,inplace,agent,failover,skew (default all) picks what runs; a section
+ * clocksources: the probe guest on clocksource=hpet and acpi_pm (tsc is the runs above): inplace
+ * (with the rate fit) and none (the ledger's error), and failovers with outages of ~1.5, 3 and 6 s
+ * (failoverRestoreOffset, ftvm's QEMU: the clock sections carry at most the machine's safe step,
+ * the rest is stepped in place). vcpus2: the tsc guest with 2 vCPUs, inplace and the same
+ * failovers. The tsc entries of `clocksources` are the inplace/none/failover sections' figures.
+ *
+ * FTVM_DRIFT_SECTIONS=none,inplace,agent,failover,skew,clocksources,vcpus2 (default all) picks what runs; a section
  * left out keeps its figures from the existing bench/results/drift.json. Plots: drift.png (all
  * runs) and drift-zoom.png (the corrected ones, ±ZOOM_MS).
  */
@@ -34,7 +40,8 @@ import { connectLabSsh } from '../test/support/lab-ssh.js';
 import { clockOffset, stepGuestClock } from '../test/support/probe-client.js';
 import { startProbeVm } from '../test/support/probe-vm.js';
 import { describeEnvironment } from './environment.js';
-import { failoverRestoreOffset } from '../test/support/failover-restore.js';
+import { failoverRestoreOffset, type FailoverRestoreResult } from '../test/support/failover-restore.js';
+import type { ProbeClocksource } from '../test/support/probe-domain.js';
 import { SKEW_MS, skewFailover, type SkewFailover } from '../test/support/skewed-cluster.js';
 import { writeLinePlot, type Series } from './plot.js';
 import { fitRate, type OffsetPoint, type RateFit } from './rate-fit.js';
@@ -45,7 +52,8 @@ const INTERVAL_MS = Number(process.env.FTVM_DRIFT_INTERVAL_MS ?? 1000);
 const SAMPLE_EVERY = Number(process.env.FTVM_DRIFT_SAMPLE_EVERY ?? 10);
 const RATE_WINDOW_S = Number(process.env.FTVM_DRIFT_RATE_WINDOW_S ?? 60);
 if (!(RATE_WINDOW_S >= 5)) throw new Error(`FTVM_DRIFT_RATE_WINDOW_S must be a number of seconds ≥ 5, got '${process.env.FTVM_DRIFT_RATE_WINDOW_S}'`);
-const ALL_SECTIONS = ['none', 'inplace', 'agent', 'failover', 'skew'] as const;
+const ALL_SECTIONS = ['none', 'inplace', 'agent', 'failover', 'skew', 'clocksources', 'vcpus2'] as const;
+const FAILOVER_GAPS_MS = [1500, 3000, 6000];
 type Section = (typeof ALL_SECTIONS)[number];
 const SECTIONS = (process.env.FTVM_DRIFT_SECTIONS ?? ALL_SECTIONS.join(',')).split(',').map((s) => s.trim()).filter(Boolean);
 for (const section of SECTIONS) {
@@ -109,11 +117,25 @@ function patchedQemu(): string | undefined {
   return execFileSync('bash', [script.pathname], { encoding: 'utf8', timeout: 3_600_000, stdio: ['ignore', 'pipe', 'inherit'] }).trim().split('\n').pop();
 }
 
-async function run(name: ActuatorName, emulator: string | undefined, options: { rateWindowS?: number } = {}): Promise<RunResult> {
-  const vmName = `drift-${name}`;
+interface RunOptions {
+  rateWindowS?: number;
+  clocksource?: ProbeClocksource;
+  vcpus?: number;
+}
+
+async function run(name: ActuatorName, emulator: string | undefined, options: RunOptions = {}): Promise<RunResult> {
+  const variant = [options.clocksource?.replace('_', ''), options.vcpus ? `${options.vcpus}cpu` : undefined].filter(Boolean).join('-');
+  const vmName = `drift-${name}${variant ? `-${variant}` : ''}`;
   const storeInside = `/var/lib/libvirt/ftvm/${vmName}`;
   fs.rmSync(path.join(hostInfo('backup').libvirtLibDir, 'ftvm', vmName), { recursive: true, force: true });
-  const vm = await startProbeVm({ host: 'primary', name: vmName, ...(emulator ? { emulator } : {}) });
+  const vm = await startProbeVm({
+    host: 'primary',
+    name: vmName,
+    ...(emulator ? { emulator } : {}),
+    ...(options.clocksource ? { clocksource: options.clocksource } : {}),
+    ...(options.vcpus ? { vcpus: options.vcpus } : {}),
+  });
+  const label = `${name}${variant ? ` (${variant})` : ''}`;
   const ssh = await connectLabSsh('backup');
   let receiver = await openRemoteReceiver(ssh, { storeDir: storeInside, keep: 2 });
   const ledger = new DriftLedger(vmName);
@@ -148,8 +170,8 @@ async function run(name: ActuatorName, emulator: string | undefined, options: { 
   });
   if (hook && checkpointer.selfResuming) correctionMs.push(0);
   try {
-    const windowBefore = options.rateWindowS ? await sampleWindow(vm.probe, options.rateWindowS, `${name}: rate window before`) : undefined;
-    if (windowBefore) console.error(`${name}: ${windowBefore.length} rate samples before the run`);
+    const windowBefore = options.rateWindowS ? await sampleWindow(vm.probe, options.rateWindowS, `${label}: rate window before`) : undefined;
+    if (windowBefore) console.error(`${label}: ${windowBefore.length} rate samples before the run`);
     const start = await clockOffset(vm.probe, { samples: 32 });
     const series = [{ x: 0, y: 0 }];
     const sampledAtNs = [start.hostRealtimeNs];
@@ -165,7 +187,7 @@ async function run(name: ActuatorName, emulator: string | undefined, options: { 
           else streamDatingRejected.push('no ledger entry with that STOP stamp');
         } else if (epoch > 1) streamDatingRejected.push(result.frozeAt.rejected ?? 'no reference');
       } catch (error) {
-        console.error(`${name}: checkpoint ${epoch} failed: ${(error as Error).message}`);
+        console.error(`${label}: checkpoint ${epoch} failed: ${(error as Error).message}`);
         if (!receiver.sender.isOpen) receiver = await openRemoteReceiver(ssh, { storeDir: storeInside, keep: 2 });
       }
       if (agent) {
@@ -177,7 +199,7 @@ async function run(name: ActuatorName, emulator: string | undefined, options: { 
         const now = await clockOffset(vm.probe, { samples: 16 });
         series.push({ x: epoch, y: ms(now.offsetNs - start.offsetNs) });
         sampledAtNs.push(now.hostRealtimeNs);
-        console.error(`${name}: ${epoch}/${CHECKPOINTS} offset change ${ms(now.offsetNs - start.offsetNs).toFixed(2)} ms, ledger predicts ${ms(-ledger.predictedLagNs).toFixed(2)} ms`);
+        console.error(`${label}: ${epoch}/${CHECKPOINTS} offset change ${ms(now.offsetNs - start.offsetNs).toFixed(2)} ms, ledger predicts ${ms(-ledger.predictedLagNs).toFixed(2)} ms`);
       }
       await sleep(Math.max(0, INTERVAL_MS - (performance.now() - began)));
     }
@@ -187,14 +209,14 @@ async function run(name: ActuatorName, emulator: string | undefined, options: { 
     let rate: RunResult['rate'];
     let seriesRateRemoved: RunResult['seriesRateRemoved'];
     if (windowBefore && options.rateWindowS) {
-      const windowAfter = await sampleWindow(vm.probe, options.rateWindowS, `${name}: rate window after`);
+      const windowAfter = await sampleWindow(vm.probe, options.rateWindowS, `${label}: rate window after`);
       const fit = fitRate([windowBefore, windowAfter]);
       const elapsedS = Number(end.hostRealtimeNs - start.hostRealtimeNs) / 1e9;
       // ppm × s = µs
       const residualMs = ms(changeNs) - (fit.ratePpm * elapsedS) / 1e3;
       rate = { fit, windowS: options.rateWindowS, elapsedS, residualMs };
       seriesRateRemoved = series.map((p, i) => ({ x: p.x, y: p.y - (fit.ratePpm * Number(sampledAtNs[i]! - start.hostRealtimeNs)) / 1e12 }));
-      console.error(`${name}: guest rate ${fit.ratePpm.toFixed(2)} ± ${fit.stderrPpm.toFixed(2)} ppm (r² ${fit.r2.toFixed(3)}, n ${fit.n}), raw ${ms(changeNs).toFixed(3)} ms, rate removed ${residualMs.toFixed(3)} ms`);
+      console.error(`${label}: guest rate ${fit.ratePpm.toFixed(2)} ± ${fit.stderrPpm.toFixed(2)} ppm (r² ${fit.r2.toFixed(3)}, n ${fit.n}), raw ${ms(changeNs).toFixed(3)} ms, rate removed ${residualMs.toFixed(3)} ms`);
     }
     const measuredLagNs = -changeNs;
     const predicted = ledger.predictedLagNs;
@@ -256,8 +278,10 @@ for (const name of (['none', 'inplace', 'agent'] as const).filter(selected)) {
   }
   runs.push(await run(name, name === 'inplace' ? patched : undefined, name === 'inplace' ? { rateWindowS: RATE_WINDOW_S } : {}));
 }
-const failover = selected('failover') ? await failoverRestoreOffset() : undefined;
+const failover = selected('failover') ? await failoverRestoreOffset({ emulator: patchedQemu() }) : undefined;
 const skew = selected('skew') ? await skewSection() : undefined;
+const clocksources = selected('clocksources') ? await clocksourceSection() : undefined;
+const vcpus2 = selected('vcpus2') ? await vcpusSection() : undefined;
 
 const byName = (n: ActuatorName) => runs.find((r) => r.name === n);
 /** A section measured now, or else as the existing drift.json has it. */
@@ -301,8 +325,24 @@ const result = {
   agent: keep('agent', byName('agent') && { measured_at: measuredAt, final_offset_ms: byName('agent')!.offsetChangeMs, ...runFigures(byName('agent')!) }),
   failover: keep('failover', failover && { measured_at: measuredAt, offset_ms: failover.offsetMs, ...failover }),
   skew: keep('skew', skew),
+  clocksources: keep('clocksources', clocksources),
+  vcpus2: keep('vcpus2', vcpus2),
   targets: { inplace_offset_change_ms: 1, inplace_residual_ms: 1, inplace_added_pause_ms_p99: 1, failover_offset_ms: 5, none_ledger_error_ratio: 0.05, skew_failover_offset_ms: 5 },
 };
+// the tsc guest's entries are the main sections' runs (same guest, same build)
+const mainTsc = (section: 'inplace' | 'none' | 'failover') => result[section] as Record<string, unknown> | undefined;
+if (result.clocksources) {
+  const cs = result.clocksources as Record<string, Record<string, unknown>>;
+  const inplace = mainTsc('inplace');
+  const none = mainTsc('none');
+  cs['tsc'] = {
+    note: 'the inplace, none and failover sections (clocksource=tsc, 1 vCPU); failover gaps from this section',
+    inplace: inplace && { residual_ms: inplace['residual_ms'], raw_offset_ms: inplace['raw_offset_ms'], measured_at: inplace['measured_at'] },
+    guest_rate_ppm: inplace?.['guest_rate_ppm'],
+    none: none && { ledger_error_ratio: none['ledger_error_ratio'], final_offset_ms: none['final_offset_ms'], measured_at: none['measured_at'] },
+    failover: cs['tsc']?.['failover'],
+  };
+}
 fs.mkdirSync(new URL('./results/', import.meta.url), { recursive: true });
 fs.writeFileSync(resultFile, `${JSON.stringify(result, null, 2)}\n`);
 writePlots(result);
@@ -336,10 +376,89 @@ function writePlots(figures: Record<string, unknown>): void {
       ? [{ label: `inplace −rate (${inplace.residual_ms.toFixed(2)} ms)`, color: '#17becf', dash: '6 4', points: inplace.series_rate_removed }]
       : []),
     ...line('agent', colors.agent),
+    // one line per clocksource (tsc is "inplace −rate" above) and the 2-vCPU guest, rate removed
+    ...extraLines(figures),
     // one restore, not a series: a point at the run's end
     ...(failoverMs !== undefined ? [{ label: `failover (${failoverMs.toFixed(2)} ms)`, color: '#9467bd', marker: true, points: [{ x: checkpoints, y: failoverMs }] }] : []),
   ];
   writeLinePlot(new URL('drift-zoom.png', out).pathname, `Corrected offsets, ±${ZOOM_MS} ms (beyond it clipped; figures in the legend)`, 'checkpoint', 'offset change (ms)', zoomed, { yRange: [-ZOOM_MS, ZOOM_MS] });
+}
+
+/** The clocksource and 2-vCPU in-place runs for the zoomed plot (rate removed where fitted). */
+function extraLines(figures: Record<string, unknown>): Series[] {
+  type Inplace = { residual_ms?: number | null; raw_offset_ms?: number; series?: { x: number; y: number }[]; series_rate_removed?: { x: number; y: number }[] };
+  const cs = figures['clocksources'] as Record<string, { inplace?: Inplace }> | undefined;
+  const entries: Array<[string, Inplace | undefined, string]> = [
+    ['hpet', cs?.['hpet']?.inplace, '#ff7f0e'],
+    ['acpi_pm', cs?.['acpi_pm']?.inplace, '#8c564b'],
+    ['2 vCPUs', (figures['vcpus2'] as { inplace?: Inplace } | undefined)?.inplace, '#e377c2'],
+  ];
+  return entries.flatMap(([name, inplace, color]) => {
+    const points = inplace?.series_rate_removed ?? inplace?.series;
+    if (!points) return [];
+    const figure = inplace?.residual_ms ?? inplace?.raw_offset_ms;
+    return [{ label: `${name}${inplace?.series_rate_removed ? ' −rate' : ''} (${figure?.toFixed(2)} ms)`, color, dash: '2 3', points }];
+  });
+}
+
+/** A run's in-place figures for the clocksource and vCPU sections. */
+function inplaceFigures(r: RunResult) {
+  return {
+    residual_ms: r.rate ? round(r.rate.residualMs) : null,
+    raw_offset_ms: r.offsetChangeMs,
+    guest_rate_ppm: r.rate ? round(r.rate.fit.ratePpm, 3) : null,
+    rate_r2: r.rate ? round(r.rate.fit.r2, 4) : null,
+    checkpoints: r.checkpoints,
+    pause_ms: r.pauseMs,
+    ledger_predicted_lag_ms: r.ledgerPredictedLagMs,
+    series: r.series.map((p) => ({ x: p.x, y: round(p.y, 4) })),
+    ...(r.seriesRateRemoved ? { series_rate_removed: r.seriesRateRemoved.map((p) => ({ x: p.x, y: round(p.y, 4) })) } : {}),
+  };
+}
+
+/** Failovers with outages of ~1.5, 3 and 6 s; offset_ms is the largest |offset| of them (signed). */
+async function failoverGaps(label: string, options: { clocksource?: ProbeClocksource; vcpus?: number }): Promise<Record<string, unknown>> {
+  const runs: FailoverRestoreResult[] = [];
+  const errors: string[] = [];
+  for (const gapMs of FAILOVER_GAPS_MS) {
+    try {
+      const r = await failoverRestoreOffset({ name: `drift-fo-${label}`, gapMs, emulator: patchedQemu(), ...options });
+      console.error(`${label} failover: outage ${r.gapMs} ms, first step ${r.firstStepMs} ms + ${r.inPlaceSteps} in place, offset ${r.offsetMs} ms`);
+      runs.push(r);
+    } catch (error) {
+      errors.push(`${gapMs} ms: ${(error as Error).message}`);
+      console.error(`${label} failover (${gapMs} ms) FAILED: ${(error as Error).message}`);
+    }
+  }
+  const worst = runs.reduce<FailoverRestoreResult | undefined>((w, r) => (!w || Math.abs(r.offsetMs) > Math.abs(w.offsetMs) ? r : w), undefined);
+  return {
+    offset_ms: worst?.offsetMs ?? null,
+    runs: runs.map((r) => ({ outage_ms: r.gapMs, offset_ms: r.offsetMs, first_step_ms: r.firstStepMs, in_place_steps: r.inPlaceSteps, in_place_ms: r.inPlaceMs, uncorrected_ms: r.uncorrectedMs, probe_error_ms: r.probeErrorMs, resume_late_ms: r.resumeLateMs })),
+    errors,
+  };
+}
+
+/** hpet and acpi_pm: inplace (rate fitted), none (ledger error), failovers; tsc's failovers. */
+async function clocksourceSection(): Promise<Record<string, unknown>> {
+  const out: Record<string, unknown> = { measured_at: measuredAt, failover_gaps_ms: FAILOVER_GAPS_MS };
+  for (const clocksource of ['hpet', 'acpi_pm'] as const) {
+    const inplace = await run('inplace', patchedQemu(), { rateWindowS: RATE_WINDOW_S, clocksource });
+    const none = await run('none', undefined, { clocksource });
+    out[clocksource] = {
+      inplace: inplaceFigures(inplace),
+      guest_rate_ppm: inplace.rate ? round(inplace.rate.fit.ratePpm, 3) : null,
+      none: { ledger_error_ratio: none.ledgerErrorRatio, final_offset_ms: none.offsetChangeMs, ledger_predicted_lag_ms: none.ledgerPredictedLagMs },
+      failover: await failoverGaps(clocksource.replace('_', ''), { clocksource }),
+    };
+  }
+  out['tsc'] = { failover: await failoverGaps('tsc', { clocksource: 'tsc' }) };
+  return out;
+}
+
+/** The tsc guest with 2 vCPUs: inplace (rate fitted) and failovers. */
+async function vcpusSection(): Promise<Record<string, unknown>> {
+  const inplace = await run('inplace', patchedQemu(), { rateWindowS: RATE_WINDOW_S, vcpus: 2 });
+  return { measured_at: measuredAt, vcpus: 2, clocksource: 'tsc', inplace: inplaceFigures(inplace), failover: await failoverGaps('2cpu', { vcpus: 2 }) };
 }
 
 /** Failover by kill onto a backup whose agent clock runs SKEW_MS ahead, with and without the measure. */

@@ -1,4 +1,6 @@
 import type { GuestAgentClient, QmpClient, QmpEvent } from '@ftvm/qmp';
+import { machineClocks } from './clocksource.js';
+import { lagModelFor } from './lag-model.js';
 import { GuestAgentActuator, InPlaceActuator } from './actuators.js';
 import type { DriftLedger, PauseCause, PauseEntry, UncorrectedReason } from './ledger.js';
 import { PauseTracker } from './ledger.js';
@@ -73,6 +75,14 @@ export class ClockHook {
   /** Validates the policy (PolicyError) and detects whether this QEMU can correct in place. */
   static async create(options: ClockHookOptions): Promise<ClockHook> {
     validatePolicy(options.policy ?? DEFAULT_POLICY);
+    // what a pause costs the guest depends on the accelerator and the clocksources it may use
+    try {
+      const clocks = await machineClocks(options.qmp);
+      options.ledger.setModel(lagModelFor(clocks));
+      for (const warning of clocks.warnings) options.log?.(`clock: ${warning}`);
+    } catch (error) {
+      options.log?.(`clock: cannot read the machine's accelerator and clocks (${(error as Error).message}); the ledger keeps its model (${options.ledger.model.accelerator})`);
+    }
     return new ClockHook(options, await InPlaceActuator.detect(options.qmp));
   }
 

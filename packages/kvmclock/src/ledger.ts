@@ -1,4 +1,6 @@
 import type { QmpClient, QmpEvent } from '@ftvm/qmp';
+import type { GuestClocksource } from './clocksource.js';
+import { DEFAULT_LAG_MODEL, KVM_DEFAULT_CLOCKSOURCE, pauseLagNs, predictionCandidates, validateLagModel, type Accelerator, type LagModel } from './lag-model.js';
 
 /** Why the VM was stopped. */
 export type PauseCause = 'checkpoint' | 'user' | 'migration' | 'failover';
@@ -71,8 +73,15 @@ export interface LedgerSummary {
   pauses: number;
   pausedNs: bigint;
   correctedNs: bigint;
-  /** What the guest clock should lag real time by: stopped time not given back. */
+  /**
+   * What the guest clock should lag real time by: the stopped time its clocksource lost, not given
+   * back (see the ledger's model; under KVM with the clocksource unknown, kvm-clock's).
+   */
   predictedLagNs: bigint;
+  /** The model the prediction follows (see lag-model.ts). */
+  model: { accelerator: Accelerator; clocksource: GuestClocksource | 'unknown' };
+  /** Under KVM with the guest's clocksource unknown: the prediction for each clocksource it may use. */
+  byClocksource?: Partial<Record<GuestClocksource, bigint>>;
   byCause: Record<PauseCause, { pauses: number; pausedNs: bigint }>;
   /** Pauses the clock hook left uncorrected (see PauseEntry.uncorrected), by reason. */
   uncorrected: Partial<Record<UncorrectedReason, { pauses: number; pausedNs: bigint }>>;
@@ -83,14 +92,35 @@ export interface LedgerSummary {
 
 /**
  * The drift ledger of one VM: every pause with its cause and length, every correction applied,
- * and the residual measured. Its prediction — stopped time minus corrections — is what an
- * uncorrected guest carries, and what a measurement is compared against.
+ * and the residual measured. Its prediction — stopped time minus corrections, as far as each
+ * reaches the guest's clocksource on its accelerator (lag-model.ts) — is what the guest carries,
+ * and what a measurement is compared against.
  */
 export class DriftLedger {
   readonly entries: PauseEntry[] = [];
   readonly residuals: ResidualMeasurement[] = [];
 
-  constructor(readonly vm: string) {}
+  private lagModel: LagModel;
+
+  /**
+   * `model`: the accelerator and the guest's clocksource, which decide what a pause costs the
+   * guest (lag-model.ts). Default: TCG, clocksource unknown — every pause lags by its stopped time.
+   */
+  constructor(
+    readonly vm: string,
+    model: LagModel = DEFAULT_LAG_MODEL,
+  ) {
+    this.lagModel = validateLagModel({ ...model });
+  }
+
+  get model(): Readonly<LagModel> {
+    return this.lagModel;
+  }
+
+  /** Sets the model once known (e.g. from machineClocks() after QEMU started); the prediction follows it, past pauses included. */
+  setModel(model: LagModel): void {
+    this.lagModel = validateLagModel({ ...model });
+  }
 
   recordPause(cause: PauseCause, stopNs: bigint, resumeNs: bigint): PauseEntry {
     if (resumeNs < stopNs) throw new RangeError(`pause of ${this.vm} resumes (${resumeNs}) before it stops (${stopNs})`);
@@ -162,8 +192,15 @@ export class DriftLedger {
     return this.entries.reduce((sum, e) => sum + (e.correction?.appliedNs ?? 0n), 0n);
   }
 
+  /** What the guest should lag real time by, under the ledger's model. */
   get predictedLagNs(): bigint {
-    return this.pausedNs - this.correctedNs;
+    const { clocksource } = this.lagModel;
+    return this.predictedLagFor(clocksource === 'unknown' && this.lagModel.accelerator === 'kvm' ? KVM_DEFAULT_CLOCKSOURCE : clocksource);
+  }
+
+  /** What a guest on `clocksource` should lag real time by, on the ledger's accelerator. */
+  predictedLagFor(clocksource: GuestClocksource | 'unknown'): bigint {
+    return this.entries.reduce((sum, e) => sum + pauseLagNs(this.lagModel.accelerator, clocksource, e), 0n);
   }
 
   summary(): LedgerSummary {
@@ -182,12 +219,16 @@ export class DriftLedger {
     }
     const lastResidual = this.residuals.at(-1);
     const lastHostOffset = this.entries.findLast((e) => e.hostOffset !== undefined)?.hostOffset;
+    const candidates = predictionCandidates(this.lagModel);
+    const byClocksource = candidates.length ? Object.fromEntries(candidates.map((c) => [c, this.predictedLagFor(c)])) : undefined;
     return {
       vm: this.vm,
       pauses: this.entries.length,
       pausedNs: this.pausedNs,
       correctedNs: this.correctedNs,
       predictedLagNs: this.predictedLagNs,
+      model: { accelerator: this.lagModel.accelerator, clocksource: this.lagModel.clocksource },
+      ...(byClocksource ? { byClocksource } : {}),
       byCause,
       uncorrected,
       ...(lastResidual ? { lastResidual } : {}),
