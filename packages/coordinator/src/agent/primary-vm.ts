@@ -1,5 +1,5 @@
 import path from 'node:path';
-import { ClockHook, DriftLedger, InPlaceActuator } from '@ftvm/kvmclock';
+import { ClockHook, DriftLedger, InPlaceActuator, realtimeClock } from '@ftvm/kvmclock';
 import { readProtection, replicatedDisks } from '@ftvm/libvirt';
 import { GuestAgentClient, QmpClient } from '@ftvm/qmp';
 import { openRemoteReceiver, ReplicationError, type ReplicationSender, type SshConnection } from '@ftvm/transport';
@@ -226,7 +226,12 @@ export class PrimaryVm {
     stopped.catch(() => undefined);
     try {
       await this.qmp.execute('stop', undefined, { timeoutMs });
-      return (await stopped).timestampNs;
+      // A `stop` inside a checkpoint's stopped phase is recorded (patch 0011) and emits no STOP:
+      // the VM was already stopped. Then the instant we see it stopped bounds when it last ran.
+      const seenStopped = this.qmp
+        .execute<{ running: boolean }>('query-status', undefined, { timeoutMs })
+        .then((status) => (status.running ? new Promise<never>(() => undefined) : realtimeClock()()));
+      return await Promise.race([stopped.then((event) => event.timestampNs), seenStopped]);
     } catch {
       return undefined;
     }
