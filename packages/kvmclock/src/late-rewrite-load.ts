@@ -42,6 +42,9 @@ export async function loadWithLateClockRewrite(
   return { deltaNs: delta, advances, headBytes: split.head.length, tailBytes: tail.length };
 }
 
+/** Below this a scheduled resume counts as on time (the probe's own error is ~0.2 ms). */
+const LATENESS_TOLERANCE_NS = 300_000n;
+
 export interface ResumeOnTimeOptions {
   /**
    * QMP of the incoming QEMU: started paused (`-S`, as libvirt does), the `events` migration
@@ -73,7 +76,8 @@ export interface ResumeOnTimeOptions {
   /**
    * The largest step the guest may take at once (machineClocks().stepNs): the clock sections move
    * by at most this; the rest is given back in place in such steps after the resume (ftvm's
-   * QEMU), or left uncorrected and reported (`uncorrectedNs`) where QEMU cannot. Default: no limit.
+   * QEMU), or left uncorrected and reported (`uncorrectedNs`) where QEMU cannot; with ftvm's QEMU
+   * a late resume's lateness is given back with them. Default: no limit, nothing in place.
    */
   stepNs?: bigint;
 }
@@ -101,7 +105,7 @@ export interface ResumeOnTimeResult extends LateRewriteResult {
   overrun: boolean;
   /** The part of Δ the clock sections carried (Δ capped at `stepNs`). */
   firstStepNs: bigint;
-  /** The rest of Δ, given back in place after the resume. */
+  /** The rest of Δ (and the resume's lateness), given back in place after the resume. */
   inPlace?: InPlaceStepsResult;
   /** What stays uncorrected: the rest of Δ on a QEMU without in-place correction. */
   uncorrectedNs: bigint;
@@ -152,14 +156,20 @@ export async function loadAndResumeOnTime(options: ResumeOnTimeOptions): Promise
   const { qmpRoundTripNs, contSentNs, resumeNs, overrun } = timing;
   const restNs = deltaNs - firstStepNs;
   let inPlace: InPlaceStepsResult | undefined;
-  if (restNs > 0n) {
+  let uncorrectedNs = restNs;
+  if (restNs > 0n || (options.stepNs !== undefined && timing.lateNs > LATENESS_TOLERANCE_NS)) {
+    // with steps to take anyway (or asked to step), a late resume's lateness goes with them
     const actuator = await InPlaceActuator.detect(qmp);
-    if (actuator) inPlace = await stepClockInPlace(qmp, actuator, restNs, { stepNs: options.stepNs });
+    if (actuator) {
+      const totalNs = restNs + (timing.lateNs > LATENESS_TOLERANCE_NS ? timing.lateNs : 0n);
+      inPlace = await stepClockInPlace(qmp, actuator, totalNs, { stepNs: options.stepNs });
+      uncorrectedNs = totalNs - inPlace.givenNs;
+    }
   }
   return {
     firstStepNs,
     ...(inPlace ? { inPlace } : {}),
-    uncorrectedNs: restNs - (inPlace?.givenNs ?? 0n),
+    uncorrectedNs,
     deltaNs,
     advances,
     headBytes: split.head.length,
