@@ -3,6 +3,7 @@ import {
   assembleCheckpointChain,
   CheckpointChainError,
   checkpointLayout,
+  compactCheckpointChain,
   createStreamVerifier,
   flattenCheckpointChain,
   parseMigrationStream,
@@ -71,5 +72,39 @@ describe('checkpoint chains', () => {
   it('returns a lone full checkpoint as it is', () => {
     const only = stream(full(7));
     expect(flattenCheckpointChain([only]).equals(only)).toBe(true);
+  });
+});
+
+describe("chains with QEMU's increment marker (x-ftvm-incremental, patch 0013)", () => {
+  /** What ftvm's QEMU sends as an increment: the configuration carries the marker subsection. */
+  const marked = (bytes: Buffer): Buffer => {
+    const at = 8 + 1 + 4 + 'pc-i440fx-7.2'.length; // header, 0x07, be32 length, machine name
+    const marker = Buffer.concat([Buffer.from([0x05, 32]), Buffer.from('configuration/x-ftvm-incremental', 'latin1'), Buffer.from([0, 0, 0, 1])]);
+    return Buffer.concat([bytes.subarray(0, at), marker, bytes.subarray(at)]);
+  };
+  const delta: Page[] = [{ block: 'pc.ram', index: 1, data: pseudoRandom(PAGE, 7) }];
+  const base = stream(full(200), BLOCKS, 1);
+  const increment = marked(stream(delta, BLOCKS, 2));
+
+  it('the verifier tells a marked increment from a full stream', () => {
+    expect(verify(increment).incremental).toBe(true);
+    expect(verify(base).incremental).toBeUndefined();
+  });
+
+  it('assembles a full stream and a marked increment into a full image with no marker', () => {
+    const flat = flattenCheckpointChain([base, increment]);
+    const summary = verify(flat);
+    expect(summary.incremental).toBeUndefined();
+    expect(summary.fullRam).toBe(true);
+    expect(() => parseMigrationStream(flat, { requireFull: true })).not.toThrow();
+    expect(ramOf(flat).get('pc.ram@4096')).toBe(pseudoRandom(PAGE, 7).toString('hex'));
+    const compacted = compactCheckpointChain([base, increment]);
+    expect(verify(compacted).incremental).toBeUndefined();
+  });
+
+  it('refuses a chain whose base is itself an increment, naming the marker and its offset', () => {
+    expect(() => assembleCheckpointChain([marked(base), increment])).toThrow(CheckpointChainError);
+    expect(() => assembleCheckpointChain([marked(base), increment])).toThrow(/checkpoint 0 of the chain must be a full stream: .*at offset 26 \(0x1a\) \[INCREMENTAL_STREAM\]/);
+    expect(() => compactCheckpointChain([marked(base), increment])).toThrow(/checkpoint 0 of the chain: .*\[INCREMENTAL_STREAM\].* at offset 26/);
   });
 });

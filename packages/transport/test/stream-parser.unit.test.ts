@@ -3,6 +3,7 @@ import {
   MigrationStreamError,
   MigrationStreamParser,
   configurationCapabilities,
+  configurationIncremental,
   encodeRecords,
   encodeRecordStream,
   iterateMigrationStream,
@@ -332,5 +333,41 @@ describe('commands', () => {
     expect(records[1]).toMatchObject({ type: 'command', command: 7 });
     expect((records[1] as { packaged: Buffer }).packaged.equals(inner)).toBe(true);
     expect(encodeRecords(records).equals(b)).toBe(true);
+  });
+});
+
+describe("ftvm's x-ftvm-incremental marker (QEMU patch 0013)", () => {
+  // 0x05, name length, "configuration/x-ftvm-incremental", be32 version 1, no fields.
+  const MARKER = Buffer.concat([Buffer.from([0x05, 32]), Buffer.from('configuration/x-ftvm-incremental', 'latin1'), Buffer.from([0, 0, 0, 1])]);
+  const s = syntheticStream();
+  const markerAt = s.at.configuration + 1 + 4 + 'pc-i440fx-7.2'.length;
+  const marked = Buffer.concat([s.bytes.subarray(0, markerAt), MARKER, s.bytes.subarray(markerAt)]);
+
+  it('parses the marker, exposes the stream as incremental and writes it back byte for byte', () => {
+    const parser = new MigrationStreamParser();
+    const records: MigrationRecord[] = [];
+    parser.push(marked, (r) => records.push(r));
+    parser.end((r) => records.push(r));
+    expect(parser.incremental).toBe(true);
+    const configuration = records.find((r) => r.type === 'configuration')!;
+    expect(configuration.type === 'configuration' && configurationIncremental(configuration)).toBe(true);
+    expect(encodeRecords(records).equals(marked)).toBe(true);
+
+    const plain = new MigrationStreamParser();
+    plain.push(s.bytes, () => undefined);
+    expect(plain.incremental).toBe(false);
+  });
+
+  it('refuses an increment where a full image is required, at the marker, also byte by byte', () => {
+    const whole = streamError(() => parseMigrationStream(marked, { requireFull: true }));
+    expect({ code: whole.code, offset: whole.offset }).toEqual({ code: 'INCREMENTAL_STREAM', offset: markerAt });
+    expect(whole.message).toMatch(/x-ftvm-incremental increment .* where a full image is required/);
+    const parser = new MigrationStreamParser({ requireFull: true });
+    const bytewise = streamError(() => {
+      for (let p = 0; p < marked.length; p++) parser.push(marked.subarray(p, p + 1), () => undefined);
+    });
+    expect({ code: bytewise.code, offset: bytewise.offset }).toEqual({ code: 'INCREMENTAL_STREAM', offset: markerAt });
+    // a full stream passes the same requirement
+    expect(() => parseMigrationStream(s.bytes, { requireFull: true })).not.toThrow();
   });
 });

@@ -8,7 +8,8 @@
 
 import { DEFAULT_TARGET_PAGE_SIZE } from './constants.js';
 import { configurationPageSize } from './configuration.js';
-import { parseMigrationStream } from './parser.js';
+import { MigrationStreamError } from './errors.js';
+import { MigrationStreamParser, parseMigrationStream } from './parser.js';
 import type { MigrationRecord } from './records.js';
 import { encodedSize } from './writer.js';
 
@@ -136,6 +137,14 @@ export function assembleCheckpointChain(streams: readonly Uint8Array[], layouts?
     if (from > s.length || (to ?? 0) > s.length) throw new CheckpointChainError(`checkpoint ${i} of the chain is shorter (${s.length} bytes) than its layout says`);
     return Buffer.from(s.buffer, s.byteOffset + from, (to ?? s.length) - from);
   };
+  // The result loads as one full image with the base's header and configuration: the base must
+  // be one (QEMU and requireFull refuse a stream marked x-ftvm-incremental).
+  try {
+    new MigrationStreamParser({ requireFull: true }).push(view(0, 0, laid[0]!.preambleEnd), () => undefined);
+  } catch (error) {
+    if (error instanceof MigrationStreamError) throw new CheckpointChainError(`checkpoint 0 of the chain must be a full stream: ${error.message}`);
+    throw error;
+  }
   const ram = [view(0, 0, laid[0]!.deviceStateStart)];
   for (let i = 1; i < streams.length; i++) {
     if (laid[i]!.ramSectionId !== laid[0]!.ramSectionId) {

@@ -209,7 +209,8 @@ export class CheckpointChainCompactor {
           fail('UNSUPPORTED', `a ${record.type} record among the "ram" page sections`, start);
       }
     };
-    const parser = new MigrationStreamParser();
+    // the full stream's preamble heads the result: it must not be an increment's (0013's marker)
+    const parser = new MigrationStreamParser({ requireFull: link === 0 });
     for (let from = 0; from < deviceStateStart; from += sliceBytes) {
       wrapped(link, () => parser.push(view(stream, from, Math.min(from + sliceBytes, deviceStateStart)), onRecord));
       yield;

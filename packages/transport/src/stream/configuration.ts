@@ -3,7 +3,7 @@
 // here by name, the way vmstate_subsection_load recognises them: a 0x05 byte, then a name that
 // starts with "configuration/". Anything else after the name belongs to the next record.
 
-import { CONFIGURATION_SUBSECTION_PREFIX, SectionType } from './constants.js';
+import { CONFIGURATION_SUBSECTION_PREFIX, FTVM_INCREMENTAL_SUBSECTION, SectionType } from './constants.js';
 import type { ByteReader } from './reader.js';
 import type { ConfigurationRecord, ConfigurationSubsection } from './records.js';
 
@@ -32,14 +32,21 @@ function readSubsectionData(r: ByteReader, name: string, at: number): Buffer {
     case 'configuration/uuid': // VMSTATE_UINT8_ARRAY_V(uuid.data, 16)
       r.bytes(16);
       break;
+    case FTVM_INCREMENTAL_SUBSECTION: // ftvm's increment marker: no fields
+      break;
     default:
       r.fail('UNSUPPORTED', `unknown configuration subsection '${name}'`, at);
   }
   return r.buf.subarray(start, r.pos);
 }
 
+export interface ReadConfigurationOptions {
+  /** Refuse a stream marked as an increment (INCREMENTAL_STREAM at the marker's offset). */
+  requireFull?: boolean;
+}
+
 /** Reads the configuration record; the cursor is on the 0x07 byte. */
-export function readConfiguration(r: ByteReader): ConfigurationRecord {
+export function readConfiguration(r: ByteReader, options: ReadConfigurationOptions = {}): ConfigurationRecord {
   r.u8(); // QEMU_VM_CONFIGURATION
   const lenAt = r.offset;
   const len = r.u32();
@@ -55,6 +62,13 @@ export function readConfiguration(r: ByteReader): ConfigurationRecord {
     const at = r.offset;
     r.pos += 2 + nameLen;
     const versionId = r.u32();
+    if (name === FTVM_INCREMENTAL_SUBSECTION && options.requireFull) {
+      r.fail(
+        'INCREMENTAL_STREAM',
+        'the stream is an x-ftvm-incremental increment (it carries only the pages written since the previous checkpoint) where a full image is required: assemble it with its base',
+        at,
+      );
+    }
     subsections.push({ name, versionId, data: readSubsectionData(r, name, at) });
   }
   return { type: 'configuration', machineType, subsections };
@@ -73,6 +87,11 @@ export function configurationCapabilities(record: ConfigurationRecord): string[]
     p += 1 + n;
   }
   return caps;
+}
+
+/** Whether the stream is an increment: its configuration carries ftvm's x-ftvm-incremental marker. */
+export function configurationIncremental(record: ConfigurationRecord): boolean {
+  return record.subsections.some((s) => s.name === FTVM_INCREMENTAL_SUBSECTION);
 }
 
 /** TARGET_PAGE_SIZE from `configuration/target-page-bits`, if the stream carries it. */

@@ -72,3 +72,11 @@ export const MAX_PACKAGED_SIZE = 1 << 24;
 
 /** Prefix of configuration subsections (vmstate_configuration's subsections in savevm.c). */
 export const CONFIGURATION_SUBSECTION_PREFIX = 'configuration/';
+
+/**
+ * ftvm's QEMU (patch 0013, x-ftvm-incremental): this configuration subsection (version 1, no
+ * fields) marks a stream that carries only the pages written since the previous migration, i.e. an
+ * increment that must be applied on its base. QEMU refuses to load one; so does this parser when a
+ * full image is required (MigrationStreamParserOptions.requireFull).
+ */
+export const FTVM_INCREMENTAL_SUBSECTION = 'configuration/x-ftvm-incremental';

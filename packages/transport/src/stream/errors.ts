@@ -11,6 +11,8 @@ export type MigrationStreamErrorCode =
   | 'FOOTER_MISMATCH'
   | 'BAD_RAM_RECORD'
   | 'BAD_CONFIGURATION'
+  /** An increment (x-ftvm-incremental marker) where a full image is required. */
+  | 'INCREMENTAL_STREAM'
   | 'BAD_COMMAND'
   | 'BAD_DESCRIPTION'
   | 'DESCRIPTION_MISMATCH'

@@ -17,7 +17,7 @@ export {
   KVMCLOCK_SECTION_VERSION,
   type KvmclockSectionState,
 } from './kvmclock-section.js';
-export { configurationCapabilities, configurationPageSize } from './configuration.js';
+export { configurationCapabilities, configurationIncremental, configurationPageSize } from './configuration.js';
 export { describedVmsdSize, describedSections, parseVmDescription } from './description.js';
 export type { VmDescription, VmDescriptionDevice, VmDescriptionField, VmDescriptionVmsd, DescribedSection } from './description.js';
 export { MigrationStreamError, DeviceStateError, type MigrationStreamErrorCode } from './errors.js';
@@ -28,6 +28,7 @@ export {
   RamFlag,
   MigCommand,
   DEFAULT_TARGET_PAGE_SIZE,
+  FTVM_INCREMENTAL_SUBSECTION,
 } from './constants.js';
 export type * from './records.js';
 export {

@@ -12,7 +12,7 @@
 // cost O(total) copying, not O(total × record size).
 
 import { DeviceStateRegion } from './device-region.js';
-import { configurationCapabilities, configurationPageSize, readConfiguration } from './configuration.js';
+import { configurationCapabilities, configurationIncremental, configurationPageSize, readConfiguration } from './configuration.js';
 import {
   DEFAULT_TARGET_PAGE_SIZE,
   MAX_PACKAGED_SIZE,
@@ -34,6 +34,11 @@ export interface MigrationStreamParserOptions {
   maxDeviceStateBytes?: number;
   /** Largest VM description accepted. Default 16 MiB. */
   maxDescriptionBytes?: number;
+  /**
+   * Refuse an increment (a stream whose configuration carries the x-ftvm-incremental marker) with
+   * INCREMENTAL_STREAM: for a stream that must load on its own. Default false.
+   */
+  requireFull?: boolean;
 }
 
 export type RecordCallback = (record: MigrationRecord) => void;
@@ -61,6 +66,8 @@ export class MigrationStreamParser {
   private readonly ram: RamContext;
   private readonly maxDeviceStateBytes: number;
   private readonly maxDescriptionBytes: number;
+  private readonly requireFull: boolean;
+  private isIncremental = false;
 
   constructor(options: MigrationStreamParserOptions = {}) {
     this.ram = {
@@ -72,6 +79,12 @@ export class MigrationStreamParser {
     };
     this.maxDeviceStateBytes = options.maxDeviceStateBytes ?? 64 * 1024 * 1024;
     this.maxDescriptionBytes = options.maxDescriptionBytes ?? 16 * 1024 * 1024;
+    this.requireFull = options.requireFull ?? false;
+  }
+
+  /** True once the configuration was parsed and marks the stream as an x-ftvm-incremental increment. */
+  get incremental(): boolean {
+    return this.isIncremental;
   }
 
   /** Absolute offset of the first byte not yet turned into a record. */
@@ -214,7 +227,8 @@ export class MigrationStreamParser {
           this.state = 'top';
           return [];
         }
-        const rec = readConfiguration(r);
+        const rec = readConfiguration(r, { requireFull: this.requireFull });
+        if (configurationIncremental(rec)) this.isIncremental = true;
         const pageSize = configurationPageSize(rec);
         if (pageSize !== undefined) this.ram.pageSize = pageSize;
         if (configurationCapabilities(rec).includes('x-ignore-shared')) this.ram.ignoreShared = true;

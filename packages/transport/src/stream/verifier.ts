@@ -17,6 +17,8 @@ export interface StreamSummary {
   ramBlocks: RamBlockExtent[] | undefined;
   /** Every page of every block was carried: a full checkpoint, not an incremental one. */
   fullRam: boolean;
+  /** Present when QEMU marked the stream as an increment (x-ftvm-incremental configuration subsection). */
+  incremental?: true;
   /** When not full: the first block with pages missing, and how many. */
   ramGap?: { block: string; missingPages: number };
   /** Where its parts begin, for assembling checkpoint chains (when it has RAM and device state). */
@@ -69,6 +71,7 @@ export class MigrationStreamVerifier {
       ...this.stats,
       ramBlocks: this.coverage.blocks,
       fullRam: this.coverage.blocks !== undefined && gap === undefined,
+      ...(this.parser.incremental ? { incremental: true as const } : {}),
       ...(gap ? { ramGap: gap } : {}),
       ...(layout ? { layout } : {}),
       ...(this.guestClockNs !== undefined ? { guestClockNs: this.guestClockNs } : {}),

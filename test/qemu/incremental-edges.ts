@@ -1,0 +1,317 @@
+/**
+ * Standalone check of ftvm's QEMU patch 0013 (x-ftvm-incremental) at its edges (issue 17):
+ *  - `savevm`: an internal snapshot taken while an incremental base exists is a full image (it
+ *    loads, in a fresh QEMU, to the memory it was taken from), and the next migration is full;
+ *  - `plain`: a `migrate` to another URI than the one the base went to (virsh migrate's fd:, a
+ *    fresh `-incoming` QEMU) sends every page: the target holds the source's memory;
+ *  - `refuse`: an increment that does reach a QEMU with no base (same URI, a new listener) is
+ *    refused by it with a clear error instead of loading; the source can go on;
+ *  - `stream`: an increment carries the marker (configuration/x-ftvm-incremental), ftvm's parser
+ *    exposes it and refuses it where a full image is required, QEMU refuses it as an image, and the
+ *    chain (full + increment) assembled by the store's codec has no marker and loads to the
+ *    increment's memory.
+ *
+ *   tsx --conditions=@ftvm/source test/qemu/incremental-edges.ts [--qemu <binary>] [--only <check>[,<check>]]
+ *
+ * No lab, no guest OS: QEMU under TCG (SeaBIOS runs, finds nothing to boot). Memory is compared
+ * as a SHA-256 of `pmemsave` over the guest's 128 MiB: SeaBIOS leaves RAM far from a fresh
+ * QEMU's (its shadow copy, tables), so an increment loaded as a full image never matches.
+ * Prints TAP lines `ok N - ...`; exits 1 at the first mismatch (`not ok - ...`).
+ */
+import { execFileSync, type ChildProcess } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { copyFile, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import type { QmpClient, QmpEvent } from '@ftvm/qmp';
+import { createStreamVerifier, flattenCheckpointChain, MigrationStreamError, parseMigrationStream } from '@ftvm/transport';
+import { patchedQemu } from '../support/patched-qemu.js';
+import { baseQemuArgs, check, CheckFailed, checksPassed, quitQemu, startQemu, stringify } from './checks.js';
+
+const SINK = 'exec:cat > /dev/null';
+const RAM_BYTES = 128 * 1024 * 1024;
+const MIGRATION_DEADLINE_MS = 60_000;
+/** A full migration of the 128 MiB guest has at least this many pages; an increment a handful. */
+const FULL_PAGES = 30_000;
+const MARKER_ERROR = /x-ftvm-incremental: this stream is an increment/;
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+const CHECKS = ['savevm', 'plain', 'refuse', 'stream'] as const;
+type CheckName = (typeof CHECKS)[number];
+
+function parseArgs(argv: string[]): { qemu: string | undefined; only: CheckName[] } {
+  let qemu: string | undefined;
+  let only: CheckName[] = [...CHECKS];
+  for (let i = 0; i < argv.length; i++) {
+    const value = argv[i + 1];
+    if (argv[i] === '--qemu' && value !== undefined) {
+      qemu = value;
+      i++;
+    } else if (argv[i] === '--only' && value !== undefined) {
+      const names = value.split(',');
+      const unknown = names.filter((n) => !(CHECKS as readonly string[]).includes(n));
+      if (unknown.length) throw new Error(`unknown check ${unknown.join(', ')} (known: ${CHECKS.join(', ')})`);
+      only = names as CheckName[];
+      i++;
+    } else {
+      throw new Error(`unknown or incomplete argument ${JSON.stringify(argv[i])} (usage: [--qemu <binary>] [--only <check>[,<check>]])`);
+    }
+  }
+  return { qemu, only };
+}
+
+interface MigrateInfo {
+  status: string;
+  'error-desc'?: string;
+  ram?: { duplicate: number; normal: number };
+}
+const pages = (info: MigrateInfo) => (info.ram?.duplicate ?? 0) + (info.ram?.normal ?? 0);
+
+/** One QEMU of a check (TCG, no guest OS), in its own directory. */
+class Vm {
+  private readonly events: QmpEvent[] = [];
+  private constructor(
+    readonly name: string,
+    readonly dir: string,
+    readonly qmp: QmpClient,
+    readonly child: ChildProcess,
+    private readonly stderr: string[],
+  ) {
+    qmp.onEvent((event) => this.events.push(event));
+  }
+
+  static async start(binary: string, name: string, extra: string[] = []): Promise<Vm> {
+    const dir = await mkdtemp(path.join(os.tmpdir(), `ftvm-incr-${name}-`));
+    const qmpPath = path.join(dir, 'qmp.sock');
+    const { child, qmp, stderr } = await startQemu(binary, [...baseQemuArgs(qmpPath), ...extra], qmpPath, dir);
+    const vm = new Vm(name, dir, qmp, child, stderr);
+    await vm.setCaps({ events: true });
+    return vm;
+  }
+
+  get log(): string {
+    return this.stderr.join('');
+  }
+
+  async stop(): Promise<void> {
+    await quitQemu(this.qmp, this.child, this.dir);
+  }
+
+  async setCaps(caps: Record<string, boolean>): Promise<void> {
+    await this.qmp.execute('migrate-set-capabilities', {
+      capabilities: Object.entries(caps).map(([capability, state]) => ({ capability, state })),
+    });
+  }
+
+  async status(): Promise<string> {
+    return (await this.qmp.execute<{ status: string }>('query-status')).status;
+  }
+
+  async hmp(command: string): Promise<string> {
+    return this.qmp.execute<string>('human-monitor-command', { 'command-line': command });
+  }
+
+  /** `migrate` to `uri`; resolves with query-migrate once it ended (completed, failed or cancelled). */
+  async migrate(uri: string): Promise<MigrateInfo> {
+    const ended = this.qmp.waitForEvent<{ status: string }>('MIGRATION', {
+      timeoutMs: MIGRATION_DEADLINE_MS,
+      predicate: (e) => ['completed', 'failed', 'cancelled'].includes(e.data.status),
+    });
+    await this.qmp.execute('migrate', { uri });
+    await ended;
+    // the MIGRATION event comes before the thread's last step: wait until the run state moved on
+    const deadline = Date.now() + 5_000;
+    while ((await this.status()) === 'finish-migrate') {
+      if (Date.now() > deadline) throw new CheckFailed(`${this.name}: still in finish-migrate 5 s after the migration ended`);
+      await sleep(5);
+    }
+    return this.qmp.execute<MigrateInfo>('query-migrate');
+  }
+
+  /** An incoming QEMU (`-incoming defer`): load `uri` and wait until it loaded. */
+  async incoming(uri: string): Promise<void> {
+    const ended = this.qmp.waitForEvent<{ status: string }>('MIGRATION', {
+      timeoutMs: MIGRATION_DEADLINE_MS,
+      predicate: (e) => ['completed', 'failed'].includes(e.data.status),
+    });
+    await this.qmp.execute('migrate-incoming', { uri });
+    const end = await ended;
+    if (end.data.status !== 'completed') throw new CheckFailed(`${this.name}: the incoming migration ${end.data.status}: ${this.log}`);
+  }
+
+  /** SHA-256 of the guest's RAM (pmemsave over all of it). */
+  async memoryDigest(): Promise<string> {
+    const file = path.join(this.dir, 'ram.dump');
+    await this.qmp.execute('pmemsave', { val: 0, size: RAM_BYTES, filename: file });
+    const digest = createHash('sha256').update(await readFile(file)).digest('hex');
+    await rm(file, { force: true });
+    return digest;
+  }
+
+  /** Resolves with how the process ended, or undefined if it still runs after `ms`. */
+  async exitWithin(ms: number): Promise<string | undefined> {
+    const ended = () => (this.child.exitCode !== null ? `exit status ${this.child.exitCode}` : this.child.signalCode !== null ? `signal ${this.child.signalCode}` : undefined);
+    const deadline = Date.now() + ms;
+    while (!ended() && Date.now() < deadline) await sleep(20);
+    return ended();
+  }
+
+  /** Gives the guest a moment to run (and write) after a migration left it in postmigrate. */
+  async runAWhile(): Promise<void> {
+    await this.qmp.execute('cont');
+    await sleep(300);
+  }
+}
+
+/** A source with the capability on and a base: one full migration to `uri` completed. */
+async function sourceWithBase(binary: string, name: string, uri: string, extra: string[] = []): Promise<Vm> {
+  const vm = await Vm.start(binary, name, extra);
+  await vm.setCaps({ 'x-ftvm-incremental': true });
+  const first = await vm.migrate(uri);
+  check(first.status === 'completed' && pages(first) >= FULL_PAGES, `${name}: the first migration with x-ftvm-incremental is full`, { status: first.status, pages: pages(first) });
+  return vm;
+}
+
+const vms: Vm[] = [];
+async function started(vm: Promise<Vm>): Promise<Vm> {
+  const v = await vm;
+  vms.push(v);
+  return v;
+}
+async function stopAll(): Promise<void> {
+  for (const vm of vms.splice(0)) await vm.stop().catch(() => undefined);
+}
+
+/** savevm while a base exists: a full snapshot, which loads to its memory in a fresh QEMU; the next migration is full. */
+async function savevm(binary: string, dir: string): Promise<void> {
+  const disk = path.join(dir, 'disk.qcow2');
+  execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', disk, '16M']);
+  const drive = ['-drive', `file=${disk},format=qcow2,if=ide`];
+  const a = await started(sourceWithBase(binary, 'savevm-source', SINK, drive));
+  await a.runAWhile();
+  await a.qmp.execute('stop');
+  const memory = await a.memoryDigest();
+  const saved = await a.hmp('savevm ftvm-snap');
+  check(saved.trim() === '', 'savevm with an incremental base succeeds', saved);
+  console.log(`# ${(await a.hmp('info snapshots')).trim().split('\n').pop()}`);
+  await a.runAWhile();
+  const next = await a.migrate(SINK);
+  check(next.status === 'completed' && pages(next) >= FULL_PAGES, 'the migration after a savevm is full (the snapshot consumed the base)', { status: next.status, pages: pages(next) });
+  await a.stop();
+  vms.splice(vms.indexOf(a), 1);
+
+  const b = await started(Vm.start(binary, 'savevm-load', [...drive, '-S']));
+  const loaded = await b.hmp('loadvm ftvm-snap');
+  check(loaded.trim() === '', 'loadvm of that snapshot in a fresh QEMU succeeds', loaded);
+  const restored = await b.memoryDigest();
+  check(restored === memory, 'the snapshot loads to the memory it was taken from (a full image, not an increment)', { saved: memory, loaded: restored });
+}
+
+/** A plain `migrate` to a fresh -incoming QEMU (another URI than the base's) sends every page. */
+async function plain(binary: string, dir: string): Promise<void> {
+  const s = await started(sourceWithBase(binary, 'plain-source', SINK));
+  await s.runAWhile();
+  const target = path.join(dir, 'target.sock');
+  const t = await started(Vm.start(binary, 'plain-target', ['-S', '-incoming', `unix:${target}`]));
+  const info = await s.migrate(`unix:${target}`);
+  check(info.status === 'completed', 'a plain migrate to a fresh target completes', info);
+  check(pages(info) >= FULL_PAGES, 'a plain migrate to another URI than the base\'s is full, the capability notwithstanding', { pages: pages(info) });
+  const deadline = Date.now() + 10_000;
+  while ((await t.status()) === 'inmigrate') {
+    if (Date.now() > deadline) throw new CheckFailed('the target is still inmigrate 10 s after the source completed');
+    await sleep(20);
+  }
+  check((await t.memoryDigest()) === (await s.memoryDigest()), 'the target holds the source\'s memory');
+  await t.qmp.execute('cont');
+  check((await t.status()) === 'running', 'the target runs');
+}
+
+/** An increment that reaches a QEMU with no base (the base's URI, a new listener) is refused by it. */
+async function refuse(binary: string, dir: string): Promise<void> {
+  const target = path.join(dir, 'target.sock');
+  const first = await started(Vm.start(binary, 'refuse-target-1', ['-S', '-incoming', `unix:${target}`]));
+  const s = await started(sourceWithBase(binary, 'refuse-source', `unix:${target}`));
+  await first.stop();
+  vms.splice(vms.indexOf(first), 1);
+  await s.runAWhile();
+
+  const fresh = await started(Vm.start(binary, 'refuse-target-2', ['-S', '-incoming', `unix:${target}`]));
+  const info = await s.migrate(`unix:${target}`);
+  console.log(`# the increment: ${info.status}, ${pages(info)} pages${info['error-desc'] ? `, ${info['error-desc']}` : ''}`);
+  const ended = await fresh.exitWithin(10_000);
+  check(ended !== undefined && ended !== 'exit status 0', 'the target with no base refuses the increment and exits', { ended, status: ended ? undefined : await fresh.status() });
+  check(MARKER_ERROR.test(fresh.log), 'the target names the reason (x-ftvm-incremental marker)', fresh.log.trim());
+  // The source cannot hear of the refusal without a return path: it saw `completed` (or `failed`).
+  if ((await s.status()) !== 'running') await s.qmp.execute('cont');
+  check((await s.status()) === 'running', 'the source goes on running', await s.status());
+}
+
+/** The marker in the stream, ftvm's parser on it, QEMU refusing it as an image, and the assembled chain loading. */
+async function stream(binary: string, dir: string): Promise<void> {
+  const out = path.join(dir, 'stream.bin');
+  const uri = `exec:cat > ${out}`;
+  const s = await started(sourceWithBase(binary, 'stream-source', uri));
+  const full = await readFile(out);
+  await s.runAWhile();
+  const info = await s.migrate(uri);
+  check(info.status === 'completed' && pages(info) < FULL_PAGES, 'a migration to the base\'s URI is an increment', { status: info.status, pages: pages(info) });
+  const increment = await readFile(out);
+  const memory = await s.memoryDigest(); // stopped (postmigrate) since the increment
+
+  const summary = (bytes: Buffer) => {
+    const v = createStreamVerifier();
+    v.update(bytes);
+    return v.end();
+  };
+  check(summary(full).incremental === undefined && summary(increment).incremental === true, 'ftvm\'s parser reads the marker: the full stream unmarked, the increment marked');
+  try {
+    parseMigrationStream(increment, { requireFull: true });
+    check(false, 'ftvm\'s parser refuses the increment where a full image is required', 'it parsed');
+  } catch (error) {
+    check(error instanceof MigrationStreamError && error.code === 'INCREMENTAL_STREAM' && error.offset > 8 && error.offset < 200,
+      'ftvm\'s parser refuses the increment where a full image is required (INCREMENTAL_STREAM in the configuration)', (error as Error).message);
+  }
+
+  const raw = path.join(dir, 'increment.bin');
+  await copyFile(out, raw);
+  const alone = await started(Vm.start(binary, 'stream-alone', ['-S', '-incoming', 'defer']));
+  await alone.qmp.execute('migrate-incoming', { uri: `exec:cat ${raw}` }).catch(() => undefined);
+  const ended = await alone.exitWithin(10_000);
+  check(ended !== undefined && ended !== 'exit status 0' && MARKER_ERROR.test(alone.log), 'QEMU refuses to load the increment on its own, naming the marker', { ended, log: alone.log.trim() });
+
+  const assembled = flattenCheckpointChain([full, increment]);
+  const flat = summary(assembled);
+  check(flat.incremental === undefined && flat.fullRam, 'the assembled chain (full + increment) is a full image with no marker', { incremental: flat.incremental, fullRam: flat.fullRam });
+  const file = path.join(dir, 'assembled.bin');
+  await writeFile(file, assembled);
+  const t = await started(Vm.start(binary, 'stream-restore', ['-S', '-incoming', 'defer']));
+  await t.incoming(`exec:cat ${file}`);
+  check((await t.memoryDigest()) === memory, 'the assembled chain loads to the memory of the increment\'s stop');
+}
+
+const RUN: Record<CheckName, (binary: string, dir: string) => Promise<void>> = { savevm, plain, refuse, stream };
+
+async function main(): Promise<void> {
+  const { qemu, only } = parseArgs(process.argv.slice(2));
+  const binary = qemu ?? patchedQemu();
+  console.log(`# ${binary}`);
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'ftvm-incr-'));
+  try {
+    for (const name of only) {
+      console.log(`# ${name}`);
+      await RUN[name](binary, dir);
+      await stopAll();
+    }
+    console.log(JSON.stringify({ checks: checksPassed() }));
+  } catch (error) {
+    console.error(`not ok - ${(error as Error).message}`);
+    for (const vm of vms) if (vm.log.trim()) console.error(`QEMU ${vm.name} stderr:\n${vm.log.trim()}`);
+    if (!(error instanceof CheckFailed)) console.error(stringify((error as Error).stack));
+    process.exitCode = 1;
+  } finally {
+    await stopAll();
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+await main();
