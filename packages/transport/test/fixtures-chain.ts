@@ -44,3 +44,10 @@ export function stream(pages: Page[], blocks = BLOCKS, deviceByte = 0): Buffer {
 export const full = (seed: number): Page[] =>
   BLOCKS.flatMap((b) => Array.from({ length: b.usedLength / PAGE }, (_, index) => ({ block: b.idstr, index, ...(index % 3 === 2 ? {} : { data: pseudoRandom(PAGE, seed + index) }) })));
 
+
+/** What ftvm's QEMU sends as an increment (patch 0013): the configuration carries the marker subsection. */
+export function marked(bytes: Buffer): Buffer {
+  const at = 8 + 1 + 4 + 'pc-i440fx-7.2'.length; // header, 0x07, be32 length, machine name
+  const marker = Buffer.concat([Buffer.from([0x05, 32]), Buffer.from('configuration/x-ftvm-incremental', 'latin1'), Buffer.from([0, 0, 0, 1])]);
+  return Buffer.concat([bytes.subarray(0, at), marker, bytes.subarray(at)]);
+}

@@ -6,7 +6,7 @@ import { Readable } from 'node:stream';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { CheckpointStore, CheckpointStoreError, type CheckpointBase } from '../src/store/index.js';
 import { createStreamVerifier, parseMigrationStream } from '../src/stream/index.js';
-import { BLOCKS, full, PAGE, stream } from './fixtures-chain.js';
+import { BLOCKS, full, marked, PAGE, stream } from './fixtures-chain.js';
 import { pseudoRandom } from './fixtures-synthetic.js';
 
 let dir: string;
@@ -86,6 +86,13 @@ describe('CheckpointStore with incremental checkpoints', () => {
     const store = await new CheckpointStore(dir).open();
     const error = await commit(store, 1, delta(0, 1)).catch((e: unknown) => e);
     expect(error).toMatchObject({ code: 'verify', message: expect.stringContaining("lacks 5 pages of RAM block 'pc.ram'") });
+    expect(await store.epochs()).toEqual([]);
+  });
+
+  it('refuses a stream QEMU marked as an increment when it comes as a full checkpoint, even with every page', async () => {
+    const store = await new CheckpointStore(dir).open();
+    const error = await commit(store, 1, marked(stream(full(1)))).catch((e: unknown) => e);
+    expect(error).toMatchObject({ code: 'verify', message: expect.stringContaining('QEMU marked its stream an increment') });
     expect(await store.epochs()).toEqual([]);
   });
 

@@ -8,7 +8,7 @@ import {
   flattenCheckpointChain,
   parseMigrationStream,
 } from '../src/stream/index.js';
-import { BLOCKS, full, PAGE, stream, type Page } from './fixtures-chain.js';
+import { BLOCKS, full, marked, PAGE, stream, type Page } from './fixtures-chain.js';
 import { pseudoRandom } from './fixtures-synthetic.js';
 
 /** The content of every page a stream leaves in guest RAM (undefined = zero page). */
@@ -76,12 +76,6 @@ describe('checkpoint chains', () => {
 });
 
 describe("chains with QEMU's increment marker (x-ftvm-incremental, patch 0013)", () => {
-  /** What ftvm's QEMU sends as an increment: the configuration carries the marker subsection. */
-  const marked = (bytes: Buffer): Buffer => {
-    const at = 8 + 1 + 4 + 'pc-i440fx-7.2'.length; // header, 0x07, be32 length, machine name
-    const marker = Buffer.concat([Buffer.from([0x05, 32]), Buffer.from('configuration/x-ftvm-incremental', 'latin1'), Buffer.from([0, 0, 0, 1])]);
-    return Buffer.concat([bytes.subarray(0, at), marker, bytes.subarray(at)]);
-  };
   const delta: Page[] = [{ block: 'pc.ram', index: 1, data: pseudoRandom(PAGE, 7) }];
   const base = stream(full(200), BLOCKS, 1);
   const increment = marked(stream(delta, BLOCKS, 2));

@@ -42,7 +42,7 @@ export interface StreamVerifier {
   end(): void | StreamShape;
 }
 
-export type StreamShape = Pick<StreamSummary, 'ramBlocks' | 'fullRam' | 'ramGap' | 'layout' | 'guestClockNs'>;
+export type StreamShape = Pick<StreamSummary, 'ramBlocks' | 'fullRam' | 'ramGap' | 'layout' | 'guestClockNs' | 'incremental'>;
 
 /** The checkpoint an incremental one applies on: its epoch and, to prove the lineage, its checksum. */
 export interface CheckpointBase {
@@ -1030,6 +1030,9 @@ export class CheckpointStore {
 
 /** A full checkpoint must carry every page; an incremental one the same RAM blocks as its base. */
 function checkShape(epoch: number, shape: StreamShape, base: CheckpointMetadata | undefined): void {
+  if (!base && shape.incremental) {
+    throw new CheckpointStoreError(`checkpoint ${epoch} came as a full checkpoint but QEMU marked its stream an increment (x-ftvm-incremental): its base is missing`, 'verify', epoch);
+  }
   if (!base && shape.ramBlocks && !shape.fullRam) {
     const gap = shape.ramGap;
     throw new CheckpointStoreError(
