@@ -29,7 +29,7 @@ import readline from 'node:readline';
 import { ClockHook, DEFAULT_POLICY, DriftLedger } from '@ftvm/kvmclock';
 import { QmpClient, QmpCommandError, type QmpEvent } from '@ftvm/qmp';
 import { patchedQemu } from '../support/patched-qemu.js';
-import { check, CheckFailed, checksPassed, stringify, quitQemu, baseQemuArgs, startQemu } from './checks.js';
+import { check, CheckFailed, checksPassed, stringify, quitQemu, baseQemuArgs, startQemu, parseCheckArgs, type MigrateInfo } from './checks.js';
 
 const SINK = 'exec:cat > /dev/null';
 const MIGRATION_DEADLINE_MS = 30_000;
@@ -45,32 +45,6 @@ const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 const CHECKS = ['stop', 'cancel', 'migrate-race', 'caps-race', 'disarm', 'sndbuf'] as const;
 type CheckName = (typeof CHECKS)[number];
 
-function parseArgs(argv: string[]): { qemu: string | undefined; only: CheckName[] } {
-  let qemu: string | undefined;
-  let only: CheckName[] = [...CHECKS];
-  for (let i = 0; i < argv.length; i++) {
-    const value = argv[i + 1];
-    if (argv[i] === '--qemu' && value !== undefined) {
-      qemu = value;
-      i++;
-    } else if (argv[i] === '--only' && value !== undefined) {
-      const names = value.split(',');
-      const unknown = names.filter((n) => !(CHECKS as readonly string[]).includes(n));
-      if (unknown.length) throw new Error(`unknown check ${unknown.join(', ')} (known: ${CHECKS.join(', ')})`);
-      only = names as CheckName[];
-      i++;
-    } else {
-      throw new Error(`unknown or incomplete argument ${JSON.stringify(argv[i])} (usage: [--qemu <binary>] [--only <check>[,<check>]])`);
-    }
-  }
-  return { qemu, only };
-}
-
-interface MigrateInfo {
-  status: string;
-  'error-desc'?: string;
-  ram?: { duplicate: number; normal: number };
-}
 
 /** One QEMU (TCG, no guest OS) with two QMP monitors: ours, and a spare for fd-migration-peer.py. */
 class TestVm {
@@ -497,7 +471,7 @@ const RUN: Record<CheckName, (vm: TestVm) => Promise<void>> = {
 };
 
 async function main(): Promise<void> {
-  const { qemu, only } = parseArgs(process.argv.slice(2));
+  const { qemu, only } = parseCheckArgs(process.argv.slice(2), CHECKS);
   const binary = qemu ?? patchedQemu();
   console.log(`# ${binary}`);
   let current: TestVm | undefined;

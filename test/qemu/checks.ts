@@ -76,3 +76,32 @@ export async function startQemu(
   });
   return { child, qmp, stderr };
 }
+
+/** `[--qemu <binary>] [--only <check>[,<check>]]`: the QEMU to test and which of `checks` to run. */
+export function parseCheckArgs<C extends string>(argv: string[], checks: readonly C[]): { qemu: string | undefined; only: C[] } {
+  let qemu: string | undefined;
+  let only: C[] = [...checks];
+  for (let i = 0; i < argv.length; i++) {
+    const value = argv[i + 1];
+    if (argv[i] === '--qemu' && value !== undefined) {
+      qemu = value;
+      i++;
+    } else if (argv[i] === '--only' && value !== undefined) {
+      const names = value.split(',');
+      const unknown = names.filter((n) => !(checks as readonly string[]).includes(n));
+      if (unknown.length) throw new Error(`unknown check ${unknown.join(', ')} (known: ${checks.join(', ')})`);
+      only = names as C[];
+      i++;
+    } else {
+      throw new Error(`unknown or incomplete argument ${JSON.stringify(argv[i])} (usage: [--qemu <binary>] [--only <check>[,<check>]])`);
+    }
+  }
+  return { qemu, only };
+}
+
+/** `query-migrate` as the checks read it. */
+export interface MigrateInfo {
+  status: string;
+  'error-desc'?: string;
+  ram?: { duplicate: number; normal: number };
+}

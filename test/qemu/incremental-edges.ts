@@ -26,7 +26,7 @@ import path from 'node:path';
 import type { QmpClient, QmpEvent } from '@ftvm/qmp';
 import { createStreamVerifier, flattenCheckpointChain, MigrationStreamError, parseMigrationStream } from '@ftvm/transport';
 import { patchedQemu } from '../support/patched-qemu.js';
-import { baseQemuArgs, check, CheckFailed, checksPassed, quitQemu, startQemu, stringify } from './checks.js';
+import { baseQemuArgs, check, CheckFailed, checksPassed, parseCheckArgs, quitQemu, startQemu, stringify, type MigrateInfo } from './checks.js';
 
 const SINK = 'exec:cat > /dev/null';
 const RAM_BYTES = 128 * 1024 * 1024;
@@ -39,32 +39,6 @@ const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 const CHECKS = ['savevm', 'plain', 'refuse', 'stream'] as const;
 type CheckName = (typeof CHECKS)[number];
 
-function parseArgs(argv: string[]): { qemu: string | undefined; only: CheckName[] } {
-  let qemu: string | undefined;
-  let only: CheckName[] = [...CHECKS];
-  for (let i = 0; i < argv.length; i++) {
-    const value = argv[i + 1];
-    if (argv[i] === '--qemu' && value !== undefined) {
-      qemu = value;
-      i++;
-    } else if (argv[i] === '--only' && value !== undefined) {
-      const names = value.split(',');
-      const unknown = names.filter((n) => !(CHECKS as readonly string[]).includes(n));
-      if (unknown.length) throw new Error(`unknown check ${unknown.join(', ')} (known: ${CHECKS.join(', ')})`);
-      only = names as CheckName[];
-      i++;
-    } else {
-      throw new Error(`unknown or incomplete argument ${JSON.stringify(argv[i])} (usage: [--qemu <binary>] [--only <check>[,<check>]])`);
-    }
-  }
-  return { qemu, only };
-}
-
-interface MigrateInfo {
-  status: string;
-  'error-desc'?: string;
-  ram?: { duplicate: number; normal: number };
-}
 const pages = (info: MigrateInfo) => (info.ram?.duplicate ?? 0) + (info.ram?.normal ?? 0);
 
 /** One QEMU of a check (TCG, no guest OS), in its own directory. */
@@ -292,7 +266,7 @@ async function stream(binary: string, dir: string): Promise<void> {
 const RUN: Record<CheckName, (binary: string, dir: string) => Promise<void>> = { savevm, plain, refuse, stream };
 
 async function main(): Promise<void> {
-  const { qemu, only } = parseArgs(process.argv.slice(2));
+  const { qemu, only } = parseCheckArgs(process.argv.slice(2), CHECKS);
   const binary = qemu ?? patchedQemu();
   console.log(`# ${binary}`);
   const dir = await mkdtemp(path.join(os.tmpdir(), 'ftvm-incr-'));
