@@ -19,6 +19,8 @@ export interface ClockHookOptions {
   /** Deadline of one agent correction (connect + guest-set-time). Default 2 s. */
   agentTimeoutMs?: number;
   log?: (message: string) => void;
+  /** What a user must act on (a machine whose guest clock ftvm cannot correct). Default: `log`. */
+  warn?: (message: string) => void;
 }
 
 /** What the hook decided for the pause under way (or about to start). */
@@ -79,7 +81,7 @@ export class ClockHook {
     try {
       const clocks = await machineClocks(options.qmp);
       options.ledger.setModel(lagModelFor(clocks));
-      for (const warning of clocks.warnings) options.log?.(`clock: ${warning}`);
+      for (const warning of clocks.warnings) (options.warn ?? options.log)?.(`clock: ${warning}`);
     } catch (error) {
       options.log?.(`clock: cannot read the machine's accelerator and clocks (${(error as Error).message}); the ledger keeps its model (${options.ledger.model.accelerator})`);
     }

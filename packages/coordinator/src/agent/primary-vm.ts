@@ -114,6 +114,7 @@ export class PrimaryVm {
       policy: protection.clock,
       agent: agentSocket ? () => GuestAgentClient.connect({ path: agentSocket }, { connectTimeoutMs: 2_000, commandTimeoutMs: 2_000 }) : undefined,
       log: (message) => log.info({ clock: true }, message),
+      warn: (message) => log.warn({ clock: true }, message),
     }).catch(async (error: Error) => {
       if (!options.qmp) await qmp.close().catch(() => undefined); // ours to close; a handed-over one is the caller's
       throw new Error(`VM '${options.record.name}': ${error.message}`);
