@@ -22,3 +22,4 @@ export {
   type DiskSectionInput,
 } from './disk-delta.js';
 export type { ReplicaMarker, ReplicaState } from './replica.js';
+export { applyToRamFile, readRamFileStamp, writeRamFileStamp, RamFileError, type RamFileApply, type RamFileApplyOptions, type RamFileErrorCode, type RamFileStamp } from './ram-file.js';
