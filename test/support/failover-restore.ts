@@ -128,7 +128,7 @@ export async function failoverRestoreOffset(options: FailoverRestoreOptions = {}
       deltaMs: r(load.deltaNs),
       firstStepMs: r(load.firstStepNs),
       inPlaceSteps: load.inPlace?.steps.length ?? 0,
-      inPlaceMs: r(load.inPlace?.givenNs ?? 0n),
+      inPlaceMs: r((load.inPlace?.steps ?? []).reduce((sum, s) => sum + s.offsetNs, 0n)),
       uncorrectedMs: r(load.uncorrectedNs),
       deviceStateBytes: load.tailBytes,
       offsetBeforeMs: r(before.offsetNs),

@@ -76,3 +76,47 @@ export async function stepClockInPlace(qmp: QmpClient, actuator: InPlaceActuator
   }
   return { steps, givenNs: steps.reduce((sum, s) => sum + s.offsetNs, 0n) };
 }
+
+/** Below this a scheduled resume counts as on time (the probe's own error is ~0.2 ms). */
+export const LATENESS_TOLERANCE_NS = 300_000n;
+
+/** The part of a restore's clock move the clock sections carry: all of it, or one safe step. */
+export function firstStepNs(deltaNs: bigint, stepNs: bigint | undefined): bigint {
+  return stepNs !== undefined && deltaNs > stepNs ? stepNs : deltaNs;
+}
+
+export interface ClockFollowUp {
+  /** How late the scheduled resume came (given back with the rest when above LATENESS_TOLERANCE_NS). */
+  lateNs: bigint;
+  /** The part of the outage the clock sections did not carry. */
+  restNs: bigint;
+  /** The in-place steps: each a pause of a few ms, given back together with its step. */
+  steps: InPlaceStep[];
+  /** What the guest still lags (no in-place command, or a step failed), and why. */
+  uncorrectedNs: bigint;
+  detail?: string;
+}
+
+/**
+ * After a restore's scheduled resume: the outage the clock sections did not carry (`restNs`) and
+ * the resume's lateness, given back in place in steps of at most `stepNs` (ftvm's QEMU). Never
+ * throws for a step: what was not given back is `uncorrectedNs`, with the reason in `detail`.
+ * Undefined when there is nothing to give back.
+ */
+export async function followUpAfterRestore(qmp: QmpClient, options: { restNs: bigint; lateNs: bigint; stepNs: bigint | undefined }): Promise<ClockFollowUp | undefined> {
+  const { restNs, lateNs, stepNs } = options;
+  const totalNs = restNs + (lateNs > LATENESS_TOLERANCE_NS ? lateNs : 0n);
+  if (totalNs <= 0n) return undefined;
+  const actuator = await InPlaceActuator.detect(qmp);
+  if (!actuator) {
+    const detail = restNs > 0n ? `this QEMU cannot step the clock in place; the machine's clocksources take at most ${Number(stepNs ?? 0n) / 1e6} ms at once` : "this QEMU cannot give the resume's lateness back in place";
+    return { lateNs, restNs, steps: [], uncorrectedNs: totalNs, detail };
+  }
+  try {
+    const done = await stepClockInPlace(qmp, actuator, totalNs, { stepNs });
+    return { lateNs, restNs, steps: done.steps, uncorrectedNs: totalNs - done.givenNs };
+  } catch (error) {
+    const steps = error instanceof InPlaceStepError ? error.done : [];
+    return { lateNs, restNs, steps, uncorrectedNs: totalNs - steps.reduce((sum, s) => sum + s.offsetNs, 0n), detail: (error as Error).message };
+  }
+}

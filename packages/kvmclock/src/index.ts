@@ -22,5 +22,15 @@ export { InPlaceActuator, GuestAgentActuator, COMPENSATE_COMMAND, QUERY_COMPENSA
 export { ClockHook, ClockCorrectionImpossibleError, type ClockHookOptions } from './clock-hook.js';
 export { parsePolicy, validatePolicy, PolicyError, DEFAULT_POLICY, type ClockPolicy, type OnImpossible } from './policy.js';
 export { CLOCKSOURCE_LIMIT_NS, safeStepNs, machineClocks, describeMachineClocks, planSteps, type GuestClocksource, type MachineClocks } from './clocksource.js';
-export { stepClockInPlace, InPlaceStepError, type InPlaceStep, type InPlaceStepsResult, type InPlaceStepsOptions } from './in-place-steps.js';
+export {
+  stepClockInPlace,
+  followUpAfterRestore,
+  firstStepNs,
+  LATENESS_TOLERANCE_NS,
+  InPlaceStepError,
+  type ClockFollowUp,
+  type InPlaceStep,
+  type InPlaceStepsResult,
+  type InPlaceStepsOptions,
+} from './in-place-steps.js';
 export { DEFAULT_LAG_MODEL, KVM_DEFAULT_CLOCKSOURCE, pauseKind, lagModelFor, validateLagModel, stopsWithVm, correctionReaches, pauseLagNs, predictionCandidates, type Accelerator, type LagModel, type PauseKind } from './lag-model.js';

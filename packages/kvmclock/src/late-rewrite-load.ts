@@ -3,8 +3,7 @@ import type { Writable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { QmpClient } from '@ftvm/qmp';
 import { realtimeClock, type RealtimeClock } from './realtime.js';
-import { InPlaceActuator } from './actuators.js';
-import { stepClockInPlace, type InPlaceStepsResult } from './in-place-steps.js';
+import { firstStepNs as firstStep, followUpAfterRestore, type ClockFollowUp } from './in-place-steps.js';
 import { advanceClockSections, splitCheckpoint, type ClockSectionAdvance } from './stream-rewrite.js';
 
 export interface LateRewriteResult {
@@ -41,9 +40,6 @@ export async function loadWithLateClockRewrite(
   await once(sink, 'finish', { signal });
   return { deltaNs: delta, advances, headBytes: split.head.length, tailBytes: tail.length };
 }
-
-/** Below this a scheduled resume counts as on time (the probe's own error is ~0.2 ms). */
-const LATENESS_TOLERANCE_NS = 300_000n;
 
 export interface ResumeOnTimeOptions {
   /**
@@ -105,9 +101,9 @@ export interface ResumeOnTimeResult extends LateRewriteResult {
   overrun: boolean;
   /** The part of Δ the clock sections carried (Δ capped at `stepNs`). */
   firstStepNs: bigint;
-  /** The rest of Δ (and the resume's lateness), given back in place after the resume. */
-  inPlace?: InPlaceStepsResult;
-  /** What stays uncorrected: the rest of Δ on a QEMU without in-place correction. */
+  /** The rest of Δ (and the resume's lateness), given back in place after the resume (with `stepNs`). */
+  inPlace?: ClockFollowUp;
+  /** What stays uncorrected: the rest of Δ (and a late resume's lateness) on a QEMU without in-place correction, or after a failed step. */
   uncorrectedNs: bigint;
 }
 
@@ -140,7 +136,7 @@ export async function loadAndResumeOnTime(options: ResumeOnTimeOptions): Promise
   const targetNs = rewriteNs + marginNs;
   const deltaNs = targetNs - stopNs;
   if (deltaNs <= 0n) throw new RangeError(`the checkpoint stopped at ${stopNs}, after the resume target ${targetNs}: wrong stop stamp or clock`);
-  const firstStepNs = options.stepNs !== undefined && deltaNs > options.stepNs ? options.stepNs : deltaNs;
+  const firstStepNs = firstStep(deltaNs, options.stepNs);
   const advances = advanceClockSections(split.deviceState, firstStepNs);
   const tail = split.encodeTail();
   sink.end(tail);
@@ -155,17 +151,8 @@ export async function loadAndResumeOnTime(options: ResumeOnTimeOptions): Promise
   const timing = await resumeOnTime(qmp, targetNs, { clock, ...(options.contLeadNs !== undefined ? { contLeadNs: options.contLeadNs } : {}) });
   const { qmpRoundTripNs, contSentNs, resumeNs, overrun } = timing;
   const restNs = deltaNs - firstStepNs;
-  let inPlace: InPlaceStepsResult | undefined;
-  let uncorrectedNs = restNs;
-  if (restNs > 0n || (options.stepNs !== undefined && timing.lateNs > LATENESS_TOLERANCE_NS)) {
-    // with steps to take anyway (or asked to step), a late resume's lateness goes with them
-    const actuator = await InPlaceActuator.detect(qmp);
-    if (actuator) {
-      const totalNs = restNs + (timing.lateNs > LATENESS_TOLERANCE_NS ? timing.lateNs : 0n);
-      inPlace = await stepClockInPlace(qmp, actuator, totalNs, { stepNs: options.stepNs });
-      uncorrectedNs = totalNs - inPlace.givenNs;
-    }
-  }
+  const inPlace = options.stepNs === undefined ? undefined : await followUpAfterRestore(qmp, { restNs, lateNs: timing.lateNs, stepNs: options.stepNs });
+  const uncorrectedNs = inPlace?.uncorrectedNs ?? restNs;
   return {
     firstStepNs,
     ...(inPlace ? { inPlace } : {}),

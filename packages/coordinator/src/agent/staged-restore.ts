@@ -3,8 +3,7 @@ import { once } from 'node:events';
 import { createReadStream } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { advanceClockSections, InPlaceActuator, InPlaceStepError, machineClocks, realtimeClock, resumeOnTime, splitAssembledCheckpoint, stepClockInPlace, type HostClockOffset, type InPlaceStep, type MachineClocks, type OnTimeResume } from '@ftvm/kvmclock';
-import type { QmpClient } from '@ftvm/qmp';
+import { advanceClockSections, firstStepNs, followUpAfterRestore, machineClocks, realtimeClock, resumeOnTime, splitAssembledCheckpoint, type ClockFollowUp, type HostClockOffset, type MachineClocks, type OnTimeResume } from '@ftvm/kvmclock';
 import { PreparedRestore, replicatedDisks, standbyDomainXml, type LibvirtConnection, type RestoreResult } from '@ftvm/libvirt';
 import { CheckpointStore, type AssembledCheckpoint, type CheckpointMetadata } from '@ftvm/transport';
 import { peerInstantOnOurClock, type ClockOffsetEstimate } from '../heartbeat/index.js';
@@ -67,53 +66,21 @@ export interface CompletedRestore {
   stopHereNs: bigint;
   /** How the old primary's clock stood to this host's, and whether the rewrite used it (see peerClock). */
   hostOffset?: HostClockOffset;
-  /** What was given back in place after the resume (see followUpInPlace). */
+  /** What was given back in place after the resume (followUpAfterRestore). */
   clockSteps?: ClockFollowUp;
 }
 
-export interface ClockFollowUp {
-  /** How late the scheduled resume came (QEMU's RESUME − the target the clock was rewritten for). */
-  lateNs: bigint;
-  /** The part of the outage the rewrite did not carry (beyond the machine's safe step). */
-  restNs: bigint;
-  /** The in-place steps: each a pause of a few ms, given back together with its step. */
-  steps: InPlaceStep[];
-  /** What the guest still lags (no in-place command, or a step failed), and why. */
-  uncorrectedNs: bigint;
-  detail?: string;
-}
-
-/** Below this the scheduled resume is taken as on time (the probe's own error is ~0.2 ms). */
-const LATENESS_TOLERANCE_NS = 300_000n;
-
 /**
- * After the scheduled resume, in place (ftvm's QEMU: arm, stop, cont, in steps no larger than the
- * machine's safe step): the part of the outage beyond that step, which a guest on a narrow
- * clocksource (acpi_pm: 2.34 s) would lose whole if the rewrite carried it, and the resume's
- * lateness when the host was busy (measured up to 36 ms on the 2-core lab). A stock QEMU keeps
- * both, said in the log and the ledger.
+ * The part of the outage beyond the machine's safe step (a guest on acpi_pm would lose it whole
+ * if the rewrite carried it) and a late resume's lateness (measured up to 36 ms on the busy 2-core
+ * lab) are given back in place after the resume (followUpAfterRestore); said here.
  */
-async function followUpInPlace(qmp: QmpClient, restNs: bigint, lateNs: bigint, clocks: MachineClocks, log: Log): Promise<ClockFollowUp | undefined> {
-  const late = lateNs > LATENESS_TOLERANCE_NS ? lateNs : 0n;
-  const totalNs = restNs + late;
-  if (totalNs <= 0n) return undefined;
+function logFollowUp(followUp: ClockFollowUp | undefined, clocks: MachineClocks, log: Log): void {
+  if (!followUp) return;
   const ms = (ns: bigint) => Number(ns) / 1e6;
-  const actuator = await InPlaceActuator.detect(qmp);
-  if (!actuator) {
-    const detail = restNs > 0n ? `this QEMU cannot step the clock in place; the ${clocks.limitedBy} clocksource the machine offers takes at most ${ms(clocks.stepNs ?? 0n)} ms at once` : 'this QEMU cannot give the resume\'s lateness back in place';
-    log.warn({ restMs: ms(restNs), lateMs: ms(late) }, `the restored VM resumes behind: ${detail}`);
-    return { lateNs, restNs, steps: [], uncorrectedNs: totalNs, detail };
-  }
-  try {
-    const done = await stepClockInPlace(qmp, actuator, totalNs, { stepNs: clocks.stepNs });
-    log.info({ restMs: ms(restNs), lateMs: ms(late), steps: done.steps.length, limitedBy: clocks.limitedBy }, 'rest of the outage given back in place');
-    return { lateNs, restNs, steps: done.steps, uncorrectedNs: totalNs - done.givenNs };
-  } catch (error) {
-    const steps = error instanceof InPlaceStepError ? error.done : [];
-    const given = steps.reduce((sum, s) => sum + s.offsetNs, 0n);
-    log.warn({ err: (error as Error).message, restMs: ms(restNs), lateMs: ms(late), givenMs: ms(given) }, 'the restored VM runs behind: an in-place clock step failed');
-    return { lateNs, restNs, steps, uncorrectedNs: totalNs - given, detail: (error as Error).message };
-  }
+  const fields = { restMs: ms(followUp.restNs), lateMs: ms(followUp.lateNs), steps: followUp.steps.length, limitedBy: clocks.limitedBy };
+  if (followUp.uncorrectedNs > 0n) log.warn({ ...fields, uncorrectedMs: ms(followUp.uncorrectedNs), detail: followUp.detail }, 'the restored VM runs behind: not all of the outage could be given back in place');
+  else log.info(fields, 'rest of the outage given back in place');
 }
 
 /**
@@ -228,7 +195,7 @@ export class StagedRestore {
             throw new Error(`checkpoint ${metadata.epoch} stopped at ${stopNs} (${peer?.peer ?? 'its host'}'s clock), after the resume target ${toHostRealtime(this.targetNs)}: host clocks disagree by more than the outage${stopHere.record?.applied ? ` even with the measured offset ${stopHere.record.offsetNs} ns` : ''}`);
           }
           const stepNs = this.clocks.stepNs;
-          this.firstStepNs = stepNs !== undefined && this.deltaNs > stepNs ? stepNs : this.deltaNs;
+          this.firstStepNs = firstStepNs(this.deltaNs, stepNs);
           advanceClockSections(split.deviceState, this.firstStepNs);
         }
         socket.end(split.encodeTail());
@@ -239,7 +206,8 @@ export class StagedRestore {
         this.resume = await resumeOnTime(qmp, this.targetNs!, { clock });
         if (options.correctClock !== false) {
           const restNs = (this.deltaNs ?? 0n) - (this.firstStepNs ?? this.deltaNs ?? 0n);
-          this.clockSteps = await followUpInPlace(qmp, restNs, this.resume.lateNs, this.clocks!, options.log);
+          this.clockSteps = await followUpAfterRestore(qmp, { restNs, lateNs: this.resume.lateNs, stepNs: this.clocks!.stepNs });
+          logFollowUp(this.clockSteps, this.clocks!, options.log);
         }
         return this.resume.resumeNs;
       },
