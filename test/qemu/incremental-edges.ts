@@ -26,11 +26,10 @@ import path from 'node:path';
 import type { QmpClient, QmpEvent } from '@ftvm/qmp';
 import { createStreamVerifier, flattenCheckpointChain, MigrationStreamError, parseMigrationStream } from '@ftvm/transport';
 import { patchedQemu } from '../support/patched-qemu.js';
-import { baseQemuArgs, check, CheckFailed, checksPassed, parseCheckArgs, quitQemu, startQemu, stringify, type MigrateInfo } from './checks.js';
+import { Vm } from './check-vm.js';
+import { check, CheckFailed, checksPassed, parseCheckArgs, stringify, type MigrateInfo } from './checks.js';
 
 const SINK = 'exec:cat > /dev/null';
-const RAM_BYTES = 128 * 1024 * 1024;
-const MIGRATION_DEADLINE_MS = 60_000;
 /** A full migration of the 128 MiB guest has at least this many pages; an increment a handful. */
 const FULL_PAGES = 30_000;
 const MARKER_ERROR = /x-ftvm-incremental: this stream is an increment/;
@@ -40,102 +39,6 @@ const CHECKS = ['savevm', 'plain', 'refuse', 'stream'] as const;
 type CheckName = (typeof CHECKS)[number];
 
 const pages = (info: MigrateInfo) => (info.ram?.duplicate ?? 0) + (info.ram?.normal ?? 0);
-
-/** One QEMU of a check (TCG, no guest OS), in its own directory. */
-class Vm {
-  private readonly events: QmpEvent[] = [];
-  private constructor(
-    readonly name: string,
-    readonly dir: string,
-    readonly qmp: QmpClient,
-    readonly child: ChildProcess,
-    private readonly stderr: string[],
-  ) {
-    qmp.onEvent((event) => this.events.push(event));
-  }
-
-  static async start(binary: string, name: string, extra: string[] = []): Promise<Vm> {
-    const dir = await mkdtemp(path.join(os.tmpdir(), `ftvm-incr-${name}-`));
-    const qmpPath = path.join(dir, 'qmp.sock');
-    const { child, qmp, stderr } = await startQemu(binary, [...baseQemuArgs(qmpPath), ...extra], qmpPath, dir);
-    const vm = new Vm(name, dir, qmp, child, stderr);
-    await vm.setCaps({ events: true });
-    return vm;
-  }
-
-  get log(): string {
-    return this.stderr.join('');
-  }
-
-  async stop(): Promise<void> {
-    await quitQemu(this.qmp, this.child, this.dir);
-  }
-
-  async setCaps(caps: Record<string, boolean>): Promise<void> {
-    await this.qmp.execute('migrate-set-capabilities', {
-      capabilities: Object.entries(caps).map(([capability, state]) => ({ capability, state })),
-    });
-  }
-
-  async status(): Promise<string> {
-    return (await this.qmp.execute<{ status: string }>('query-status')).status;
-  }
-
-  async hmp(command: string): Promise<string> {
-    return this.qmp.execute<string>('human-monitor-command', { 'command-line': command });
-  }
-
-  /** `migrate` to `uri`; resolves with query-migrate once it ended (completed, failed or cancelled). */
-  async migrate(uri: string): Promise<MigrateInfo> {
-    const ended = this.qmp.waitForEvent<{ status: string }>('MIGRATION', {
-      timeoutMs: MIGRATION_DEADLINE_MS,
-      predicate: (e) => ['completed', 'failed', 'cancelled'].includes(e.data.status),
-    });
-    await this.qmp.execute('migrate', { uri });
-    await ended;
-    // the MIGRATION event comes before the thread's last step: wait until the run state moved on
-    const deadline = Date.now() + 5_000;
-    while ((await this.status()) === 'finish-migrate') {
-      if (Date.now() > deadline) throw new CheckFailed(`${this.name}: still in finish-migrate 5 s after the migration ended`);
-      await sleep(5);
-    }
-    return this.qmp.execute<MigrateInfo>('query-migrate');
-  }
-
-  /** An incoming QEMU (`-incoming defer`): load `uri` and wait until it loaded. */
-  async incoming(uri: string): Promise<void> {
-    const ended = this.qmp.waitForEvent<{ status: string }>('MIGRATION', {
-      timeoutMs: MIGRATION_DEADLINE_MS,
-      predicate: (e) => ['completed', 'failed'].includes(e.data.status),
-    });
-    await this.qmp.execute('migrate-incoming', { uri });
-    const end = await ended;
-    if (end.data.status !== 'completed') throw new CheckFailed(`${this.name}: the incoming migration ${end.data.status}: ${this.log}`);
-  }
-
-  /** SHA-256 of the guest's RAM (pmemsave over all of it). */
-  async memoryDigest(): Promise<string> {
-    const file = path.join(this.dir, 'ram.dump');
-    await this.qmp.execute('pmemsave', { val: 0, size: RAM_BYTES, filename: file });
-    const digest = createHash('sha256').update(await readFile(file)).digest('hex');
-    await rm(file, { force: true });
-    return digest;
-  }
-
-  /** Resolves with how the process ended, or undefined if it still runs after `ms`. */
-  async exitWithin(ms: number): Promise<string | undefined> {
-    const ended = () => (this.child.exitCode !== null ? `exit status ${this.child.exitCode}` : this.child.signalCode !== null ? `signal ${this.child.signalCode}` : undefined);
-    const deadline = Date.now() + ms;
-    while (!ended() && Date.now() < deadline) await sleep(20);
-    return ended();
-  }
-
-  /** Gives the guest a moment to run (and write) after a migration left it in postmigrate. */
-  async runAWhile(): Promise<void> {
-    await this.qmp.execute('cont');
-    await sleep(300);
-  }
-}
 
 /** A source with the capability on and a base: one full migration to `uri` completed. */
 async function sourceWithBase(binary: string, name: string, uri: string, extra: string[] = []): Promise<Vm> {

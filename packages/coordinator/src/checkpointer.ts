@@ -180,6 +180,9 @@ export class Checkpointer {
     await qmp.execute('migrate-set-capabilities', {
       capabilities: [
         { capability: 'events', state: true },
+        // a VM resumed from a mapped standby loaded with x-ignore-shared, which stays on: its
+        // checkpoints must carry its (shared) RAM
+        { capability: 'x-ignore-shared', state: false },
         ...(selfResuming ? [{ capability: SELF_RESUME_CAPABILITY, state: true }] : []),
         ...(incremental ? [{ capability: INCREMENTAL_CAPABILITY, state: true }] : []),
       ],

@@ -35,6 +35,7 @@ export {
 export { checkProtectable, describeFindings, type Finding, type FindingSeverity } from './xml/checks.js';
 export { replicatedDisks, standbyDomainXml, type ReplicatedDisk } from './xml/disks.js';
 export { serviceNics, type DomainNic } from './xml/nics.js';
+export { withSharedRamFile, type SharedRamXml } from './xml/memory.js';
 export {
   readProtection,
   ProtectionMetadataError,

@@ -145,6 +145,7 @@ export class PreparedRestore {
     private readonly prepareTimings: { defineMs: number; startMs: number; qmpMs: number },
     private readonly log: (line: string) => void,
     private readonly logFile: string,
+    private readonly hostPath: (pathOnHost: string) => string,
   ) {}
 
   static async prepare(options: PrepareOptions): Promise<PreparedRestore> {
@@ -198,6 +199,7 @@ export class PreparedRestore {
         { defineMs: round(tStart - tDefine), startMs: round(tQmp - tStart), qmpMs: round(tReady - tQmp) },
         options.log ?? (() => undefined),
         logFile,
+        hostPath,
       );
     } catch (error) {
       // only a QEMU that was started can have said something
@@ -207,6 +209,20 @@ export class PreparedRestore {
       for (const p of cleanupPaths) fs.rmSync(p, { force: true });
       throw new RestoreError(name, stage, (error as Error).message, { cause: error, qemuReason });
     }
+  }
+
+  /**
+   * The file QEMU maps the RAM block `block` from, shared (memory-backend-file with share=on, as
+   * `withSharedRamFile` asks libvirt for), as this process sees it; undefined when the block is
+   * not on a shared file. Writes into it are the waiting VM's memory.
+   */
+  async sharedRamFile(block = 'pc.ram', timeoutMs = 5_000): Promise<string | undefined> {
+    const path = `/objects/${block}`;
+    const type = await this.qmp.execute<string>('qom-get', { path, property: 'type' }, { timeoutMs }).catch(() => undefined);
+    if (type !== 'memory-backend-file') return undefined;
+    const shared = await this.qmp.execute<boolean>('qom-get', { path, property: 'share' }, { timeoutMs });
+    if (!shared) return undefined;
+    return this.hostPath(await this.qmp.execute<string>('qom-get', { path, property: 'mem-path' }, { timeoutMs }));
   }
 
   /** The standby QEMU still waits (its QMP is open). */

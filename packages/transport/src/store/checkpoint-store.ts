@@ -414,6 +414,22 @@ export class CheckpointStore {
     return meta;
   }
 
+  /** One checkpoint's data, read once and checked against its checksum (CheckpointStoreError `corrupt` if it does not match). */
+  async readVerified(meta: CheckpointMetadata): Promise<Buffer> {
+    return readVerifiedData(this.dir, meta);
+  }
+
+  /**
+   * The disk state of `head` is loadable: the replica complete and not past it, every delta from
+   * its applied state up to `head` intact. Returns the epochs `prepareDisks` will apply (see
+   * LoadableCheckpoint.diskEpochs); throws CheckpointStoreError otherwise. A checkpoint without
+   * disks: undefined.
+   */
+  async verifiedDiskEpochs(head: CheckpointMetadata): Promise<number[] | undefined> {
+    if (!head.disks) return undefined;
+    return this.verifyDiskState(head, await this.replica.readMarker(), new Map());
+  }
+
   /** The metadata of `epoch` and of every checkpoint it builds on, oldest (a full one) first. */
   async chain(epoch: number, read: (epoch: number) => Promise<CheckpointMetadata> = (e) => this.metadata(e)): Promise<CheckpointMetadata[]> {
     const chain = [await read(epoch)];
@@ -507,7 +523,7 @@ export class CheckpointStore {
    * verified again first, and fsyncs) and returns each disk's image. Call it with the receiver
    * stopped: a later commit's prune would move the replica on. No disks: an empty map.
    */
-  async prepareDisks(checkpoint: LoadableCheckpoint): Promise<Map<string, string>> {
+  async prepareDisks(checkpoint: Pick<LoadableCheckpoint, 'metadata'>): Promise<Map<string, string>> {
     const { metadata } = checkpoint;
     if (!metadata.disks) return new Map();
     await this.replica.withLock(() => this.applyLocked(metadata.epoch, true));

@@ -22,4 +22,5 @@ export {
   type DiskSectionInput,
 } from './disk-delta.js';
 export type { ReplicaMarker, ReplicaState } from './replica.js';
-export { applyToRamFile, readRamFileStamp, writeRamFileStamp, RamFileError, type RamFileApply, type RamFileApplyOptions, type RamFileErrorCode, type RamFileStamp } from './ram-file.js';
+export { applyToRamFile, writeRamPages, readRamFileStamp, writeRamFileStamp, RamFileError, type RamFilePage, type RamFileApply, type RamFileApplyOptions, type RamFileErrorCode, type RamFileStamp } from './ram-file.js';
+export { StandbyRam, withIgnoreShared, IGNORE_SHARED_CAPABILITY, type StandbyRamApplied, type StandbyRamOptions } from './standby-ram.js';

@@ -65,13 +65,37 @@ const DEFAULT_MAX_WRITE = 4 * 1024 * 1024;
 export async function applyToRamFile(path: string, stream: Uint8Array, options: RamFileApplyOptions): Promise<RamFileApply> {
   const blockName = options.block ?? DEFAULT_BLOCK;
   const { blockBytes, pageSize, pages } = collectPages(stream, blockName, options.full);
-  const file = await fs.open(path, options.full ? 'w' : 'r+').catch((error: NodeJS.ErrnoException) => {
+  return writeRamPages(path, pages, { full: options.full, blockBytes, pageSize, block: blockName, ...(options.maxWriteBytes !== undefined ? { maxWriteBytes: options.maxWriteBytes } : {}) });
+}
+
+/** One page of a RAM block at its offset: its bytes, or a page filled with one byte. */
+export interface RamFilePage {
+  addr: number;
+  data?: Buffer | undefined;
+  fill: number;
+}
+
+/**
+ * Writes pages (in address order, one per address) into the file of a block of `blockBytes`: a
+ * full set rewrites it sparse (zero pages skipped), an increment goes over what it holds.
+ */
+export async function writeRamPages(
+  path: string,
+  pages: Iterable<RamFilePage>,
+  options: { full: boolean; blockBytes: number; pageSize: number; block?: string; maxWriteBytes?: number },
+): Promise<RamFileApply> {
+  const { blockBytes, pageSize } = options;
+  const blockName = options.block ?? DEFAULT_BLOCK;
+  const file = await fs.open(path, options.full ? (await exists(path) ? 'r+' : 'w') : 'r+').catch((error: NodeJS.ErrnoException) => {
     if (error.code === 'ENOENT') throw new RamFileError('FILE_SIZE', `no RAM file at ${path} to apply an increment to: apply a full checkpoint first`);
     throw error;
   });
   try {
     if (options.full) {
-      await file.truncate(blockBytes); // sparse: reads zeros until written
+      // to nothing and back: every page reads zero without being allocated (a standby mapping
+      // the file is paused and reads none of it meanwhile)
+      await file.truncate(0);
+      await file.truncate(blockBytes);
     } else {
       const { size } = await file.stat();
       if (size !== blockBytes) throw new RamFileError('FILE_SIZE', `the RAM file ${path} is ${size} bytes, block '${blockName}' ${blockBytes}: not this VM's RAM, or never filled`);
@@ -96,7 +120,7 @@ export async function applyToRamFile(path: string, stream: Uint8Array, options: 
     for (const page of pages) {
       if (page.data === undefined) {
         zeroPages++;
-        if (options.full) continue; // the truncated file is zero there
+        if (options.full && page.fill === 0) continue; // the truncated file is zero there
       }
       const data = page.data ?? (page.fill === 0 ? zero : Buffer.alloc(pageSize, page.fill));
       if (runBytes > 0 && (page.addr !== runStart + runBytes || runBytes + data.length > maxWrite)) await flush();
@@ -112,17 +136,18 @@ export async function applyToRamFile(path: string, stream: Uint8Array, options: 
   }
 }
 
-interface Page {
-  addr: number;
-  data?: Buffer;
-  fill: number;
+async function exists(path: string): Promise<boolean> {
+  return fs.access(path).then(
+    () => true,
+    () => false,
+  );
 }
 
 /** The block's pages, newest last for a page sent twice, in address order. */
-function collectPages(stream: Uint8Array, blockName: string, full: boolean): { blockBytes: number; pageSize: number; pages: Page[] } {
+function collectPages(stream: Uint8Array, blockName: string, full: boolean): { blockBytes: number; pageSize: number; pages: RamFilePage[] } {
   let blockBytes: number | undefined;
   let pageSize = 4096;
-  const byAddr = new Map<number, Page>();
+  const byAddr = new Map<number, RamFilePage>();
   const onRecord = (record: MigrationRecord): void => {
     switch (record.type) {
       case 'configuration':
