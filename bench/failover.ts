@@ -20,12 +20,19 @@
  * section's, and the guest's own ring check after each resume. (Byte equality of the replicas is
  * pnpm bench:disk-faults' and the tests' job: its audit hashing would add to the time here.)
  *
- * FTVM_FAILOVER_SECTIONS=single,multi,disk (default all) picks what runs; a section left out keeps
- * its figures from the existing bench/results/failover.json.
+ * sweep: failover time against dirty rate and guest size, with and without the mapped standby
+ * (issue 18): the single VM at 4, 50 and 100 MiB/s of dirtying (256 MiB) and at 4 MiB/s with
+ * 1 GiB, each once with `failover.standbyRam: mapped` (the backup's standby maps its RAM from a
+ * file kept at the newest checkpoint: only device state loads) and once `loaded` (the whole
+ * checkpoint loads at failover); FTVM_FAILOVER_SWEEP_RUNS kills per cell (default 5). apply_ms:
+ * each checkpoint's apply to the RAM file in the 50 MiB/s mapped cell (the agents' debug lines).
+ *
+ * FTVM_FAILOVER_SECTIONS=single,multi,disk,sweep (default all) picks what runs; a section left
+ * out keeps its figures from the existing bench/results/failover.json.
  */
 import fs from 'node:fs';
 import { labDown } from '../test/lab/lab.js';
-import { startCluster, stopCluster, type Cluster } from '../test/support/ft-cluster.js';
+import { agentLogEntries, startCluster, stopCluster, type Cluster } from '../test/support/ft-cluster.js';
 import { runFault, type FaultKind, type FaultRun } from '../test/support/failover-runs.js';
 import { probeOn } from '../test/support/ft-cluster.js';
 import { diskCounters } from '../test/support/probe-client.js';
@@ -40,10 +47,12 @@ const MULTI_RUNS = Number(process.env.FTVM_FAILOVER_MULTI_RUNS ?? 3);
 // the issue's 128 MiB per VM (the probe's workload buffer takes at most a quarter of it)
 const MULTI_MEMORY_MIB = Number(process.env.FTVM_FAILOVER_MULTI_MEMORY_MIB ?? 128);
 const DISK_RUNS = Number(process.env.FTVM_FAILOVER_DISK_RUNS ?? 5);
-const SECTIONS = (process.env.FTVM_FAILOVER_SECTIONS ?? 'single,multi,disk').split(',').map((s) => s.trim());
+const SWEEP_RUNS = Number(process.env.FTVM_FAILOVER_SWEEP_RUNS ?? 5);
+const SECTIONS = (process.env.FTVM_FAILOVER_SECTIONS ?? 'single,multi,disk,sweep').split(',').map((s) => s.trim());
 for (const section of SECTIONS) {
-  if (section !== 'single' && section !== 'multi' && section !== 'disk') throw new Error(`FTVM_FAILOVER_SECTIONS: unknown section '${section}' (single, multi, disk)`);
+  if (!['single', 'multi', 'disk', 'sweep'].includes(section)) throw new Error(`FTVM_FAILOVER_SECTIONS: unknown section '${section}' (single, multi, disk, sweep)`);
 }
+if (!Number.isInteger(SWEEP_RUNS) || SWEEP_RUNS < 1) throw new Error(`FTVM_FAILOVER_SWEEP_RUNS must be a positive integer, got '${process.env.FTVM_FAILOVER_SWEEP_RUNS}'`);
 if (!Number.isInteger(DISK_RUNS) || DISK_RUNS < 1) throw new Error(`FTVM_FAILOVER_DISK_RUNS must be a positive integer, got '${process.env.FTVM_FAILOVER_DISK_RUNS}'`);
 if (!Number.isInteger(MULTI_RUNS) || MULTI_RUNS < 1) throw new Error(`FTVM_FAILOVER_MULTI_RUNS must be a positive integer, got '${process.env.FTVM_FAILOVER_MULTI_RUNS}'`);
 if (!Number.isInteger(MULTI_MEMORY_MIB) || MULTI_MEMORY_MIB < 64) throw new Error(`FTVM_FAILOVER_MULTI_MEMORY_MIB must be an integer ≥ 64, got '${process.env.FTVM_FAILOVER_MULTI_MEMORY_MIB}'`);
@@ -54,14 +63,15 @@ const previous: Record<string, unknown> = fs.existsSync(resultFile) ? JSON.parse
 const single = SECTIONS.includes('single') ? await singleVmSection() : withoutMulti(previous);
 const multi = SECTIONS.includes('multi') ? await multiVmSection() : previous['multi_vm'];
 const disk = SECTIONS.includes('disk') ? await diskSection((single['failover_s'] as { p50?: number } | undefined)?.p50) : previous['disk'];
-const result = { ...single, ...(multi !== undefined ? { multi_vm: multi } : {}), ...(disk !== undefined ? { disk } : {}) };
+const sweep = SECTIONS.includes('sweep') ? await sweepSection() : { sweep: previous['sweep'], apply_ms: previous['apply_ms'], sweep_targets: previous['sweep_targets'] };
+const result = { ...single, ...(multi !== undefined ? { multi_vm: multi } : {}), ...(disk !== undefined ? { disk } : {}), ...sweep };
 fs.mkdirSync(new URL('./results/', import.meta.url), { recursive: true });
 fs.writeFileSync(resultFile, `${JSON.stringify(result, null, 2)}\n`);
-console.log(JSON.stringify({ ...result, runs: undefined, multi_vm: multi && { ...(multi as Record<string, unknown>), kills: undefined } }, null, 2));
+console.log(JSON.stringify({ ...result, runs: undefined, multi_vm: multi && { ...(multi as Record<string, unknown>), kills: undefined }, sweep: ((result as Record<string, unknown>)['sweep'] as Record<string, unknown>[] | undefined)?.map((c) => ({ ...c, runs: undefined })) }, null, 2));
 if (process.env.FTVM_BENCH_LAB_DOWN) await labDown();
 
 function withoutMulti(figures: Record<string, unknown>): Record<string, unknown> {
-  const { multi_vm: _multi, disk: _disk, ...rest } = figures;
+  const { multi_vm: _multi, disk: _disk, sweep: _sweep, apply_ms: _apply, sweep_targets: _targets, ...rest } = figures;
   if (!('failover_s' in rest)) console.error(`no single-VM figures in ${resultFile.pathname}: run with FTVM_FAILOVER_SECTIONS=single to measure them`);
   return rest;
 }
@@ -249,5 +259,93 @@ async function multiVmSection(): Promise<Record<string, unknown>> {
     per_vm: perVm,
     errors,
     kills,
+  };
+}
+
+interface SweepCell {
+  guest_mib: number;
+  dirty_mib_per_s: number;
+  mapped: boolean;
+}
+
+/** Kills of the single VM per (guest size, dirty rate, mapped standby or not). */
+async function sweepSection(): Promise<Record<string, unknown>> {
+  const shapes = [
+    { guest_mib: 256, dirty_mib_per_s: 4 },
+    { guest_mib: 256, dirty_mib_per_s: 50 },
+    { guest_mib: 256, dirty_mib_per_s: 100 },
+    { guest_mib: 1024, dirty_mib_per_s: 4 },
+  ];
+  const cells: SweepCell[] = shapes.flatMap((shape) => [true, false].map((mapped) => ({ ...shape, mapped })));
+  // the agents' per-checkpoint lines (standby RAM applies) are debug
+  process.env['FTVM_TEST_AGENT_LOG_LEVEL'] = 'debug';
+  const results: Record<string, unknown>[] = [];
+  let applies: Record<string, unknown>[] = [];
+  for (const cell of cells) {
+    let cluster: Cluster | undefined;
+    const runs: FaultRun[] = [];
+    const errors: string[] = [];
+    const started = Date.now();
+    try {
+      cluster = await startCluster({ emulator, workloadMiBps: cell.dirty_mib_per_s, checkpointIntervalMs: 1000, memoryMiB: cell.guest_mib, standbyRam: cell.mapped ? 'mapped' : 'loaded' });
+      for (let i = 1; i <= SWEEP_RUNS; i++) {
+        try {
+          const run = await runFault(cluster, 'kill', (line) => console.error(line));
+          runs.push(run);
+          console.error(`sweep ${cell.guest_mib} MiB ${cell.dirty_mib_per_s} MiB/s ${cell.mapped ? 'mapped' : 'loaded'} ${i}/${SWEEP_RUNS}: failover ${run.failoverS} s, offset ${run.offsetMs} ms, continuity ${run.continuityOk}`);
+        } catch (error) {
+          errors.push(`kill ${i}: ${(error as Error).message}`);
+          console.error(`sweep kill ${i}/${SWEEP_RUNS} FAILED: ${(error as Error).message}`);
+          break;
+        }
+      }
+    } catch (error) {
+      errors.push(`cluster: ${(error as Error).message}`);
+    } finally {
+      await stopCluster(cluster).catch(() => undefined);
+    }
+    const since = (e: Record<string, unknown>) => Date.parse(String(e['time'])) >= started;
+    const stagings = (['primary', 'backup'] as const).flatMap((h) => agentLogEntries(h, 'staging restore onto the mapped standby: device state only').filter(since));
+    if (cell.mapped && cell.guest_mib === 256 && cell.dirty_mib_per_s === 50) applies = (['primary', 'backup'] as const).flatMap((h) => agentLogEntries(h, 'standby RAM at checkpoint').filter(since));
+    const failoverS = runs.map((r) => r.failoverS).filter((x): x is number => x !== undefined);
+    const { p50, max } = summarize(failoverS);
+    results.push({
+      ...cell,
+      runs_requested: SWEEP_RUNS,
+      failover_s: { p50, max, n: failoverS.length },
+      offset_ms: { max_abs: runs.length ? round(Math.max(...runs.map((r) => Math.abs(r.offsetMs)))) : null },
+      continuity_ok: runs.length === SWEEP_RUNS && runs.every((r) => r.continuityOk),
+      double_active: runs.filter((r) => r.doubleActive).length,
+      device_state_only_loads: stagings.length,
+      errors,
+      runs: runs.map((r) => ({ failover_s: r.failoverS, offset_ms: r.offsetMs, outage_ms: r.outageMs, continuity_ok: r.continuityOk, epoch: r.epoch })),
+    });
+  }
+  const applyMs = applies.map((a) => Number(a['applyMs']));
+  const lagMs = applies.map((a) => Number(a['lagMs']));
+  const mappedCells = results.filter((c) => c['mapped'] === true);
+  const base = mappedCells.find((c) => c['guest_mib'] === 256 && c['dirty_mib_per_s'] === 4);
+  const baseP50 = (base?.['failover_s'] as { p50: number } | undefined)?.p50;
+  const p50s = mappedCells.map((c) => (c['failover_s'] as { p50: number }).p50);
+  const maxes = mappedCells.map((c) => (c['failover_s'] as { max: number }).max);
+  return {
+    sweep: results,
+    apply_ms: {
+      ...summarize(applyMs),
+      lag_ms: summarize(lagMs),
+      within_interval: applies.length ? round(lagMs.filter((l) => l <= 1000).length / applies.length) : null,
+      note: "256 MiB, 50 MiB/s, mapped: each checkpoint's read, verify and write into the standby's RAM file (applyMs); lag_ms from its commit to applied; within_interval: share applied within the 1 s interval of its commit",
+    },
+    sweep_targets: {
+      failover_s_p50_max: 1.3,
+      failover_s_max: 1.6,
+      above_base_max_s: 0.2,
+      met: {
+        p50: p50s.every((p) => p <= 1.3),
+        max: maxes.every((m) => m <= 1.6),
+        flat: baseP50 !== undefined && p50s.every((p) => p - baseP50 <= 0.2),
+        applied_within_interval: applies.length > 0 && lagMs.every((l) => l <= 1000),
+      },
+    },
   };
 }

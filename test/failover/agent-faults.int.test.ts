@@ -20,9 +20,12 @@ import {
   probeOn,
   probeVmXml,
   qemuPidOf,
+  ramApplyGate,
   removeVm,
   startCluster,
   stopCluster,
+  storeDir,
+  storeEpochs as epochsIn,
   untilAgents,
   virsh,
   vmStatus,
@@ -41,16 +44,6 @@ const hosts = { primary: probeOn('primary'), backup: probeOn('backup') };
 
 const until = untilAgents;
 
-const storeDir = (host: AgentHost, vm: string) => path.join(hostInfo(host).libvirtLibDir, 'ftvm', 'checkpoints', vm);
-const epochsIn = (host: AgentHost, vm: string) =>
-  fs.existsSync(storeDir(host, vm)) && fs.statSync(storeDir(host, vm)).isDirectory()
-    ? fs
-        .readdirSync(storeDir(host, vm))
-        .filter((n) => /^\d+\.json$/.test(n))
-        .map((n) => Number(n.slice(0, -5)))
-        .sort((a, b) => a - b)
-    : [];
-
 const killQemuAndFailOver = async () => {
   const { record, doubles } = await killQemuAndFailOverOn(cluster!);
   expect(doubles).toBe(0);
@@ -60,7 +53,7 @@ const reprotect = () => reprotectToOther(cluster!);
 
 describe('agent faults in the lab', () => {
   beforeAll(async () => {
-    cluster = await startCluster({ emulator: patchedQemu(), workloadMiBps: 2, checkpointIntervalMs: 500 });
+    cluster = await startCluster({ emulator: patchedQemu(), workloadMiBps: 2, checkpointIntervalMs: 500, agentEnv: ramApplyGate.env });
   }, 240_000);
   afterAll(async () => {
     await stopCluster(cluster);
@@ -112,6 +105,9 @@ describe('agent faults in the lab', () => {
     const from = cluster!.primary;
     const to = other(from);
     await waitProtectedOn(from, vm, { committedAfter: Date.now() });
+    // the backup applies nothing to its standby's RAM until the newest checkpoint is corrupt
+    const held = await ramApplyGate.close(to, vm);
+    await until('a checkpoint committed behind the gate', async () => ((epochsIn(to, vm).at(-1) ?? 0) > held ? true : undefined));
     // freeze the primary's QEMU: no checkpoint after this; its agent fences it once QMP stops answering
     const pid = (await qemuPidOf(from, vm))!;
     const before = (await readRecord(vm)).lastMove?.at;
@@ -127,6 +123,7 @@ describe('agent faults in the lab', () => {
     byte[0] = byte[0]! ^ 0xff;
     fs.writeSync(fd, byte, 0, 1, 4096);
     fs.closeSync(fd);
+    ramApplyGate.open();
     const record = await until(`${to} takes ${vm} over`, async () => {
       const r = await readRecord(vm);
       return r.lastMove && r.lastMove.at !== before && r.lastMove.to === to ? r : undefined;
@@ -136,9 +133,12 @@ describe('agent faults in the lab', () => {
     } catch {
       // fenced already
     }
-    expect(record.lastMove!.epoch).toBeLessThan(newest);
+    // the standby's RAM file stayed at the checkpoint before the corrupt one, and only device state was loaded onto it
+    const previous = epochsIn(to, vm).filter((e) => e < newest).at(-1);
+    expect(record.lastMove!.epoch).toBe(previous);
     expect(agentLogEntries(to, 'restaging').filter((e) => String(e['time']) > new Date(Date.now() - 60_000).toISOString())).toEqual([]);
-    expect(agentLogEntries(to, 'skipping a checkpoint that does not verify').length).toBeGreaterThan(0);
+    expect(agentLogEntries(to, 'a checkpoint does not verify: the standby RAM stays at the one before').some((e) => String(e['err']).includes(`checkpoint ${newest}`))).toBe(true);
+    expect(agentLogEntries(to, 'staging restore onto the mapped standby: device state only').at(-1)?.['epoch']).toBe(previous);
     await waitForProbe(probeOn(to), 30_000);
     cluster!.primary = to;
     // the new primary does not checkpoint into its own store before it has a backup again

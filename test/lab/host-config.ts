@@ -11,7 +11,7 @@ import { LAB_CACHE_ROOT, LAB_HOSTS, labHost, labSshKey, type LabHost } from './t
 export const PERSISTENT_DIRS = ['etc-libvirt', 'lib-libvirt', 'cache-libvirt', 'log'] as const;
 
 /** Bumped when what a host is made of changes, so that `up` rebuilds a lab made the old way. */
-const LAYOUT_VERSION = '2';
+const LAYOUT_VERSION = '3';
 const layoutFile = (host: LabHost) => path.join(host.stateDir, 'layout');
 export const layoutCurrent = (host: LabHost) => fs.existsSync(layoutFile(host)) && fs.readFileSync(layoutFile(host), 'utf8').trim() === LAYOUT_VERSION;
 
@@ -22,16 +22,20 @@ export const hostsFilePath = (host: LabHost) => path.join(host.stateDir, 'hosts'
 export function writeHostConfig(host: LabHost): void {
   fs.rmSync(host.stateDir, { recursive: true, force: true });
   for (const dir of [...PERSISTENT_DIRS, 'run']) fs.mkdirSync(path.join(host.stateDir, dir), { recursive: true });
+  fs.rmSync(host.ramDir, { recursive: true, force: true });
+  fs.mkdirSync(host.ramDir, { recursive: true });
   copyLibvirtConfig(host);
   fs.writeFileSync(sshdConfigPath(host), sshdConfig(host));
   fs.writeFileSync(hostsFilePath(host), hostsFile());
   fs.writeFileSync(layoutFile(host), `${LAYOUT_VERSION}\n`);
 }
 
-/** Empties the host's /run, as a reboot does; everything else of the host stays. */
+/** Empties the host's /run and its RAM tmpfs, as a reboot does; everything else of the host stays. */
 export function resetRunDir(host: LabHost): void {
-  fs.rmSync(host.runDir, { recursive: true, force: true });
-  fs.mkdirSync(host.runDir, { recursive: true });
+  for (const dir of [host.runDir, host.ramDir]) {
+    fs.rmSync(dir, { recursive: true, force: true });
+    fs.mkdirSync(dir, { recursive: true });
+  }
 }
 
 /**
@@ -75,6 +79,8 @@ function copyLibvirtConfig(host: LabHost): void {
     dynamic_ownership: '0',
     // Three daemons share the guest images: xattr-based owner tracking would mix up their counts.
     remember_owner: '0',
+    // Guest RAM on shared files (a backup's mapped standby) on a tmpfs, as the kvm_host role sets it.
+    memory_backing_dir: `"${host.ramDir}"`,
   });
   setConf(path.join(etc, 'libvirtd.conf'), {
     host_uuid: `"${host.hostUuid}"`,

@@ -46,7 +46,7 @@ import {
 } from './network.js';
 import { allPids, mountsOf } from './procs.js';
 import { sh } from './sh.js';
-import { LAB_BRIDGE, LAB_HOSTS, LAB_STATE_ROOT, SERVICE_BRIDGE, labHost, type LabHost, type LabHostName } from './topology.js';
+import { LAB_BRIDGE, LAB_HOSTS, LAB_RAM_ROOT, LAB_STATE_ROOT, SERVICE_BRIDGE, labHost, type LabHost, type LabHostName } from './topology.js';
 
 export { ensureWitnessEtcd, etcdHealthy, labEtcdEndpoint, labEtcdLog, labEtcdPid } from './etcd.js';
 export {
@@ -182,6 +182,7 @@ export async function labDown(): Promise<void> {
   // Nothing of the lab is mounted in the root namespace; this only mops up after a manual mistake.
   for (const mount of labMountsInRootNamespace().reverse()) await sh`umount --lazy ${mount}`.nothrow();
   fs.rmSync(LAB_STATE_ROOT, { recursive: true, force: true });
+  fs.rmSync(LAB_RAM_ROOT, { recursive: true, force: true });
 }
 
 export interface LabHostStatus {

@@ -24,6 +24,8 @@ const HOST_OCTET: Record<LabHostName, number> = { primary: 11, backup: 12, witne
 export const LAB_STATE_ROOT = `/var/lib/ftvm-lab${INSTANCE || ''}`;
 /** Kept across down/up, so pinned host keys and the client key stay valid. */
 export const LAB_KEYS_ROOT = `/var/lib/ftvm-lab${INSTANCE || ''}-keys`;
+/** The hosts' tmpfs for guest RAM files (libvirt's memory_backing_dir): emptied by a host's restart, wiped by `down`. */
+export const LAB_RAM_ROOT = `/dev/shm/ftvm-lab${INSTANCE || ''}`;
 /** Kept across down/up, safe to delete: libvirt's QEMU capabilities, probed once instead of per up. */
 export const LAB_CACHE_ROOT = `/var/cache/ftvm-lab${INSTANCE || ''}`;
 
@@ -36,6 +38,8 @@ export interface LabHost {
   stateDir: string;
   /** The host's /run, as seen from the root namespace. */
   runDir: string;
+  /** libvirt's memory_backing_dir on this host (a tmpfs; the same path inside the host): mapped standbys' RAM files. */
+  ramDir: string;
   /** The host's /var/lib/libvirt, /etc/libvirt, /var/cache/libvirt and /var/log, as seen from the root namespace. */
   libvirtLibDir: string;
   libvirtEtcDir: string;
@@ -62,6 +66,7 @@ export function labHost(name: LabHostName): LabHost {
     vethOutside: `${PREFIX}-${name}0`, // ≤ 15 chars: "ftvm2-witness0" is 14
     stateDir,
     runDir,
+    ramDir: path.join(LAB_RAM_ROOT, name),
     libvirtLibDir: path.join(stateDir, 'lib-libvirt'),
     libvirtEtcDir: path.join(stateDir, 'etc-libvirt'),
     libvirtCacheDir: path.join(stateDir, 'cache-libvirt'),

@@ -118,7 +118,7 @@ export async function runFault(
   kind: FaultKind,
   log: (line: string) => void = () => undefined,
   /** Wait this long after a committed checkpoint before the fault (longer outages; default: right after it). */
-  options: { afterCommitMs?: number } = {},
+  options: { afterCommitMs?: number; onFault?: () => void } = {},
 ): Promise<FaultRun> {
   const { vm } = cluster;
   const from = cluster.primary;
@@ -155,6 +155,7 @@ export async function runFault(
     process.kill(frozenPid, 'SIGSTOP');
   }
   const faultAt = performance.now();
+  options.onFault?.();
   log(`${kind}: ${from} → ${to}`);
 
   // the backup takes over

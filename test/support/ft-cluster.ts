@@ -84,7 +84,12 @@ export interface ClusterOptions {
   vcpus?: number;
   /** Extra environment of a host's agent (test-only knobs such as FTVM_TEST_REALTIME_SKEW_MS), kept for its restarts. */
   agentEnv?: AgentEnv;
+  /** The agents' failover.standbyRam (default: the agent's, `mapped`), kept for their restarts. */
+  standbyRam?: 'mapped' | 'loaded';
 }
+
+/** The cluster's failover.standbyRam, written into every agent config of it. */
+let clusterStandbyRam: ClusterOptions['standbyRam'];
 
 export type AgentEnv = Partial<Record<AgentHost, Record<string, string>>>;
 
@@ -139,6 +144,7 @@ export function writeAgentConfig(host: AgentHost): string {
     control: { socket: `/run/ftvm/${SOCKET_NAME}`, hookSocket: `/run/ftvm/${HOOK_SOCKET_NAME}`, metrics: { address: hostInfo(host).ip, port: 9470 } },
     storeDir: '/var/lib/libvirt/ftvm/checkpoints',
     runDir: '/run/ftvm',
+    ...(clusterStandbyRam ? { failover: { standbyRam: clusterStandbyRam } } : {}),
     // benches read per-checkpoint figures from debug lines
     log: { level: process.env['FTVM_TEST_AGENT_LOG_LEVEL'] ?? 'info', file: agentLog(host) },
   };
@@ -220,6 +226,7 @@ export interface Cluster {
 export async function startCluster(options: ClusterOptions = {}): Promise<Cluster> {
   await labUp();
   await killStrayAgents();
+  clusterStandbyRam = options.standbyRam;
   fs.rmSync(CLUSTER_DIR, { recursive: true, force: true });
   fs.mkdirSync(CLUSTER_DIR, { recursive: true });
   const { name, xml } = await probeVmXml(options);
@@ -321,6 +328,43 @@ export async function reviveHost(host: AgentHost, cluster: Cluster): Promise<voi
   cluster.agentPids[host] = await startAgent(host, cluster.agentEnv?.[host]);
 }
 
+/** A host's checkpoint store of `vm`, as seen from the root namespace. */
+export const storeDir = (host: AgentHost, vm: string): string => path.join(hostInfo(host).libvirtLibDir, 'ftvm', 'checkpoints', vm);
+
+/** The committed epochs in a host's store of `vm`, oldest first. */
+export function storeEpochs(host: AgentHost, vm: string): number[] {
+  const dir = storeDir(host, vm);
+  if (!fs.existsSync(dir) || !fs.statSync(dir).isDirectory()) return [];
+  return fs
+    .readdirSync(dir)
+    .filter((n) => /^\d+\.json$/.test(n))
+    .map((n) => Number(n.slice(0, -5)))
+    .sort((a, b) => a - b);
+}
+
+/**
+ * The agents' FTVM_TEST_RAM_APPLY_GATE: while it is closed a backup applies no checkpoint to its
+ * standby's RAM file. Give `env` to startCluster (both hosts: the roles swap).
+ */
+export const ramApplyGate = {
+  file: path.join(CLUSTER_DIR, '..', `ftvm-ram-apply-gate-${process.pid}`),
+  get env(): AgentEnv {
+    return { primary: { FTVM_TEST_RAM_APPLY_GATE: this.file }, backup: { FTVM_TEST_RAM_APPLY_GATE: this.file } };
+  },
+  /**
+   * Closes it once `host`'s standby RAM is warm; resolves with the newest checkpoint in its store
+   * then: every checkpoint committed after it waits for `open`.
+   */
+  async close(host: AgentHost, vm: string): Promise<number> {
+    await untilAgents(`${host}'s standby RAM warm`, async () => ((await vmStatus(host, vm))?.standby?.ram === 'warm' ? true : undefined));
+    fs.writeFileSync(this.file, '');
+    return storeEpochs(host, vm).at(-1) ?? 0;
+  },
+  open(): void {
+    fs.rmSync(this.file, { force: true });
+  },
+};
+
 /** JSON lines of an agent's log with `msg` equal to `message`. */
 export function agentLogEntries(host: AgentHost, message: string): Record<string, unknown>[] {
   if (!fs.existsSync(agentLog(host))) return [];
@@ -354,6 +398,7 @@ export async function killStrayAgents(): Promise<void> {
 }
 
 export async function stopCluster(cluster: Cluster | undefined): Promise<void> {
+  ramApplyGate.open();
   if (!cluster) {
     await killStrayAgents();
     return;

@@ -74,9 +74,9 @@ describe('ftvm (child process) against an agent with a fake control', { timeout:
     const run = await ftvm(['status'], { FTVM_SOCKET: socketPath });
     expect(run.code).toBe(0);
     expect(run.stdout.split('\n').slice(0, 3)).toEqual([
-      'VM   ROLE     STATE    PHASE      PRIMARY  BACKUP  LEASE HOLDER  INTERVAL  OUTPUT  CHECKPOINT AGE  CLOCK   WHY',
-      'vm1  primary  running  protected  alpha    beta    alpha         1.0s      direct  730ms           -0.4ms  checkpointed into beta',
-      'vm2  backup   absent   degraded   alpha    beta    -             100ms     held    -               -       checkpointed into beta',
+      'VM   ROLE     STATE    PHASE      PRIMARY  BACKUP  LEASE HOLDER  INTERVAL  OUTPUT  CHECKPOINT AGE  STANDBY  CLOCK   WHY',
+      'vm1  primary  running  protected  alpha    beta    alpha         1.0s      direct  730ms           -        -0.4ms  checkpointed into beta',
+      'vm2  backup   absent   degraded   alpha    beta    -             100ms     held    -               warm@42  -       checkpointed into beta',
     ]);
     expect(run.stdout).toContain('lease: 694d8a1b2c3d4e5f healthy, renewed 120ms ago');
     expect(run.stdout).toContain('peer beta: alive (last heartbeat udp 80ms ago, ssh never)');
@@ -90,7 +90,7 @@ describe('ftvm (child process) against an agent with a fake control', { timeout:
     const lines = run.stdout.split('\n').map((line) => line.trimEnd());
     const steps = lines.filter((line) => /^[❯✔✖]/.test(line)).map((line) => line.replace(/ \[\d+\.\ds\]$/, ''));
     expect(steps).toEqual(['❯ connect to backup', '✔ connect to backup', '❯ first checkpoint', '✔ first checkpoint: epoch 42', '❯ arm clock hook', '✔ arm clock hook']);
-    expect(lines).toContain('vm7  primary  running  protected  alpha    beta    alpha         1.0s      direct  730ms           -0.4ms  checkpointed into beta');
+    expect(lines).toContain('vm7  primary  running  protected  alpha    beta    alpha         1.0s      direct  730ms           -        -0.4ms  checkpointed into beta');
   });
 
   it('a failing operation exits 1: the step is marked failed and the agent’s error is printed', async () => {

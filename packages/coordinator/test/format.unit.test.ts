@@ -29,9 +29,9 @@ describe('CLI formatting', () => {
     status.peers.push({ name: 'eps', alive: true, lastBeatAgeMs: { udp: 20, ssh: 30 }, clockOffset: { offsetMs: 0.31, errorMs: 0.004, ageMs: 40, samples: 3 } });
     expect(formatStatus(status)).toBe(
       [
-        'VM   ROLE     STATE    PHASE      PRIMARY  BACKUP  LEASE HOLDER  INTERVAL  OUTPUT  CHECKPOINT AGE  CLOCK   WHY',
-        'vm1  primary  running  protected  alpha    beta    alpha         1.0s      direct  730ms           -0.4ms  checkpointed into beta',
-        'vm2  backup   absent   degraded   alpha    beta    -             100ms     held    -               -       checkpointed into beta',
+        'VM   ROLE     STATE    PHASE      PRIMARY  BACKUP  LEASE HOLDER  INTERVAL  OUTPUT  CHECKPOINT AGE  STANDBY  CLOCK   WHY',
+        'vm1  primary  running  protected  alpha    beta    alpha         1.0s      direct  730ms           -        -0.4ms  checkpointed into beta',
+        'vm2  backup   absent   degraded   alpha    beta    -             100ms     held    -               warm@42  -       checkpointed into beta',
         '',
         'host: alpha',
         'lease: none UNHEALTHY, renewed 2.4s ago',

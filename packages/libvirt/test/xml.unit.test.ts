@@ -15,6 +15,7 @@ import {
   setIncomingDefer,
   SpecError,
   validateDomainXml,
+  withSharedRamFile,
   type FtReadyOptions,
 } from '@ftvm/libvirt';
 
@@ -287,6 +288,20 @@ describe('what ftvm cannot protect', () => {
     expect(standby).not.toContain('backingStore');
     expect(standby).toContain("/iso/a.iso");
     expect(standbyDomainXml(makeFtReady(domain(disks), OPTIONS).xml, () => '/x')).toBe(makeFtReady(domain(disks), OPTIONS).xml);
+  });
+
+  it('withSharedRamFile puts the RAM on a shared file, unless the domain has its own backing or NUMA cells', () => {
+    const { xml } = makeFtReady(domain(''), OPTIONS);
+    const shared = withSharedRamFile(xml);
+    expect(shared.mapped).toBe(true);
+    const backing = parseDomainXml(shared.xml).getElementsByTagName('memoryBacking');
+    expect(backing.length).toBe(1);
+    expect(backing[0]!.getElementsByTagName('source')[0]!.getAttribute('type')).toBe('file');
+    expect(backing[0]!.getElementsByTagName('access')[0]!.getAttribute('mode')).toBe('shared');
+    expect(readProtection(shared.xml)).toEqual(readProtection(xml));
+    expect(withSharedRamFile(shared.xml)).toMatchObject({ mapped: false, reason: expect.stringContaining('its own <memoryBacking>') });
+    const numa = xml.replace('</domain>', "<cpu><numa><cell id='0' cpus='0' memory='262144' unit='KiB'/></numa></cpu></domain>");
+    expect(withSharedRamFile(numa)).toMatchObject({ mapped: false, xml: numa, reason: expect.stringContaining('NUMA') });
   });
 
   it('transient disks, TPM passthrough, host input devices, non-QEMU domains', () => {

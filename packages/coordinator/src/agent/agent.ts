@@ -75,6 +75,8 @@ export class Agent implements AgentControl {
         const peer = record.primary === config.host ? record.backup : record.primary;
         return { peer, estimate: heartbeat.peer(peer)?.clockOffset };
       },
+      standbyRam: config.failover.standbyRam,
+      onRamApplied: (vm, applied) => metrics.standbyRamApplied(vm, applied),
     };
     this.takeOverContext = {
       config,
@@ -712,7 +714,15 @@ export class Agent implements AgentControl {
       outputCommit: slot.record?.outputCommit ?? false,
       checkpointIntervalMs: slot.record?.checkpointIntervalMs,
       clockResidualMs: slot.primary ? -nsToMs(slot.primary.ledger.predictedLagNs) : undefined,
+      ...(role === 'backup' ? { standby: await this.standbyStatus(slot) } : {}),
     };
+  }
+
+  private async standbyStatus(slot: VmSlot): Promise<NonNullable<VmStatus['standby']>> {
+    const follower = slot.standbyRam;
+    const ramEpoch = follower?.ram.epoch;
+    const ram = follower ? follower.state(await newestEpoch(slot, this.backupHost)) : 'loaded';
+    return { domain: slot.standby !== undefined, ram, ...(ramEpoch !== undefined ? { ramEpoch } : {}) };
   }
 }
 

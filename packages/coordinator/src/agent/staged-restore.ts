@@ -4,8 +4,8 @@ import { createReadStream } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { advanceClockSections, firstStepNs, followUpAfterRestore, machineClocks, realtimeClock, resumeOnTime, splitAssembledCheckpoint, type ClockFollowUp, type HostClockOffset, type MachineClocks, type OnTimeResume } from '@ftvm/kvmclock';
-import { PreparedRestore, replicatedDisks, standbyDomainXml, type LibvirtConnection, type RestoreResult } from '@ftvm/libvirt';
-import { CheckpointStore, type AssembledCheckpoint, type CheckpointMetadata } from '@ftvm/transport';
+import { PreparedRestore, replicatedDisks, standbyDomainXml, withSharedRamFile, type LibvirtConnection, type RestoreResult } from '@ftvm/libvirt';
+import { CheckpointStore, IGNORE_SHARED_CAPABILITY, type AssembledCheckpoint, type CheckpointMetadata, type StandbyRam } from '@ftvm/transport';
 import { peerInstantOnOurClock, type ClockOffsetEstimate } from '../heartbeat/index.js';
 import { testIgnoreHostOffset, toHostRealtime, toKernelRealtime } from '../host-clock.js';
 import type { Log } from './types.js';
@@ -34,9 +34,13 @@ export function vmStoreDir(storeDir: string, record: VmRecord): string {
   return path.posix.join(storeDir, record.name);
 }
 
-/** The domain XML a backup runs the VM with: its replicated disks on this host's replicas. */
-export function standbyXml(record: VmRecord, storeDir: string): string {
-  return standbyDomainXml(record.xml, (target) => CheckpointStore.replicaImage(vmStoreDir(storeDir, record), target));
+/**
+ * The domain XML a backup runs the VM with: its replicated disks on this host's replicas, and with
+ * `mappedRam` its RAM on a shared file (see StandbyRam) when the domain allows it.
+ */
+export function standbyXml(record: VmRecord, storeDir: string, mappedRam = false): string {
+  const xml = standbyDomainXml(record.xml, (target) => CheckpointStore.replicaImage(vmStoreDir(storeDir, record), target));
+  return mappedRam ? withSharedRamFile(xml).xml : xml;
 }
 
 /** The VM has disks this backup keeps replicas of. */
@@ -45,8 +49,8 @@ export function hasReplicatedDisks(record: VmRecord): boolean {
 }
 
 /** Defines and starts the VM's domain paused, waiting for a stream (see PreparedRestore). */
-export function prepareStandby(record: VmRecord, conn: LibvirtConnection, log: Log, storeDir: string): Promise<PreparedRestore> {
-  return PreparedRestore.prepare({ connection: conn, xml: standbyXml(record, storeDir), replace: true, timeoutMs: 120_000, log: (line) => log.debug(line) });
+export function prepareStandby(record: VmRecord, conn: LibvirtConnection, log: Log, storeDir: string, mappedRam = false): Promise<PreparedRestore> {
+  return PreparedRestore.prepare({ connection: conn, xml: standbyXml(record, storeDir, mappedRam), replace: true, timeoutMs: 120_000, log: (line) => log.debug(line) });
 }
 
 export interface CompletedRestore {
@@ -68,6 +72,8 @@ export interface CompletedRestore {
   hostOffset?: HostClockOffset;
   /** What was given back in place after the resume (followUpAfterRestore). */
   clockSteps?: ClockFollowUp;
+  /** Only device state was loaded: the standby's RAM file held the checkpoint (see StandbyRam). */
+  mapped: boolean;
 }
 
 /**
@@ -114,13 +120,16 @@ export class NoCheckpointError extends Error {
  */
 export class StagedRestore {
   readonly ready: Promise<void>;
+  /** Only device state is loaded: the standby's RAM file holds the checkpoint (beginMapped). */
+  readonly mapped: boolean;
+  private restoring: Promise<RestoreResult> | undefined;
+  private readonly startLoad: () => Promise<RestoreResult>;
   private go!: (marginNs: bigint) => void;
   private cancel!: (error: Error) => void;
   private targetNs: bigint | undefined;
   private deltaNs: bigint | undefined;
   private stopHereNs: bigint | undefined;
   private hostOffset: HostClockOffset | undefined;
-  private readonly restoring: Promise<RestoreResult>;
   private resume: OnTimeResume | undefined;
   private clockSteps: ClockFollowUp | undefined;
   private firstStepNs: bigint | undefined;
@@ -132,7 +141,10 @@ export class StagedRestore {
     private readonly options: StagedRestoreOptions,
     /** The replicas brought to this checkpoint's disk state (applied and fsync'd), when it has disks. */
     disksReady: Promise<unknown>,
+    /** A mapped standby: nothing is sent before `complete`, and `abort` before it gives the standby back. */
+    private readonly mappedStandby?: { standby: Promise<PreparedRestore>; giveBack: () => void },
   ) {
+    this.mapped = mappedStandby !== undefined;
     const clock = realtimeClock();
     const stopNs = BigInt(metadata.stopNs);
     const split = splitAssembledCheckpoint(checkpoint);
@@ -149,12 +161,17 @@ export class StagedRestore {
     });
     this.ready.catch(() => undefined);
 
-    const standby = (options.standby ?? prepareStandby(options.record, options.conn, options.log, options.storeDir)).then(async (prepared) => {
-      if (prepared.usable) return prepared;
-      await prepared.discard();
-      return prepareStandby(options.record, options.conn, options.log, options.storeDir);
-    });
-    this.restoring = standby.then((prepared) => prepared.load({
+    const standby = mappedStandby
+      ? mappedStandby.standby.then((prepared) => {
+          if (!prepared.usable) throw new Error('the mapped standby no longer waits for a stream');
+          return prepared;
+        })
+      : (options.standby ?? prepareStandby(options.record, options.conn, options.log, options.storeDir)).then(async (prepared) => {
+          if (prepared.usable) return prepared;
+          await prepared.discard();
+          return prepareStandby(options.record, options.conn, options.log, options.storeDir);
+        });
+    this.startLoad = () => standby.then((prepared) => prepared.load({
       checkpoint: '/dev/null', // the writer sends the stream from memory
       timeoutMs: 600_000,
       writeStream: async (socket, _checkpoint, qmp) => {
@@ -172,6 +189,9 @@ export class StagedRestore {
         const signal = AbortSignal.timeout(120_000);
         // what the machine lets the guest keep time with decides the largest step it can take
         this.clocks = await machineClocks(qmp);
+        // the RAM file is the checkpoint's RAM: QEMU must not expect it in the stream (its
+        // configuration says so too, and QEMU refuses a stream that disagrees)
+        if (this.mapped) await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: IGNORE_SHARED_CAPABILITY, state: true }] });
         for (const part of split.head) if (!socket.write(part)) await Promise.race([once(socket, 'drain', { signal }), gone]);
         // the disks must hold the checkpoint's state before the device state loads and QEMU
         // activates them
@@ -212,7 +232,13 @@ export class StagedRestore {
         return this.resume.resumeNs;
       },
     }));
-    this.restoring.catch((error: Error) => headFailed(error));
+    if (this.mapped) {
+      // nothing goes to the standby before `complete`: ready once the disks are
+      disksReady.then(headSent, headFailed);
+    } else {
+      this.restoring = this.startLoad();
+      this.restoring.catch((error: Error) => headFailed(error));
+    }
   }
 
   /** Picks the newest committed checkpoint that verifies and starts loading it. */
@@ -240,6 +266,27 @@ export class StagedRestore {
     return new StagedRestore(latest.metadata, data, options, disksReady);
   }
 
+  /**
+   * A restore onto a mapped standby whose RAM file holds `ram`'s checkpoint (StandbyRam, stopped):
+   * only device state will be loaded. Its disk state is verified and prepared now; nothing is sent
+   * before `complete`, so `abort` before it hands the standby back through `giveBack`. Throws
+   * (nothing changed) when the checkpoint's disk state is not loadable.
+   */
+  static async beginMapped(options: StagedRestoreOptions & { standby: Promise<PreparedRestore>; ram: StandbyRam; giveBack: () => void }): Promise<StagedRestore> {
+    const metadata = options.ram.metadata;
+    if (!metadata) throw new NoCheckpointError(`the standby RAM file of '${options.record.name}' holds no checkpoint`);
+    const checkpoint = options.ram.deviceOnly();
+    const store = new CheckpointStore(vmStoreDir(options.storeDir, options.record), options.record.keep);
+    if (hasReplicatedDisks(options.record) && !metadata.disks) {
+      throw new NoCheckpointError(`checkpoint ${metadata.epoch} of '${options.record.name}' carries no disk state, but the VM has replicated disks`);
+    }
+    await store.verifiedDiskEpochs(metadata);
+    options.log.info({ epoch: metadata.epoch, bytes: checkpoint.ram.reduce((n, part) => n + part.length, checkpoint.deviceState.length), disks: metadata.disks?.length ?? 0 }, 'staging restore onto the mapped standby: device state only');
+    const disksReady = metadata.disks ? store.prepareDisks({ metadata }).then((images) => auditReplicas(images, metadata.epoch, options.record.name, options.log)) : Promise.resolve();
+    disksReady.catch(() => undefined);
+    return new StagedRestore(metadata, checkpoint, options, disksReady, { standby: options.standby, giveBack: options.giveBack });
+  }
+
   get epoch(): number {
     return this.metadata.epoch;
   }
@@ -247,6 +294,7 @@ export class StagedRestore {
   /** Sends the rest and resumes the VM `marginMs` after the clock rewrite. */
   async complete(marginMs: number): Promise<CompletedRestore> {
     this.go(BigInt(Math.round(marginMs * 1e6)));
+    this.restoring ??= this.startLoad();
     const restore = await this.restoring;
     // the VM runs even when the on-time resume failed after its `cont` (restore.warnings says so):
     // date the resume by QEMU's stamp as load saw it
@@ -263,12 +311,18 @@ export class StagedRestore {
       stopHereNs: this.stopHereNs ?? stopNs,
       ...(this.hostOffset ? { hostOffset: this.hostOffset } : {}),
       ...(this.clockSteps ? { clockSteps: this.clockSteps } : {}),
+      mapped: this.mapped,
     };
   }
 
-  /** Gives up: the paused domain is destroyed and undefined (restore's own cleanup). */
+  /** Gives up: the paused domain is destroyed and undefined (restore's own cleanup); a mapped standby nothing was sent to is given back. */
   async abort(reason: string): Promise<void> {
     this.cancel(new Error(`restore aborted: ${reason}`));
+    if (!this.restoring) {
+      // a mapped standby nothing was sent to: it stays, warm
+      this.mappedStandby?.giveBack();
+      return;
+    }
     await this.restoring.then(
       async (result) => {
         // it completed after all: this host may not run it

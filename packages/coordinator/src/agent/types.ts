@@ -13,4 +13,6 @@ export interface MetricsSink {
   role(vm: string, role: VmRole): void;
   leaseHealthy(healthy: boolean): void;
   peerAlive(peer: string, alive: boolean): void;
+  /** A checkpoint applied to a mapped standby's RAM file: how long it took, and how long after its commit it was done. */
+  standbyRamApplied(vm: string, applied: { epoch: number; applyMs: number; lagMs: number }): void;
 }

@@ -2,6 +2,7 @@ import type { Phase } from './decide.js';
 import type { PrimaryVm } from './primary-vm.js';
 import type { PreparedRestore } from '@ftvm/libvirt';
 import type { StagedRestore } from './staged-restore.js';
+import type { StandbyRamFollower } from './standby-ram-follower.js';
 import type { Log } from './types.js';
 import type { VmRecord } from './vm-records.js';
 
@@ -14,6 +15,8 @@ export interface VmSlot {
   staged: StagedRestore | undefined;
   /** Backup only: the VM's domain started paused, waiting for a checkpoint stream (warm standby). */
   standby: Promise<PreparedRestore> | undefined;
+  /** Backup with a mapped standby: keeps the standby's RAM file at the newest checkpoint. */
+  standbyRam: StandbyRamFollower | undefined;
   /** Primary: the running domain's XML when its devices no longer match the record's. */
   changedXml: string | undefined;
   /** The record's domain XML the standby was defined from. */
@@ -53,6 +56,7 @@ export function newSlot(name: string, record: VmRecord | undefined, log: Log): V
     primary: undefined,
     staged: undefined,
     standby: undefined,
+    standbyRam: undefined,
     standbyXml: undefined,
     changedXml: undefined,
     fenced: false,

@@ -40,7 +40,7 @@ export function table(rows: readonly (readonly string[])[]): string {
   return rows.map((row) => row.map((cell, i) => (i === row.length - 1 ? cell : cell.padEnd(widths[i] ?? 0))).join('  ').trimEnd()).join('\n');
 }
 
-const VM_HEADER = ['VM', 'ROLE', 'STATE', 'PHASE', 'PRIMARY', 'BACKUP', 'LEASE HOLDER', 'INTERVAL', 'OUTPUT', 'CHECKPOINT AGE', 'CLOCK', 'WHY'];
+const VM_HEADER = ['VM', 'ROLE', 'STATE', 'PHASE', 'PRIMARY', 'BACKUP', 'LEASE HOLDER', 'INTERVAL', 'OUTPUT', 'CHECKPOINT AGE', 'STANDBY', 'CLOCK', 'WHY'];
 
 function vmRow(vm: VmStatus): string[] {
   return [
@@ -54,9 +54,17 @@ function vmRow(vm: VmStatus): string[] {
     vm.checkpointIntervalMs === undefined ? DASH : formatDuration(vm.checkpointIntervalMs),
     vm.outputCommit ? 'held' : 'direct',
     vm.lastCheckpoint ? formatDuration(vm.lastCheckpoint.ageMs) : DASH,
+    formatStandby(vm.standby),
     formatResidual(vm.clockResidualMs),
     vm.stopped ? `stopped by the user (${vm.stopped.reason}, on ${vm.stopped.by} at ${vm.stopped.at})` : vm.reason,
   ];
+}
+
+/** A backup's standby: `warm@<epoch>` (its RAM file holds the newest checkpoint), `behind@`, `cold`, `loaded`, `none`. */
+function formatStandby(standby: VmStatus['standby']): string {
+  if (!standby) return DASH;
+  if (!standby.domain) return 'none';
+  return standby.ramEpoch === undefined ? standby.ram : `${standby.ram}@${standby.ramEpoch}`;
 }
 
 export function formatVmTable(vms: readonly VmStatus[]): string {

@@ -111,6 +111,13 @@ export const agentConfigSchema = z
         resumeMarginMs: ms(5, 5_000).default(60),
         /** Bound on fencing the old primary through libvirt over SSH (an unreachable one is skipped). */
         fenceTimeoutMs: ms(50, 60_000).default(500),
+        /**
+         * `mapped`: a backup's standby maps its RAM from a file (libvirt's memory_backing_dir, on a
+         * tmpfs) that the agent keeps at the newest committed checkpoint, so a failover loads only
+         * device state; it costs the backup one guest RAM per VM. `loaded`: the standby's RAM is
+         * loaded from the store at failover (time grows with RAM and dirty rate).
+         */
+        standbyRam: z.enum(['mapped', 'loaded']).default('mapped'),
       })
       .strict()
       .default({}),

@@ -8,6 +8,8 @@ export type FailoverKind = (typeof FAILOVER_KINDS)[number];
 
 /** Guest-visible checkpoint pauses: 1 ms (patched QEMU, small guest) to 500 ms (stock QEMU, busy guest). */
 const PAUSE_BUCKETS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1];
+/** Applying a checkpoint to a standby's RAM file: up to a whole guest RAM when the file is rebuilt. */
+const APPLY_BUCKETS = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10];
 /** Failure detected → VM running on the new primary. */
 const FAILOVER_BUCKETS = [0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60];
 
@@ -46,6 +48,9 @@ export class AgentMetrics {
   private readonly roleGauge: Gauge<'vm' | 'role'>;
   private readonly lease: Gauge;
   private readonly peer: Gauge<'peer'>;
+  private readonly ramApply: Histogram<'vm'>;
+  private readonly ramLag: Histogram<'vm'>;
+  private readonly ramEpoch: Gauge<'vm'>;
 
   constructor(options: AgentMetricsOptions = {}) {
     this.now = options.now ?? Date.now;
@@ -71,6 +76,9 @@ export class AgentMetrics {
     this.failoverDuration = new Histogram({ name: 'ftvm_failover_duration_seconds', help: 'Failover: failure detected to VM running on the new primary.', labelNames: ['vm'], buckets: FAILOVER_BUCKETS, registers });
     this.roleGauge = new Gauge({ name: 'ftvm_role', help: "This host's role for the VM (1 for the current role, 0 for the others).", labelNames: ['vm', 'role'], registers });
     this.lease = new Gauge({ name: 'ftvm_lease_healthy', help: "1 while this agent's etcd lease keepalives are current.", registers });
+    this.ramApply = new Histogram({ name: 'ftvm_standby_ram_apply_seconds', help: "Backup: reading, verifying and writing one checkpoint into a mapped standby's RAM file.", labelNames: ['vm'], buckets: APPLY_BUCKETS, registers });
+    this.ramLag = new Histogram({ name: 'ftvm_standby_ram_lag_seconds', help: "Backup: a checkpoint's commit to its pages in the mapped standby's RAM file.", labelNames: ['vm'], buckets: APPLY_BUCKETS, registers });
+    this.ramEpoch = new Gauge({ name: 'ftvm_standby_ram_epoch', help: "Backup: the checkpoint the mapped standby's RAM file holds.", labelNames: ['vm'], registers });
     this.peer = new Gauge({ name: 'ftvm_peer_alive', help: '1 while the peer agent is heard on a heartbeat path.', labelNames: ['peer'], registers });
   }
 
@@ -106,10 +114,16 @@ export class AgentMetrics {
     this.peer.set({ peer }, alive ? 1 : 0);
   }
 
+  standbyRamApplied(vm: string, applied: { epoch: number; applyMs: number; lagMs: number }): void {
+    this.ramApply.observe({ vm }, applied.applyMs / 1000);
+    this.ramLag.observe({ vm }, applied.lagMs / 1000);
+    this.ramEpoch.set({ vm }, applied.epoch);
+  }
+
   /** Drops every series of a VM (it is no longer protected by this host). */
   forgetVm(vm: string): void {
     this.lastCheckpointAt.delete(vm);
-    for (const metric of [this.pause, this.bytes, this.age, this.residual, this.failoverDuration]) metric.remove({ vm });
+    for (const metric of [this.pause, this.bytes, this.age, this.residual, this.failoverDuration, this.ramApply, this.ramLag, this.ramEpoch]) metric.remove({ vm });
     for (const outcome of OUTCOMES) this.checkpoints.remove({ vm, outcome });
     for (const kind of FAILOVER_KINDS) this.failovers.remove({ vm, kind });
     for (const role of ROLES) this.roleGauge.remove({ vm, role });

@@ -1,21 +1,16 @@
 /**
- * A standby's guest RAM kept as a file (issue 18, groundwork: not yet wired into the agent). A
- * warm standby started with its main RAM block on this file, mapped MAP_SHARED, sees what is
- * written here as its memory; applying each committed checkpoint as it commits leaves only device
- * state to load at failover (QEMU's x-ignore-shared).
- *
- * One file holds one RAM block (`pc.ram` by default), byte for byte at the block's offsets. A full
- * checkpoint rewrites it: truncated to nothing and back to the block's size (a sparse file reads
- * zeros), then its non-zero pages written. An increment writes its pages over it, a zero page as
- * zeros. Runs of adjacent pages go out in one write. The stamp beside it says which checkpoint
- * the file holds, and that an apply was under way when it says `applying` (then the file is
- * neither that checkpoint nor the one before: re-apply the whole chain).
+ * A RAM block kept as a file, byte for byte at the block's offsets (a mapped standby's `pc.ram`,
+ * see StandbyRam): a checkpoint's pages written into it, and the stamp beside it that says which
+ * checkpoint the file holds (`applying` while one is written: then it is neither that checkpoint
+ * nor the one before). A full checkpoint rewrites it sparse (zero pages are holes); an increment
+ * writes its pages over it, a zero page as zeros. Runs of adjacent pages go out in one write.
  */
 import fs from 'node:fs/promises';
 import { configurationPageSize } from '../stream/configuration.js';
 import { MigrationStreamError } from '../stream/errors.js';
 import { MigrationStreamParser } from '../stream/parser.js';
-import type { MigrationRecord } from '../stream/records.js';
+import { RamCoverage } from '../stream/chain.js';
+import type { ConfigurationRecord, MigrationRecord, RamMemSizeRecord, RamPageRecord, RamZeroRecord, SectionStartRecord } from '../stream/records.js';
 
 export type RamFileErrorCode =
   /** The stream has no block of that name. */
@@ -64,7 +59,7 @@ const DEFAULT_MAX_WRITE = 4 * 1024 * 1024;
 /** Writes one checkpoint's pages of `block` into the file at `path` (created when missing). */
 export async function applyToRamFile(path: string, stream: Uint8Array, options: RamFileApplyOptions): Promise<RamFileApply> {
   const blockName = options.block ?? DEFAULT_BLOCK;
-  const { blockBytes, pageSize, pages } = collectPages(stream, blockName, options.full);
+  const { blockBytes, pageSize, pages } = parseRamCheckpoint(Buffer.from(stream.buffer, stream.byteOffset, stream.byteLength), { block: blockName, full: options.full, what: 'the checkpoint' });
   return writeRamPages(path, pages, { full: options.full, blockBytes, pageSize, block: blockName, ...(options.maxWriteBytes !== undefined ? { maxWriteBytes: options.maxWriteBytes } : {}) });
 }
 
@@ -143,46 +138,103 @@ async function exists(path: string): Promise<boolean> {
   );
 }
 
-/** The block's pages, newest last for a page sent twice, in address order. */
-function collectPages(stream: Uint8Array, blockName: string, full: boolean): { blockBytes: number; pageSize: number; pages: RamFilePage[] } {
-  let blockBytes: number | undefined;
+/** What a checkpoint stream holds for a RAM file and a device-state-only load. */
+export interface ParsedRamCheckpoint {
+  preamble: MigrationRecord[];
+  configuration: ConfigurationRecord;
+  ramStart: SectionStartRecord;
+  memSize: RamMemSizeRecord;
+  footers: boolean;
+  pageSize: number;
+  blockBytes: number;
+  /** The main block's pages in address order (views into the data). */
+  pages: RamFilePage[];
+  /** The other blocks' pages (copied: the data is not kept). */
+  small: Map<string, Map<number, RamPageRecord | RamZeroRecord>>;
+  layout: { preambleEnd: number; deviceStateStart: number };
+}
+
+/**
+ * Parses one checkpoint stream: the pages of `block` (for its file), every other block's pages, and
+ * what a device-state-only stream needs of it. `full`: refuse an increment. `what` names it in errors.
+ */
+export function parseRamCheckpoint(data: Buffer, options: { block: string; full: boolean; what: string }): ParsedRamCheckpoint {
+  const { block, full, what } = options;
+  const preamble: MigrationRecord[] = [];
+  const main = new Map<number, RamFilePage>();
+  const small = new Map<string, Map<number, RamPageRecord | RamZeroRecord>>();
+  const coverage = new RamCoverage();
+  let configuration: ConfigurationRecord | undefined;
+  let ramStart: SectionStartRecord | undefined;
+  let memSize: RamMemSizeRecord | undefined;
+  let footers = false;
   let pageSize = 4096;
-  const byAddr = new Map<number, RamFilePage>();
+  let inPreamble = true;
   const onRecord = (record: MigrationRecord): void => {
+    coverage.add(record);
+    if (record.type === 'section-start' || record.type === 'section-part' || record.type === 'section-end' || record.type === 'device-section') inPreamble = false;
+    if (inPreamble) preamble.push(record);
     switch (record.type) {
       case 'configuration':
+        configuration = record;
         pageSize = configurationPageSize(record) ?? pageSize;
         break;
+      case 'section-start':
+        if (record.idstr === 'ram') ramStart ??= record;
+        break;
+      case 'section-footer':
+        footers = true;
+        break;
       case 'ram-mem-size':
-        blockBytes ??= record.blocks.find((b) => b.idstr === blockName)?.usedLength;
+        memSize ??= record;
         break;
       case 'ram-page':
-      case 'ram-zero':
-        if (record.block !== blockName) break;
-        if (blockBytes === undefined) throw new RamFileError('NO_BLOCK', `a page of '${blockName}' before the block list announced it`);
-        if (record.addr % pageSize !== 0 || record.addr + pageSize > blockBytes) {
-          throw new RamFileError('BAD_PAGE', `a page of '${blockName}' at ${record.addr}: not aligned to ${pageSize} or past the block's ${blockBytes} bytes`);
+      case 'ram-zero': {
+        if (record.block === block) {
+          main.set(record.addr, record.type === 'ram-page' ? { addr: record.addr, data: record.data, fill: 0 } : { addr: record.addr, fill: record.fill });
+          break;
         }
-        byAddr.set(record.addr, record.type === 'ram-page' ? { addr: record.addr, data: record.data, fill: 0 } : { addr: record.addr, fill: record.fill });
+        const pages = small.get(record.block) ?? new Map<number, RamPageRecord | RamZeroRecord>();
+        small.set(record.block, pages);
+        pages.set(record.addr, record.type === 'ram-page' ? { ...record, data: Buffer.from(record.data) } : { ...record });
         break;
+      }
       case 'ram-compressed':
       case 'ram-xbzrle':
-        if (record.block === blockName) throw new RamFileError('BAD_PAGE', `a ${record.type === 'ram-compressed' ? 'compressed' : 'XBZRLE'} page of '${blockName}' at ${record.addr}: the RAM file takes plain pages only`);
-        break;
+        throw new RamFileError('BAD_PAGE', `${what} has a ${record.type === 'ram-compressed' ? 'compressed' : 'XBZRLE'} page of '${record.block}' at ${record.addr}: the standby RAM takes plain pages only`);
       default:
         break;
     }
   };
   try {
     const parser = new MigrationStreamParser({ requireFull: full });
-    parser.push(stream, onRecord);
+    parser.push(data, onRecord);
     parser.end(onRecord);
   } catch (error) {
-    if (error instanceof MigrationStreamError) throw new RamFileError('BAD_STREAM', `the checkpoint does not parse: ${error.message}`, { cause: error });
+    if (error instanceof MigrationStreamError) throw new RamFileError('BAD_STREAM', `${what} does not parse: ${error.message}`, { cause: error });
     throw error;
   }
-  if (blockBytes === undefined) throw new RamFileError('NO_BLOCK', `the checkpoint has no RAM block '${blockName}'`);
-  return { blockBytes, pageSize, pages: [...byAddr.values()].sort((a, b) => a.addr - b.addr) };
+  const layout = coverage.layout;
+  if (!configuration || !ramStart || !memSize || !layout) throw new RamFileError('BAD_STREAM', `${what} has no configuration, "ram" setup or device state`);
+  const blockBytes = memSize.blocks.find((b) => b.idstr === block)?.usedLength;
+  if (blockBytes === undefined) throw new RamFileError('NO_BLOCK', `${what} has no RAM block '${block}'`);
+  for (const page of main.values()) {
+    if (page.addr % pageSize !== 0 || page.addr + pageSize > blockBytes) {
+      throw new RamFileError('BAD_PAGE', `${what}: a page of '${block}' at ${page.addr}: not aligned to ${pageSize} or past the block's ${blockBytes} bytes`);
+    }
+  }
+  return {
+    preamble,
+    configuration,
+    ramStart,
+    memSize,
+    footers,
+    pageSize,
+    blockBytes,
+    pages: [...main.values()].sort((a, b) => a.addr - b.addr),
+    small,
+    layout,
+  };
 }
 
 /** What the RAM file holds: checkpoint `epoch`, whole (`applied`) or half-written (`applying`). */

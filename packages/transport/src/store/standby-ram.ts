@@ -12,18 +12,14 @@
  * The stamp beside the file says which checkpoint it holds (`applying` while one is written).
  */
 import { performance } from 'node:perf_hooks';
-import { RamCoverage } from '../stream/chain.js';
-import { configurationPageSize } from '../stream/configuration.js';
 import { FTVM_INCREMENTAL_SUBSECTION, RamFlag } from '../stream/constants.js';
-import { MigrationStreamError } from '../stream/errors.js';
-import { MigrationStreamParser } from '../stream/parser.js';
 import type { AssembledCheckpoint } from '../stream/chain.js';
 import type { ConfigurationRecord, ConfigurationSubsection, MigrationRecord, RamMemSizeRecord, RamPageRecord, RamZeroRecord, SectionStartRecord } from '../stream/records.js';
 import { encodeRecords } from '../stream/writer.js';
 import type { CheckpointStore } from './checkpoint-store.js';
 import { CheckpointStoreError } from './errors.js';
 import type { CheckpointMetadata } from './metadata.js';
-import { RamFileError, writeRamFileStamp, writeRamPages, type RamFilePage } from './ram-file.js';
+import { parseRamCheckpoint, RamFileError, writeRamFileStamp, writeRamPages } from './ram-file.js';
 
 /** QEMU's name of the capability that leaves shared RAM blocks out of a migration. */
 export const IGNORE_SHARED_CAPABILITY = 'x-ignore-shared';
@@ -35,6 +31,8 @@ export interface StandbyRamOptions {
   accept?: (epoch: number) => boolean;
   /** A checkpoint that does not verify (it and what builds on it are never applied). */
   onCorrupt?: (error: CheckpointStoreError) => void;
+  /** Awaited before each checkpoint is read (test harnesses hold applies back with it). */
+  beforeApply?: (epoch: number) => Promise<void>;
 }
 
 /** One checkpoint written into the file. */
@@ -165,6 +163,7 @@ export class StandbyRam {
         this.fail(target, new CheckpointStoreError(`checkpoint ${target} builds on checkpoint ${link.epoch}, which does not verify`, 'corrupt', target));
         break;
       }
+      await this.options.beforeApply?.(link.epoch);
       const t0 = performance.now();
       let data: Buffer;
       try {
@@ -194,7 +193,7 @@ export class StandbyRam {
   /** Writes one verified checkpoint (full: the whole file; else over the held one). */
   private async apply(meta: CheckpointMetadata, data: Buffer, t0: number): Promise<StandbyRamApplied> {
     const full = meta.base === undefined;
-    const parsed = parseCheckpoint(data, this.block, full, meta.epoch);
+    const parsed = parseRamCheckpoint(data, { block: this.block, full, what: `checkpoint ${meta.epoch}` });
     const small = full || !this.held ? new Map<string, Map<number, RamPageRecord | RamZeroRecord>>() : this.held.small;
     for (const [block, pages] of parsed.small) {
       const mine = small.get(block) ?? new Map<number, RamPageRecord | RamZeroRecord>();
@@ -221,99 +220,6 @@ export class StandbyRam {
     const committedAt = Date.parse(meta.committedAt);
     return { epoch: meta.epoch, full, pages: written.pages, bytes: written.bytes, applyMs: round(applyMs), lagMs: round(Number.isFinite(committedAt) ? Date.now() - committedAt : applyMs) };
   }
-}
-
-interface ParsedCheckpoint {
-  preamble: MigrationRecord[];
-  configuration: ConfigurationRecord;
-  ramStart: SectionStartRecord;
-  memSize: RamMemSizeRecord;
-  footers: boolean;
-  pageSize: number;
-  blockBytes: number;
-  /** The main block's pages in address order (views into the data). */
-  pages: RamFilePage[];
-  /** The other blocks' pages (copied: the data is not kept). */
-  small: Map<string, Map<number, RamPageRecord | RamZeroRecord>>;
-  layout: { preambleEnd: number; deviceStateStart: number };
-}
-
-function parseCheckpoint(data: Buffer, block: string, full: boolean, epoch: number): ParsedCheckpoint {
-  const preamble: MigrationRecord[] = [];
-  const main = new Map<number, RamFilePage>();
-  const small = new Map<string, Map<number, RamPageRecord | RamZeroRecord>>();
-  const coverage = new RamCoverage();
-  let configuration: ConfigurationRecord | undefined;
-  let ramStart: SectionStartRecord | undefined;
-  let memSize: RamMemSizeRecord | undefined;
-  let footers = false;
-  let pageSize = 4096;
-  let inPreamble = true;
-  const onRecord = (record: MigrationRecord): void => {
-    coverage.add(record);
-    if (record.type === 'section-start' || record.type === 'section-part' || record.type === 'section-end' || record.type === 'device-section') inPreamble = false;
-    if (inPreamble) preamble.push(record);
-    switch (record.type) {
-      case 'configuration':
-        configuration = record;
-        pageSize = configurationPageSize(record) ?? pageSize;
-        break;
-      case 'section-start':
-        if (record.idstr === 'ram') ramStart ??= record;
-        break;
-      case 'section-footer':
-        footers = true;
-        break;
-      case 'ram-mem-size':
-        memSize ??= record;
-        break;
-      case 'ram-page':
-      case 'ram-zero': {
-        if (record.block === block) {
-          main.set(record.addr, record.type === 'ram-page' ? { addr: record.addr, data: record.data, fill: 0 } : { addr: record.addr, fill: record.fill });
-          break;
-        }
-        const pages = small.get(record.block) ?? new Map<number, RamPageRecord | RamZeroRecord>();
-        small.set(record.block, pages);
-        pages.set(record.addr, record.type === 'ram-page' ? { ...record, data: Buffer.from(record.data) } : { ...record });
-        break;
-      }
-      case 'ram-compressed':
-      case 'ram-xbzrle':
-        throw new RamFileError('BAD_PAGE', `checkpoint ${epoch} has a ${record.type === 'ram-compressed' ? 'compressed' : 'XBZRLE'} page of '${record.block}' at ${record.addr}: the standby RAM takes plain pages only`);
-      default:
-        break;
-    }
-  };
-  try {
-    const parser = new MigrationStreamParser({ requireFull: full });
-    parser.push(data, onRecord);
-    parser.end(onRecord);
-  } catch (error) {
-    if (error instanceof MigrationStreamError) throw new RamFileError('BAD_STREAM', `checkpoint ${epoch} does not parse: ${error.message}`, { cause: error });
-    throw error;
-  }
-  const layout = coverage.layout;
-  if (!configuration || !ramStart || !memSize || !layout) throw new RamFileError('BAD_STREAM', `checkpoint ${epoch} has no configuration, "ram" setup or device state`);
-  const blockBytes = memSize.blocks.find((b) => b.idstr === block)?.usedLength;
-  if (blockBytes === undefined) throw new RamFileError('NO_BLOCK', `checkpoint ${epoch} has no RAM block '${block}'`);
-  for (const page of main.values()) {
-    if (page.addr % pageSize !== 0 || page.addr + pageSize > blockBytes) {
-      throw new RamFileError('BAD_PAGE', `checkpoint ${epoch}: a page of '${block}' at ${page.addr}: not aligned to ${pageSize} or past the block's ${blockBytes} bytes`);
-    }
-  }
-  return {
-    preamble,
-    configuration,
-    ramStart,
-    memSize,
-    footers,
-    pageSize,
-    blockBytes,
-    pages: [...main.values()].sort((a, b) => a.addr - b.addr),
-    small,
-    layout,
-  };
 }
 
 /** The configuration with x-ignore-shared as its only validated capability, and no increment marker. */
