@@ -8,7 +8,8 @@ import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import type { QmpClient, QmpEvent } from '@ftvm/qmp';
-import { baseQemuArgs, CheckFailed, quitQemu, startQemu, type MigrateInfo } from './checks.js';
+import { patchedQemu } from '../support/patched-qemu.js';
+import { baseQemuArgs, CheckFailed, checksPassed, parseCheckArgs, quitQemu, startQemu, stringify, type MigrateInfo } from './checks.js';
 
 export const RAM_BYTES = 128 * 1024 * 1024;
 const MIGRATION_DEADLINE_MS = 60_000;
@@ -107,5 +108,52 @@ export class Vm {
   async runAWhile(): Promise<void> {
     await this.qmp.execute('cont');
     await sleep(300);
+  }
+}
+
+/** The QEMUs a check started (stopped after each check, their stderr printed on a failure). */
+export const vms: Vm[] = [];
+
+export async function started(vm: Promise<Vm>): Promise<Vm> {
+  const v = await vm;
+  vms.push(v);
+  return v;
+}
+
+/** Stops `vm` now and forgets it. */
+export async function stopped(vm: Vm): Promise<void> {
+  vms.splice(vms.indexOf(vm), 1);
+  await vm.stop();
+}
+
+async function stopAll(): Promise<void> {
+  for (const vm of vms.splice(0)) await vm.stop().catch(() => undefined);
+}
+
+/**
+ * A check script's main: `[--qemu <binary>] [--only <check>[,<check>]]` from argv, each check run
+ * in its own directory under a fresh one in `tmpRoot` (default the OS's), its QEMUs stopped after
+ * it; a JSON line with the count at the end, or `not ok` and exit status 1 at the first failure.
+ */
+export async function runChecks<C extends string>(checks: readonly C[], run: Record<C, (binary: string, dir: string) => Promise<void>>, options: { prefix: string; tmpRoot?: string }): Promise<void> {
+  const { qemu, only } = parseCheckArgs(process.argv.slice(2), checks);
+  const binary = qemu ?? patchedQemu();
+  console.log(`# ${binary}`);
+  const root = await mkdtemp(path.join(options.tmpRoot ?? os.tmpdir(), options.prefix));
+  try {
+    for (const name of only) {
+      console.log(`# ${name}`);
+      await run[name](binary, await mkdtemp(path.join(root, `${name}-`)));
+      await stopAll();
+    }
+    console.log(JSON.stringify({ checks: checksPassed() }));
+  } catch (error) {
+    console.error(`not ok - ${(error as Error).message}`);
+    for (const vm of vms) if (vm.log.trim()) console.error(`QEMU ${vm.name} stderr:\n${vm.log.trim()}`);
+    if (!(error instanceof CheckFailed)) console.error(stringify((error as Error).stack));
+    process.exitCode = 1;
+  } finally {
+    await stopAll();
+    await rm(root, { recursive: true, force: true });
   }
 }

@@ -18,16 +18,12 @@
  * QEMU's (its shadow copy, tables), so an increment loaded as a full image never matches.
  * Prints TAP lines `ok N - ...`; exits 1 at the first mismatch (`not ok - ...`).
  */
-import { execFileSync, type ChildProcess } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { copyFile, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
-import os from 'node:os';
+import { execFileSync } from 'node:child_process';
+import { copyFile, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import type { QmpClient, QmpEvent } from '@ftvm/qmp';
 import { createStreamVerifier, flattenCheckpointChain, MigrationStreamError, parseMigrationStream } from '@ftvm/transport';
-import { patchedQemu } from '../support/patched-qemu.js';
-import { Vm } from './check-vm.js';
-import { check, CheckFailed, checksPassed, parseCheckArgs, stringify, type MigrateInfo } from './checks.js';
+import { runChecks, started, stopped, Vm } from './check-vm.js';
+import { check, CheckFailed, type MigrateInfo } from './checks.js';
 
 const SINK = 'exec:cat > /dev/null';
 /** A full migration of the 128 MiB guest has at least this many pages; an increment a handful. */
@@ -49,16 +45,6 @@ async function sourceWithBase(binary: string, name: string, uri: string, extra: 
   return vm;
 }
 
-const vms: Vm[] = [];
-async function started(vm: Promise<Vm>): Promise<Vm> {
-  const v = await vm;
-  vms.push(v);
-  return v;
-}
-async function stopAll(): Promise<void> {
-  for (const vm of vms.splice(0)) await vm.stop().catch(() => undefined);
-}
-
 /** savevm while a base exists: a full snapshot, which loads to its memory in a fresh QEMU; the next migration is full. */
 async function savevm(binary: string, dir: string): Promise<void> {
   const disk = path.join(dir, 'disk.qcow2');
@@ -74,8 +60,7 @@ async function savevm(binary: string, dir: string): Promise<void> {
   await a.runAWhile();
   const next = await a.migrate(SINK);
   check(next.status === 'completed' && pages(next) >= FULL_PAGES, 'the migration after a savevm is full (the snapshot consumed the base)', { status: next.status, pages: pages(next) });
-  await a.stop();
-  vms.splice(vms.indexOf(a), 1);
+  await stopped(a);
 
   const b = await started(Vm.start(binary, 'savevm-load', [...drive, '-S']));
   const loaded = await b.hmp('loadvm ftvm-snap');
@@ -108,8 +93,7 @@ async function refuse(binary: string, dir: string): Promise<void> {
   const target = path.join(dir, 'target.sock');
   const first = await started(Vm.start(binary, 'refuse-target-1', ['-S', '-incoming', `unix:${target}`]));
   const s = await started(sourceWithBase(binary, 'refuse-source', `unix:${target}`));
-  await first.stop();
-  vms.splice(vms.indexOf(first), 1);
+  await stopped(first);
   await s.runAWhile();
 
   const fresh = await started(Vm.start(binary, 'refuse-target-2', ['-S', '-incoming', `unix:${target}`]));
@@ -168,27 +152,4 @@ async function stream(binary: string, dir: string): Promise<void> {
 
 const RUN: Record<CheckName, (binary: string, dir: string) => Promise<void>> = { savevm, plain, refuse, stream };
 
-async function main(): Promise<void> {
-  const { qemu, only } = parseCheckArgs(process.argv.slice(2), CHECKS);
-  const binary = qemu ?? patchedQemu();
-  console.log(`# ${binary}`);
-  const dir = await mkdtemp(path.join(os.tmpdir(), 'ftvm-incr-'));
-  try {
-    for (const name of only) {
-      console.log(`# ${name}`);
-      await RUN[name](binary, dir);
-      await stopAll();
-    }
-    console.log(JSON.stringify({ checks: checksPassed() }));
-  } catch (error) {
-    console.error(`not ok - ${(error as Error).message}`);
-    for (const vm of vms) if (vm.log.trim()) console.error(`QEMU ${vm.name} stderr:\n${vm.log.trim()}`);
-    if (!(error instanceof CheckFailed)) console.error(stringify((error as Error).stack));
-    process.exitCode = 1;
-  } finally {
-    await stopAll();
-    await rm(dir, { recursive: true, force: true });
-  }
-}
-
-await main();
+await runChecks(CHECKS, RUN, { prefix: 'ftvm-incr-' });

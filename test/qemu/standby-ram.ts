@@ -12,28 +12,18 @@
  *
  *   tsx --conditions=@ftvm/source test/qemu/standby-ram.ts [--qemu <binary>] [--only <check>[,<check>]]
  */
+import fsSync from 'node:fs';
 import fs from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import { CheckpointStore, createStreamVerifier, StandbyRam, type CheckpointMetadata } from '@ftvm/transport';
-import { patchedQemu } from '../support/patched-qemu.js';
-import { RAM_BYTES, Vm } from './check-vm.js';
-import { check, CheckFailed, checksPassed, parseCheckArgs, stringify } from './checks.js';
+import { RAM_BYTES, runChecks, started, stopped, Vm } from './check-vm.js';
+import { check, CheckFailed, stringify } from './checks.js';
 
 const CHECKS = ['device-only', 'refused', 'cold'] as const;
 type CheckName = (typeof CHECKS)[number];
-
-const vms: Vm[] = [];
-async function started(vm: Promise<Vm>): Promise<Vm> {
-  const v = await vm;
-  vms.push(v);
-  return v;
-}
-async function stopAll(): Promise<void> {
-  for (const vm of vms.splice(0)) await vm.stop().catch(() => undefined);
-}
 
 /** A source's full checkpoint and one increment, committed; its memory at the increment's stop. */
 async function committedChain(binary: string, dir: string): Promise<{ store: CheckpointStore; memory: string }> {
@@ -61,8 +51,7 @@ async function committedChain(binary: string, dir: string): Promise<{ store: Che
   }
   check(base?.base === 1, 'the source committed a full checkpoint and an increment on it', { base: base?.base, bytes: base?.bytes });
   const memory = await source.memoryDigest(); // stopped (postmigrate) since the increment
-  await source.stop();
-  vms.splice(vms.indexOf(source), 1);
+  await stopped(source);
   return { store, memory };
 }
 
@@ -135,29 +124,5 @@ async function cold(binary: string, dir: string): Promise<void> {
 
 const RUN: Record<CheckName, (binary: string, dir: string) => Promise<void>> = { 'device-only': deviceOnly, refused, cold };
 
-async function main(): Promise<void> {
-  const { qemu, only } = parseCheckArgs(process.argv.slice(2), CHECKS);
-  const binary = qemu ?? patchedQemu();
-  console.log(`# ${binary}`);
-  // the RAM file on tmpfs, as a backup keeps it
-  const root = await fs.mkdtemp(path.join(await fs.stat('/dev/shm').then(() => '/dev/shm', () => os.tmpdir()), 'ftvm-standby-ram-'));
-  try {
-    for (const name of only) {
-      console.log(`# ${name}`);
-      const dir = await fs.mkdtemp(path.join(root, `${name}-`));
-      await RUN[name](binary, dir);
-      await stopAll();
-    }
-    console.log(JSON.stringify({ checks: checksPassed() }));
-  } catch (error) {
-    console.error(`not ok - ${(error as Error).message}`);
-    for (const vm of vms) if (vm.log.trim()) console.error(`QEMU ${vm.name} stderr:\n${vm.log.trim()}`);
-    if (!(error instanceof CheckFailed)) console.error(stringify((error as Error).stack));
-    process.exitCode = 1;
-  } finally {
-    await stopAll();
-    await fs.rm(root, { recursive: true, force: true });
-  }
-}
-
-await main();
+// the RAM file on tmpfs, as a backup keeps it
+await runChecks(CHECKS, RUN, { prefix: 'ftvm-standby-ram-', tmpRoot: fsSync.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir() });

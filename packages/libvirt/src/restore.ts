@@ -225,6 +225,14 @@ export class PreparedRestore {
     return this.hostPath(await this.qmp.execute<string>('qom-get', { path, property: 'mem-path' }, { timeoutMs }));
   }
 
+  /**
+   * The waiting QEMU's QMP, for what must be asked or set before the stream (its machine's clocks,
+   * a migration capability). Never `cont` or `migrate-incoming` through it: `load` does.
+   */
+  get monitor(): QmpClient {
+    return this.qmp;
+  }
+
   /** The standby QEMU still waits (its QMP is open). */
   get usable(): boolean {
     return !this.used && this.qmp.isOpen;

@@ -35,7 +35,9 @@ export async function keepStandby(slot: VmSlot, host: BackupHost): Promise<void>
   standby.then(
     async (prepared) => {
       slot.log.info('warm standby ready (domain paused, waiting for a checkpoint stream)');
-      if (mapped && slot.standby === standby) await followStandbyRam(slot, host, record, prepared);
+      if (mapped && slot.standby === standby) {
+        await followStandbyRam(slot, host, record, prepared).catch((error: Error) => slot.log.warn({ err: error.message }, "cannot keep the standby's RAM file (a failover loads the whole checkpoint)"));
+      }
     },
     (error: Error) => {
       slot.log.warn({ err: error.message }, 'cannot prepare the warm standby');
@@ -139,7 +141,11 @@ export async function stage(slot: VmSlot, host: BackupHost, kind: 'failover' | '
     onCorrupt: (epoch: number) => slot.badEpochs.add(epoch),
     ...(peerClock ? { peerClock: () => peerClock(record) } : {}),
   };
-  if (follower && standby) {
+  const usable = await standby?.then(
+    (prepared) => prepared.usable,
+    () => false,
+  );
+  if (follower && standby && usable) {
     // the file at the newest checkpoint (what is committed now applied, a half-done apply finished)
     await follower.settle();
     const newest = await newestEpoch(slot, host);

@@ -107,6 +107,10 @@ async function auditReplicas(images: Map<string, string>, epoch: number, vm: str
   }
 }
 
+function setIgnoreShared(prepared: PreparedRestore, on: boolean): Promise<unknown> {
+  return prepared.monitor.execute('migrate-set-capabilities', { capabilities: [{ capability: IGNORE_SHARED_CAPABILITY, state: on }] }, { timeoutMs: 5_000 });
+}
+
 export class NoCheckpointError extends Error {
   override name = 'NoCheckpointError';
 }
@@ -142,9 +146,10 @@ export class StagedRestore {
     /** The replicas brought to this checkpoint's disk state (applied and fsync'd), when it has disks. */
     disksReady: Promise<unknown>,
     /** A mapped standby: nothing is sent before `complete`, and `abort` before it gives the standby back. */
-    private readonly mappedStandby?: { standby: Promise<PreparedRestore>; giveBack: () => void },
+    private readonly mappedStandby?: { standby: Promise<PreparedRestore>; giveBack: () => void; clocks: MachineClocks },
   ) {
     this.mapped = mappedStandby !== undefined;
+    this.clocks = mappedStandby?.clocks;
     const clock = realtimeClock();
     const stopNs = BigInt(metadata.stopNs);
     const split = splitAssembledCheckpoint(checkpoint);
@@ -171,6 +176,7 @@ export class StagedRestore {
           await prepared.discard();
           return prepareStandby(options.record, options.conn, options.log, options.storeDir);
         });
+    standby.catch(() => undefined); // a mapped one is awaited only by `complete`
     this.startLoad = () => standby.then((prepared) => prepared.load({
       checkpoint: '/dev/null', // the writer sends the stream from memory
       timeoutMs: 600_000,
@@ -187,11 +193,9 @@ export class StagedRestore {
         // a failure here fails the load, and `ready` fails with the load's error (restoring, below):
         // it carries QEMU's reason for refusing the stream, which this socket's error does not
         const signal = AbortSignal.timeout(120_000);
-        // what the machine lets the guest keep time with decides the largest step it can take
-        this.clocks = await machineClocks(qmp);
-        // the RAM file is the checkpoint's RAM: QEMU must not expect it in the stream (its
-        // configuration says so too, and QEMU refuses a stream that disagrees)
-        if (this.mapped) await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: IGNORE_SHARED_CAPABILITY, state: true }] });
+        // what the machine lets the guest keep time with decides the largest step it can take (a
+        // mapped standby was asked at staging, and has x-ignore-shared on since)
+        this.clocks ??= await machineClocks(qmp);
         for (const part of split.head) if (!socket.write(part)) await Promise.race([once(socket, 'drain', { signal }), gone]);
         // the disks must hold the checkpoint's state before the device state loads and QEMU
         // activates them
@@ -281,10 +285,22 @@ export class StagedRestore {
       throw new NoCheckpointError(`checkpoint ${metadata.epoch} of '${options.record.name}' carries no disk state, but the VM has replicated disks`);
     }
     await store.verifiedDiskEpochs(metadata);
+    // asked now rather than after the owner key is ours: the take-over waits for nothing but the load
+    const prepared = await options.standby;
+    const clocks = await machineClocks(prepared.monitor);
+    // the RAM file is the checkpoint's RAM: QEMU must not expect it in the stream (the stream's
+    // configuration says so too: QEMU refuses one that disagrees with its own capability)
+    await setIgnoreShared(prepared, true);
     options.log.info({ epoch: metadata.epoch, bytes: checkpoint.ram.reduce((n, part) => n + part.length, checkpoint.deviceState.length), disks: metadata.disks?.length ?? 0 }, 'staging restore onto the mapped standby: device state only');
     const disksReady = metadata.disks ? store.prepareDisks({ metadata }).then((images) => auditReplicas(images, metadata.epoch, options.record.name, options.log)) : Promise.resolve();
     disksReady.catch(() => undefined);
-    return new StagedRestore(metadata, checkpoint, options, disksReady, { standby: options.standby, giveBack: options.giveBack });
+    const giveBack = () =>
+      // a standby given back loads whole checkpoints again until its next mapped staging
+      void setIgnoreShared(prepared, false).then(options.giveBack, async (error: Error) => {
+        options.log.warn({ err: error.message }, 'cannot reset the standby after a staging given up: it is rebuilt');
+        await prepared.discard();
+      });
+    return new StagedRestore(metadata, checkpoint, options, disksReady, { standby: options.standby, giveBack, clocks });
   }
 
   get epoch(): number {
