@@ -286,9 +286,20 @@ async function sweepSection(): Promise<Record<string, unknown>> {
     const runs: FaultRun[] = [];
     const errors: string[] = [];
     const started = Date.now();
+    // an agent's log starts afresh when its host is revived: read them before each kill and at the end
+    const seen = new Map<string, Record<string, unknown>>();
+    const collect = () => {
+      for (const host of ['primary', 'backup'] as const) {
+        for (const message of ['standby RAM at checkpoint', 'checkpoint committed', 'staging restore onto the mapped standby: device state only']) {
+          for (const entry of agentLogEntries(host, message)) if (Date.parse(String(entry['time'])) >= started) seen.set(`${host} ${message} ${String(entry['time'])} ${String(entry['epoch'])}`, { ...entry, msg: message });
+        }
+      }
+    };
+    const logged = (message: string) => [...seen.values()].filter((e) => e['msg'] === message);
     try {
       cluster = await startCluster({ emulator, workloadMiBps: cell.dirty_mib_per_s, checkpointIntervalMs: 1000, memoryMiB: cell.guest_mib, standbyRam: cell.mapped ? 'mapped' : 'loaded' });
       for (let i = 1; i <= SWEEP_RUNS; i++) {
+        collect();
         try {
           const run = await runFault(cluster, 'kill', (line) => console.error(line));
           runs.push(run);
@@ -302,11 +313,13 @@ async function sweepSection(): Promise<Record<string, unknown>> {
     } catch (error) {
       errors.push(`cluster: ${(error as Error).message}`);
     } finally {
+      collect();
       await stopCluster(cluster).catch(() => undefined);
     }
-    const since = (e: Record<string, unknown>) => Date.parse(String(e['time'])) >= started;
-    const stagings = (['primary', 'backup'] as const).flatMap((h) => agentLogEntries(h, 'staging restore onto the mapped standby: device state only').filter(since));
-    if (cell.mapped && cell.guest_mib === 256 && cell.dirty_mib_per_s === 50) applies = (['primary', 'backup'] as const).flatMap((h) => agentLogEntries(h, 'standby RAM at checkpoint').filter(since));
+    const stagings = logged('staging restore onto the mapped standby: device state only');
+    if (cell.mapped && cell.guest_mib === 256 && cell.dirty_mib_per_s === 50) applies = logged('standby RAM at checkpoint');
+    // what the workload really dirtied: the increments' size (a full checkpoint after each reprotect left out)
+    const increments = logged('checkpoint committed').filter((e) => e['base'] !== undefined).map((e) => Number(e['bytes']) / 1e6);
     const failoverS = runs.map((r) => r.failoverS).filter((x): x is number => x !== undefined);
     const { p50, max } = summarize(failoverS);
     results.push({
@@ -317,6 +330,7 @@ async function sweepSection(): Promise<Record<string, unknown>> {
       continuity_ok: runs.length === SWEEP_RUNS && runs.every((r) => r.continuityOk),
       double_active: runs.filter((r) => r.doubleActive).length,
       device_state_only_loads: stagings.length,
+      increment_mb: { ...summarize(increments), note: 'checkpoints on a base (a second apart): what the workload dirtied' },
       errors,
       runs: runs.map((r) => ({ failover_s: r.failoverS, offset_ms: r.offsetMs, outage_ms: r.outageMs, continuity_ok: r.continuityOk, epoch: r.epoch })),
     });
