@@ -215,7 +215,11 @@ export async function runFault(
   else if (kind === 'partition') await restoreLink(from);
   cluster.primary = to;
   const reprotectAt = Date.now();
-  await controlClient(to).reprotect(vm, from, () => undefined);
+  await controlClient(to)
+    .reprotect(vm, from, () => undefined)
+    .catch((error: Error) => {
+      throw new Error(`reprotect of ${vm} on ${to} with backup ${from}: ${error.message}\n--- ${to} agent\n${tail(agentLog(to))}\n--- ${from} agent\n${tail(agentLog(from))}`);
+    });
   await waitProtectedOn(to, vm, { timeoutMs: 60_000, committedAfter: reprotectAt });
   const fromStatus = await vmStatus(from, vm);
   if (fromStatus?.role === 'primary' || fromStatus?.domainState === 'running') throw new Error(`${from} runs ${vm} again after the fault: ${JSON.stringify(fromStatus)}`);

@@ -109,6 +109,31 @@ describe('StandbyRam', () => {
     expect(corrupt.map((e) => e.epoch)).toEqual([3, 4]);
   });
 
+  it('lists the store again when a chain is pruned under it: no corruption reported, the newest applied', async () => {
+    const storeDir = dir + '/store';
+    const store = await new CheckpointStore(storeDir, 3).open();
+    const corrupt: CheckpointStoreError[] = [];
+    const ram = new StandbyRam(store, file, { onCorrupt: (error) => corrupt.push(error) });
+    const m1 = await commit(store, 1, stream(full(1), BLOCKS, 1));
+    await commit(store, 2, increment([{ block: 'pc.ram', index: 2, data: pseudoRandom(PAGE, 20) }], 2), m1);
+    // the receiver commits a full checkpoint and prunes the old chain while the chain of 2 is read
+    const again = full(7);
+    const metadata = store.metadata.bind(store);
+    let raced = false;
+    store.metadata = async (epoch: number) => {
+      if (epoch === 1 && !raced) {
+        raced = true;
+        await commit(store, 4, stream(again, BLOCKS, 4));
+        for (const gone of [1, 2]) await Promise.all([fs.rm(store.dataPath(gone)), fs.rm(path.join(storeDir, `${gone}.json`))]);
+      }
+      return metadata(epoch);
+    };
+    expect((await ram.catchUp()).map((a) => [a.epoch, a.full])).toEqual([[4, true]]);
+    expect(raced).toBe(true);
+    expect(corrupt).toEqual([]);
+    expect(await fs.readFile(file)).toEqual(expectedRam(again));
+  });
+
   it('rewrites the file from a new full checkpoint and forgets the old small pages', async () => {
     const store = await new CheckpointStore(dir + '/store', 3).open();
     const ram = new StandbyRam(store, file, { accept: (epoch) => epoch !== 99 });

@@ -17,9 +17,13 @@ import type { AssembledCheckpoint } from '../stream/chain.js';
 import type { ConfigurationRecord, ConfigurationSubsection, MigrationRecord, RamMemSizeRecord, RamPageRecord, RamZeroRecord, SectionStartRecord } from '../stream/records.js';
 import { encodeRecords } from '../stream/writer.js';
 import type { CheckpointStore } from './checkpoint-store.js';
+import { isVanished } from './compaction.js';
 import { CheckpointStoreError } from './errors.js';
 import type { CheckpointMetadata } from './metadata.js';
 import { parseRamCheckpoint, RamFileError, writeRamFileStamp, writeRamPages } from './ram-file.js';
+
+/** Listings of the chain per catch-up while its files vanish under the reader (compaction, prune). */
+const VANISHED_ATTEMPTS = 3;
 
 /** QEMU's name of the capability that leaves shared RAM blocks out of a migration. */
 export const IGNORE_SHARED_CAPABILITY = 'x-ignore-shared';
@@ -143,20 +147,35 @@ export class StandbyRam {
   }
 
   private async catchUpNow(): Promise<StandbyRamApplied[]> {
+    const applied: StandbyRamApplied[] = [];
+    // A file that vanished under this reader (the receiver compacted or pruned meanwhile) is no
+    // corruption: the chain is listed again; past the attempts the next catch-up tries again.
+    for (let attempt = 1; attempt <= VANISHED_ATTEMPTS; attempt++) {
+      try {
+        await this.catchUpOnce(applied);
+        return applied;
+      } catch (error) {
+        if (!isVanished(error)) throw error;
+      }
+    }
+    return applied;
+  }
+
+  private async catchUpOnce(applied: StandbyRamApplied[]): Promise<void> {
     const accept = this.options.accept ?? (() => true);
     const epochs = (await this.store.epochs()).filter((e) => accept(e) && !this.failed.has(e));
     const target = epochs.at(-1);
-    if (target === undefined || target === this.held?.meta.epoch) return [];
+    if (target === undefined || target === this.held?.meta.epoch) return;
     let chain: CheckpointMetadata[];
     try {
       chain = await this.store.chain(target);
     } catch (error) {
+      if (isVanished(error)) throw error;
       this.fail(target, error);
-      return [];
+      return;
     }
     const heldAt = this.held ? chain.findIndex((m) => m.epoch === this.held!.meta.epoch && m.sha256 === this.held!.meta.sha256) : -1;
     const links = heldAt >= 0 ? chain.slice(heldAt + 1) : chain;
-    const applied: StandbyRamApplied[] = [];
     for (const link of links) {
       if (this.closed) break;
       if (this.failed.has(link.epoch)) {
@@ -169,6 +188,7 @@ export class StandbyRam {
       try {
         data = await this.store.readVerified(link);
       } catch (error) {
+        if (isVanished(error)) throw error;
         this.fail(link.epoch, error);
         if (link.epoch !== target) this.failed.add(target);
         break;
@@ -181,7 +201,6 @@ export class StandbyRam {
         throw error;
       }
     }
-    return applied;
   }
 
   private fail(epoch: number, error: unknown): void {
