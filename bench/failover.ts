@@ -25,7 +25,9 @@
  * 1 GiB, each once with `failover.standbyRam: mapped` (the backup's standby maps its RAM from a
  * file kept at the newest checkpoint: only device state loads) and once `loaded` (the whole
  * checkpoint loads at failover); FTVM_FAILOVER_SWEEP_RUNS kills per cell (default 5). apply_ms:
- * each checkpoint's apply to the RAM file in the 50 MiB/s mapped cell (the agents' debug lines).
+ * each checkpoint's apply to the RAM file in the 50 MiB/s mapped cell (the agents' debug lines);
+ * load_slack_ms: how much of the resume margin (failover.resumeMarginMs, mappedResumeMarginMs for a
+ * mapped standby) the load left spare.
  *
  * FTVM_FAILOVER_SECTIONS=single,multi,disk,sweep (default all) picks what runs; a section left
  * out keeps its figures from the existing bench/results/failover.json.
@@ -290,7 +292,7 @@ async function sweepSection(): Promise<Record<string, unknown>> {
     const seen = new Map<string, Record<string, unknown>>();
     const collect = () => {
       for (const host of ['primary', 'backup'] as const) {
-        for (const message of ['standby RAM at checkpoint', 'checkpoint committed', 'staging restore onto the mapped standby: device state only']) {
+        for (const message of ['standby RAM at checkpoint', 'checkpoint committed', 'staging restore onto the mapped standby: device state only', 'VM resumed from its last committed checkpoint']) {
           for (const entry of agentLogEntries(host, message)) if (Date.parse(String(entry['time'])) >= started) seen.set(`${host} ${message} ${String(entry['time'])} ${String(entry['epoch'])}`, { ...entry, msg: message });
         }
       }
@@ -320,6 +322,8 @@ async function sweepSection(): Promise<Record<string, unknown>> {
     if (cell.mapped && cell.guest_mib === 256 && cell.dirty_mib_per_s === 50) applies = logged('standby RAM at checkpoint');
     // what the workload really dirtied: the increments' size (a full checkpoint after each reprotect left out)
     const increments = logged('checkpoint committed').filter((e) => e['base'] !== undefined).map((e) => Number(e['bytes']) / 1e6);
+    // the take-over's own time after the claim: the resume margin, and how much of it the load left spare
+    const resumes = logged('VM resumed from its last committed checkpoint').filter((e) => e['loadSlackMs'] !== undefined);
     const failoverS = runs.map((r) => r.failoverS).filter((x): x is number => x !== undefined);
     const { p50, max } = summarize(failoverS);
     results.push({
@@ -330,6 +334,8 @@ async function sweepSection(): Promise<Record<string, unknown>> {
       continuity_ok: runs.length === SWEEP_RUNS && runs.every((r) => r.continuityOk),
       double_active: runs.filter((r) => r.doubleActive).length,
       device_state_only_loads: stagings.length,
+      load_slack_ms: { ...summarize(resumes.map((e) => Number(e['loadSlackMs']))), note: 'resume target minus the instant QEMU had loaded the stream (the part of the resume margin left spare; negative: late)' },
+      resume_late_ms: summarize(resumes.map((e) => Number(e['resumeLateMs']))),
       increment_mb: { ...summarize(increments), note: 'checkpoints on a base (a second apart): what the workload dirtied' },
       errors,
       runs: runs.map((r) => ({ failover_s: r.failoverS, offset_ms: r.offsetMs, outage_ms: r.outageMs, continuity_ok: r.continuityOk, epoch: r.epoch })),

@@ -74,6 +74,11 @@ export interface CompletedRestore {
   clockSteps?: ClockFollowUp;
   /** Only device state was loaded: the standby's RAM file held the checkpoint (see StandbyRam). */
   mapped: boolean;
+  /**
+   * How long before the resume target QEMU had loaded the stream (negative: after it, a late
+   * resume); what of the margin was spare.
+   */
+  loadSlackNs?: bigint;
 }
 
 /**
@@ -131,6 +136,7 @@ export class StagedRestore {
   private go!: (marginNs: bigint) => void;
   private cancel!: (error: Error) => void;
   private targetNs: bigint | undefined;
+  private loadedNs: bigint | undefined;
   private deltaNs: bigint | undefined;
   private stopHereNs: bigint | undefined;
   private hostOffset: HostClockOffset | undefined;
@@ -225,6 +231,7 @@ export class StagedRestore {
         socket.end(split.encodeTail());
       },
       resume: async (qmp) => {
+        this.loadedNs = clock();
         const status = await qmp.execute<{ running: boolean }>('query-status');
         if (status.running) throw new Error('the restored VM was running before its scheduled resume');
         this.resume = await resumeOnTime(qmp, this.targetNs!, { clock });
@@ -328,6 +335,7 @@ export class StagedRestore {
       ...(this.hostOffset ? { hostOffset: this.hostOffset } : {}),
       ...(this.clockSteps ? { clockSteps: this.clockSteps } : {}),
       mapped: this.mapped,
+      ...(this.loadedNs !== undefined && this.targetNs !== undefined ? { loadSlackNs: this.targetNs - this.loadedNs } : {}),
     };
   }
 

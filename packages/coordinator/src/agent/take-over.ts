@@ -80,7 +80,7 @@ export async function takeOver(ctx: TakeOverContext, slot: VmSlot, kind: 'failov
     }
     const fenced = await fence;
     slot.log.info({ fence: fenced.outcome, detail: fenced.detail }, 'old primary fenced');
-    done = await staged.complete(ctx.config.failover.resumeMarginMs);
+    done = await staged.complete(staged.mapped ? ctx.config.failover.mappedResumeMarginMs : ctx.config.failover.resumeMarginMs);
   } catch (error) {
     if (await ctx.runningHere(slot.name).catch(() => false)) {
       // past the point of no return after all (the resume happened, a later step failed)
@@ -111,6 +111,7 @@ export async function takeOver(ctx: TakeOverContext, slot: VmSlot, kind: 'failov
       epoch: done.epoch,
       deltaMs: nsToMs(done.deltaNs),
       resumeLateMs: nsToMs(done.resume.lateNs),
+      ...(done.loadSlackNs !== undefined ? { loadSlackMs: nsToMs(done.loadSlackNs), mapped: done.mapped } : {}),
       firstStepMs: nsToMs(done.firstStepNs),
       ...(done.clockSteps
         ? { inPlaceSteps: done.clockSteps.steps.length, restMs: nsToMs(done.clockSteps.restNs), uncorrectedMs: nsToMs(done.clockSteps.uncorrectedNs) }

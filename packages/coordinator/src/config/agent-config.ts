@@ -109,6 +109,11 @@ export const agentConfigSchema = z
          * state (2.5–30 ms measured under TCG); it adds to the failover time, not to the clock error.
          */
         resumeMarginMs: ms(5, 5_000).default(60),
+        /**
+         * The same onto a mapped standby: only the small blocks' pages and the device state load
+         * (a few hundred KB) after the claim, and this margin is most of the take-over's own time.
+         */
+        mappedResumeMarginMs: ms(5, 5_000).default(20),
         /** Bound on fencing the old primary through libvirt over SSH (an unreachable one is skipped). */
         fenceTimeoutMs: ms(50, 60_000).default(500),
         /**
