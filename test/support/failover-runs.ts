@@ -130,6 +130,12 @@ export async function runFault(
     if (performance.now() > deadline) throw new Error(`${to} does not hear ${from}`);
     await sleep(100);
   }
+  // and a steady state: its standby started (a mapped one filled), not a failover that first
+  // waits seconds for a standby domain the reprotect has just asked for
+  await untilAgents(`${to}'s standby ready`, async () => {
+    const standby = (await vmStatus(to, vm))?.standby;
+    return standby?.ready && standby.ram !== 'cold' ? true : undefined;
+  });
   // sample the workload from before the checkpoint the backup will resume, so its counter is bounded
   const sampler = sampleCounter(from);
   await waitProtectedOn(from, vm, { timeoutMs: 60_000, committedAfter: Date.now() + 200 });

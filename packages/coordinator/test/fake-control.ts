@@ -27,7 +27,7 @@ export const agentStatus = (): AgentStatus => ({
   host: 'alpha',
   lease: { id: '694d8a1b2c3d4e5f', healthy: true, lastRenewAgeMs: 120 },
   peers: [{ name: 'beta', alive: true, lastBeatAgeMs: { udp: 80, ssh: undefined } }],
-  vms: [vmStatus('vm1'), vmStatus('vm2', { outputCommit: true, checkpointIntervalMs: 100, role: 'backup', phase: 'degraded', domainState: 'absent', lastCheckpoint: undefined, clockResidualMs: undefined, leaseHolder: undefined, standby: { domain: true, ram: 'warm', ramEpoch: 42 } })],
+  vms: [vmStatus('vm1'), vmStatus('vm2', { outputCommit: true, checkpointIntervalMs: 100, role: 'backup', phase: 'degraded', domainState: 'absent', lastCheckpoint: undefined, clockResidualMs: undefined, leaseHolder: undefined, standby: { domain: true, ready: true, ram: 'warm', ramEpoch: 42 } })],
 });
 
 /**

@@ -722,7 +722,7 @@ export class Agent implements AgentControl {
     const follower = slot.standbyRam;
     const ramEpoch = follower?.ram.epoch;
     const ram = follower ? follower.state(await newestEpoch(slot, this.backupHost)) : 'loaded';
-    return { domain: slot.standby !== undefined, ram, ...(ramEpoch !== undefined ? { ramEpoch } : {}) };
+    return { domain: slot.standby !== undefined, ready: slot.standby !== undefined && slot.standbyReady === slot.standby, ram, ...(ramEpoch !== undefined ? { ramEpoch } : {}) };
   }
 }
 

@@ -35,6 +35,7 @@ export async function keepStandby(slot: VmSlot, host: BackupHost): Promise<void>
   standby.then(
     async (prepared) => {
       slot.log.info('warm standby ready (domain paused, waiting for a checkpoint stream)');
+      if (slot.standby === standby) slot.standbyReady = standby;
       if (mapped && slot.standby === standby) {
         await followStandbyRam(slot, host, record, prepared).catch((error: Error) => slot.log.warn({ err: error.message }, "cannot keep the standby's RAM file (a failover loads the whole checkpoint)"));
       }

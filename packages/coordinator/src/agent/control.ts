@@ -41,12 +41,13 @@ export interface VmStatus {
   /** Guest clock residual the drift ledger predicts (ms; 0 = right; negative = behind). */
   clockResidualMs: number | undefined;
   /**
-   * Backup only: its standby. `domain`: started, waiting for a stream. `ram`: what a failover
+   * Backup only: its standby. `domain`: being started or started; `ready`: started, waiting for
+   * a stream (a failover before then waits for it). `ram`: what a failover
    * loads — `warm` (the RAM file holds the newest checkpoint `ramEpoch`: device state only),
    * `behind` (an older one: the rest is applied first), `cold` (none yet: the whole checkpoint),
    * `loaded` (the standby's RAM is not mapped from a file: the whole checkpoint).
    */
-  standby?: { domain: boolean; ram: 'warm' | 'behind' | 'cold' | 'loaded'; ramEpoch?: number };
+  standby?: { domain: boolean; ready: boolean; ram: 'warm' | 'behind' | 'cold' | 'loaded'; ramEpoch?: number };
 }
 
 export interface PeerStatus {

@@ -15,6 +15,8 @@ export interface VmSlot {
   staged: StagedRestore | undefined;
   /** Backup only: the VM's domain started paused, waiting for a checkpoint stream (warm standby). */
   standby: Promise<PreparedRestore> | undefined;
+  /** The standby once its domain waits for a stream (the same promise, settled). */
+  standbyReady: Promise<PreparedRestore> | undefined;
   /** Backup with a mapped standby: keeps the standby's RAM file at the newest checkpoint. */
   standbyRam: StandbyRamFollower | undefined;
   /** Primary: the running domain's XML when its devices no longer match the record's. */
@@ -56,6 +58,7 @@ export function newSlot(name: string, record: VmRecord | undefined, log: Log): V
     primary: undefined,
     staged: undefined,
     standby: undefined,
+    standbyReady: undefined,
     standbyRam: undefined,
     standbyXml: undefined,
     changedXml: undefined,

@@ -60,10 +60,11 @@ function vmRow(vm: VmStatus): string[] {
   ];
 }
 
-/** A backup's standby: `warm@<epoch>` (its RAM file holds the newest checkpoint), `behind@`, `cold`, `loaded`, `none`. */
+/** A backup's standby: `warm@<epoch>` (its RAM file holds the newest checkpoint), `behind@`, `cold`, `loaded`, `starting`, `none`. */
 function formatStandby(standby: VmStatus['standby']): string {
   if (!standby) return DASH;
   if (!standby.domain) return 'none';
+  if (standby.ready === false) return 'starting';
   return standby.ramEpoch === undefined ? standby.ram : `${standby.ram}@${standby.ramEpoch}`;
 }
 
