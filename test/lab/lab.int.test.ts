@@ -1,16 +1,24 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { Etcd3 } from 'etcd3';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { $ } from 'zx';
 import {
   cutLink,
+  ensureLabEtcd,
+  etcdHealthy,
   execIn,
   freezeHost,
   hostInfo,
   killHost,
   LAB_HOSTS,
   labDown,
+  labEtcdDataDir,
+  labEtcdEndpoint,
+  labEtcdEndpoints,
+  labEtcdMode,
+  labEtcdPid,
   labKnownHosts,
   labLeftovers,
   labRemoteLibvirtUri,
@@ -21,6 +29,8 @@ import {
   restoreLink,
   SERVICE_HOST_BRIDGE,
   spawnDaemonIn,
+  startLabEtcd,
+  stopLabEtcd,
   thawHost,
   type LabHostName,
 } from './lab.js';
@@ -53,6 +63,26 @@ const daemonPidsOf = async (name: LabHostName) => {
   const host = hosts.find((h) => h.name === name)!;
   return [host.holderPid, host.daemons.virtlogd, host.daemons.libvirtd, host.daemons.sshd, ...host.spawned];
 };
+
+const since = (started: number) => Math.round(performance.now() - started);
+/** An etcd client on just these endpoints (closed by the caller). */
+const etcdOn = (hosts: string[]) => new Etcd3({ hosts, dialTimeout: 2_000 });
+async function etcdGet(hosts: string[], key: string): Promise<string | null> {
+  const client = etcdOn(hosts);
+  try {
+    return await client.get(key).string();
+  } finally {
+    client.close();
+  }
+}
+async function etcdPut(hosts: string[], key: string, value: string): Promise<void> {
+  const client = etcdOn(hosts);
+  try {
+    await client.put(key).value(value);
+  } finally {
+    client.close();
+  }
+}
 
 let tmp: string;
 beforeAll(async () => {
@@ -138,6 +168,109 @@ describe('lab', () => {
         await virsh(name, ['undefine', 'lab-svc']);
       }
     }
+  });
+
+  it("stops the witness's etcd and starts it again on its data (single member)", async () => {
+    expect(labEtcdMode()).toBe('witness');
+    expect(labEtcdEndpoints()).toEqual([labEtcdEndpoint()]);
+    await etcdPut(labEtcdEndpoints(), 'lab/kept', 'yes');
+    await expect(stopLabEtcd('primary')).rejects.toThrow(/primary runs no etcd member/);
+
+    let started = performance.now();
+    const killed = await stopLabEtcd('witness');
+    console.log(`single: stopLabEtcd (SIGKILL) ${since(started)} ms`);
+    expect(killed !== undefined && alive(killed)).toBe(false);
+    expect(labEtcdPid()).toBeUndefined();
+    expect(await etcdHealthy()).toBe(false);
+    started = performance.now();
+    const { pid } = await startLabEtcd('witness');
+    console.log(`single: startLabEtcd on its data dir ${since(started)} ms`);
+    expect(pid).not.toBe(killed);
+    expect(await etcdGet(labEtcdEndpoints(), 'lab/kept')).toBe('yes');
+
+    // a graceful stop too; and labUp leaves a member that answers alone
+    await stopLabEtcd('witness', 'SIGTERM');
+    const again = (await startLabEtcd()).pid;
+    expect((await labUp()).built).toBe(false);
+    expect(labEtcdPid(), 'labUp left the running member alone').toBe(again);
+    expect(await etcdGet(labEtcdEndpoints(), 'lab/kept')).toBe('yes');
+  });
+
+  it('runs etcd as three members, one per host; two keep a quorum while the witness is down', async () => {
+    let started = performance.now();
+    const { members, endpoints } = await ensureLabEtcd({ members: 'all' });
+    console.log(`etcd single → three members: ${since(started)} ms`);
+    const witnessEndpoint = labEtcdEndpoint('witness');
+    try {
+      expect(members).toBe('all');
+      expect(labEtcdMode()).toBe('all');
+      expect(endpoints).toEqual(LAB_HOSTS.map((name) => `http://${hostInfo(name).ip}:2379`));
+      expect(labEtcdEndpoints()).toEqual(endpoints);
+      expect(await etcdGet(endpoints, 'lab/kept'), 'a fresh cluster').toBeNull();
+      for (const name of LAB_HOSTS) {
+        expect(await etcdHealthy(labEtcdEndpoint(name)), name).toBe(true);
+        const pid = labEtcdPid(name);
+        expect(pid, name).toBeDefined();
+        expect(fs.readlinkSync(`/proc/${pid}/ns/net`), `${name}'s member in its netns`).toBe(fs.readlinkSync(`/proc/${hostInfo(name).holderPid}/ns/net`));
+      }
+      const client = etcdOn(endpoints);
+      try {
+        expect((await client.cluster.memberList({})).members.map((m) => m.name).sort()).toEqual([...LAB_HOSTS].sort());
+        await client.put('lab/before').value('1');
+      } finally {
+        client.close();
+      }
+
+      started = performance.now();
+      const killed = await stopLabEtcd('witness');
+      console.log(`three: stopLabEtcd(witness) (SIGKILL) ${since(started)} ms`);
+      expect(killed !== undefined && alive(killed)).toBe(false);
+      expect(await etcdHealthy(witnessEndpoint)).toBe(false);
+      const remaining = endpoints.filter((e) => e !== witnessEndpoint);
+      // If the witness led, the other two elect a leader first (election timeout 200 ms).
+      for (const endpoint of remaining) await expect.poll(() => etcdHealthy(endpoint), { timeout: 5_000, interval: 20, message: endpoint }).toBe(true);
+      console.log(`three: primary and backup healthy ${since(started)} ms after the kill`);
+      started = performance.now();
+      expect(await etcdGet(remaining, 'lab/before')).toBe('1');
+      await etcdPut(remaining, 'lab/while-down', '2');
+      expect(await etcdGet(remaining, 'lab/while-down')).toBe('2');
+      console.log(`three: get, put, get on primary+backup without the witness ${since(started)} ms`);
+
+      started = performance.now();
+      const { pid } = await startLabEtcd('witness');
+      console.log(`three: startLabEtcd(witness) on its data dir ${since(started)} ms`);
+      expect(pid).not.toBe(killed);
+      // through the witness alone (a quorum read): it rejoined and caught up
+      expect(await etcdGet([witnessEndpoint], 'lab/before')).toBe('1');
+      expect(await etcdGet([witnessEndpoint], 'lab/while-down')).toBe('2');
+
+      // restartHost kills the host's member with the rest of it, and starts it again on its data dir
+      const backupPid = labEtcdPid('backup');
+      started = performance.now();
+      await restartHost('backup');
+      console.log(`three: restartHost(backup) with its member ${since(started)} ms`);
+      expect(labEtcdPid('backup')).toBeDefined();
+      expect(labEtcdPid('backup')).not.toBe(backupPid);
+      expect(await etcdGet([labEtcdEndpoint('backup')], 'lab/while-down')).toBe('2');
+
+      // labUp keeps the mode, and starts a member missing beside running ones again on its data dir
+      await stopLabEtcd('primary');
+      started = performance.now();
+      expect((await labUp()).built).toBe(false);
+      console.log(`three: labUp with primary's member down ${since(started)} ms`);
+      expect(labEtcdMode()).toBe('all');
+      expect(labEtcdPid('primary')).toBeDefined();
+      expect(await etcdGet([labEtcdEndpoint('primary')], 'lab/while-down')).toBe('2');
+    } finally {
+      started = performance.now();
+      await ensureLabEtcd({ members: 'witness' });
+      console.log(`etcd three members → single: ${since(started)} ms`);
+    }
+    expect(labEtcdMode()).toBe('witness');
+    expect(labEtcdEndpoints()).toEqual([witnessEndpoint]);
+    expect([labEtcdPid('primary'), labEtcdPid('backup')]).toEqual([undefined, undefined]);
+    expect(fs.existsSync(labEtcdDataDir('primary')) || fs.existsSync(labEtcdDataDir('backup'))).toBe(false);
+    expect(await etcdGet(labEtcdEndpoints(), 'lab/before'), 'a fresh cluster').toBeNull();
   });
 
   it('kills a host, whose daemons then answer nothing, and restarts it', async () => {

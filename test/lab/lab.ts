@@ -22,7 +22,7 @@ import {
   sshAnswers,
   startHolder,
 } from './host.js';
-import { ensureWitnessEtcd } from './etcd.js';
+import { ensureLabEtcd, labEtcdMode, resumeLabEtcdMember, type LabEtcdMembers } from './etcd.js';
 import { ensureKeys } from './keys.js';
 import {
   bridgeHealthy,
@@ -48,7 +48,21 @@ import { allPids, mountsOf } from './procs.js';
 import { sh } from './sh.js';
 import { LAB_BRIDGE, LAB_HOSTS, LAB_RAM_ROOT, LAB_STATE_ROOT, SERVICE_BRIDGE, labHost, type LabHost, type LabHostName } from './topology.js';
 
-export { ensureWitnessEtcd, etcdHealthy, labEtcdEndpoint, labEtcdLog, labEtcdPid } from './etcd.js';
+export {
+  ensureLabEtcd,
+  ensureWitnessEtcd,
+  etcdHealthy,
+  labEtcdDataDir,
+  labEtcdEndpoint,
+  labEtcdEndpoints,
+  labEtcdLog,
+  labEtcdMembers,
+  labEtcdMode,
+  labEtcdPid,
+  startLabEtcd,
+  stopLabEtcd,
+  type LabEtcdMembers,
+} from './etcd.js';
 export {
   LAB_HOSTS,
   SERVICE_BRIDGE,
@@ -81,6 +95,11 @@ export interface LabUpOptions {
   timeoutMs?: number;
   /** Progress lines (the CLI prints them). */
   log?: (line: string) => void;
+  /**
+   * etcd's members: `'witness'` (one, the default of a new lab) or `'all'` (one on each host). Default:
+   * the current mode (`labEtcdMode()`), kept across a rebuild. A change wipes etcd (a fresh cluster).
+   */
+  etcdMembers?: LabEtcdMembers;
 }
 
 export interface LabUpResult {
@@ -92,27 +111,28 @@ export interface LabUpResult {
 /**
  * Brings the lab up. A healthy lab is left as it is (after a health check); one left frozen or
  * unplugged by an interrupted test is thawed and replugged; anything else (a crash, a killed host,
- * a half-built lab) is torn down and rebuilt. In every case the witness's etcd answers afterwards
- * (started if it is not running: `ensureWitnessEtcd`).
+ * a half-built lab) is torn down and rebuilt. In every case etcd answers afterwards, in the mode
+ * asked for or the current one (started if it is not running: `ensureLabEtcd`).
  */
 export async function labUp(options: LabUpOptions = {}): Promise<LabUpResult> {
   const started = performance.now();
   const log = options.log ?? (() => undefined);
   const elapsed = () => Math.round(performance.now() - started);
   assertRoot();
+  const etcd = { members: options.etcdMembers ?? labEtcdMode() }; // read before a rebuild wipes it
   await ensureSocketBufferLimit();
   const newKeys = await ensureKeys();
   let status: LabStatus | undefined;
   if (!newKeys && (status = await labHealthy())) {
     if (await ensureServiceNetwork(status)) log('service network (re)wired');
-    await ensureWitnessEtcd();
+    await ensureLabEtcd(etcd);
     return { built: false, durationMs: elapsed() };
   }
   if (!newKeys && (await recoverInterrupted())) {
     log('thawed/replugged hosts left by an interrupted run');
     if ((status = await labHealthy())) {
       if (await ensureServiceNetwork(status)) log('service network (re)wired');
-      await ensureWitnessEtcd();
+      await ensureLabEtcd(etcd);
       return { built: false, durationMs: elapsed() };
     }
   }
@@ -144,8 +164,8 @@ export async function labUp(options: LabUpOptions = {}): Promise<LabUpResult> {
   for (const name of pending) seedQemuCapabilities(labHost(name));
   await Promise.all(pending.map(start));
   saveQemuCapabilities(labHost('primary')); // what libvirt kept or refreshed, for next time
-  await ensureWitnessEtcd();
-  log(`witness's etcd answers after ${elapsed()} ms`);
+  await ensureLabEtcd(etcd);
+  log(`etcd (${etcd.members === 'all' ? 'three members' : "the witness's"}) answers after ${elapsed()} ms`);
   return { built: true, durationMs: elapsed() };
 }
 
@@ -326,7 +346,10 @@ export async function restoreLink(name: LabHostName): Promise<void> {
 
 /**
  * Boots a host again (killing what is left of it first), like a reboot: /run starts empty,
- * /etc/libvirt, /var/lib/libvirt, /var/log persist; the link stays as it was (cut or not).
+ * /etc/libvirt, /var/lib/libvirt, /var/log persist; the link stays as it was (cut or not). In
+ * three-member etcd mode its etcd member starts again on its data dir (waited for, up to 10 s, when
+ * another member runs and the link is up); in single mode the witness's etcd stays down (`labUp` /
+ * `ensureLabEtcd` start a fresh one, `startLabEtcd` the same one).
  */
 export async function restartHost(name: LabHostName, options: { timeoutMs?: number } = {}): Promise<void> {
   assertRoot();
@@ -347,6 +370,7 @@ export async function restartHost(name: LabHostName, options: { timeoutMs?: numb
     await createServiceLink(host, await labLinkUp(host));
   }
   await startHolder(host, options.timeoutMs ?? DEFAULT_UP_TIMEOUT_MS);
+  await resumeLabEtcdMember(name);
 }
 
 /** What of the lab is visible in the root namespace; [] after labDown. For tests and `status`. */
