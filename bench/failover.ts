@@ -29,17 +29,28 @@
  * load_slack_ms: how much of the resume margin (failover.resumeMarginMs, mappedResumeMarginMs for a
  * mapped standby) the load left spare.
  *
- * FTVM_FAILOVER_SECTIONS=single,multi,disk,sweep (default all) picks what runs; a section left
+ * witness (issue 20): the single VM on a one-member etcd (on the witness), FTVM_FAILOVER_WITNESS_RUNS
+ * times each (default 5): etcd killed for 30 s and started again on its data, the witness's link
+ * cut for 2 s and for 10 s. unavailable_s: the longest time no copy of the guest answered its probe
+ * (polled every 50 ms, less that period), target 0; protected_again_s: from the witness's return
+ * to the primary saying `protected` with a fresh checkpoint, without an operator (target ≤ 5 s).
+ * baseline_gap_s: the same watch over 10 s without a fault, for the watch's own noise.
+ *
+ * FTVM_FAILOVER_SECTIONS=single,multi,disk,sweep,witness (default all) picks what runs; a section left
  * out keeps its figures from the existing bench/results/failover.json.
  */
 import fs from 'node:fs';
 import { labDown } from '../test/lab/lab.js';
-import { agentLogEntries, startCluster, stopCluster, type Cluster } from '../test/support/ft-cluster.js';
+import { agentLogEntries, startCluster, stopCluster, waitProtectedOn, type Cluster } from '../test/support/ft-cluster.js';
 import { runFault, type FaultKind, type FaultRun } from '../test/support/failover-runs.js';
 import { probeOn } from '../test/support/ft-cluster.js';
 import { diskCounters } from '../test/support/probe-client.js';
 import { MULTI_VMS, runMultiKill, sendHome, startMultiCluster, stopMultiCluster, type MultiCluster, type MultiKillRun } from '../test/support/multi-vm.js';
 import { patchedQemu } from '../test/support/patched-qemu.js';
+import { watchCopies } from '../test/support/copies-watch.js';
+import { runWitnessFault, WITNESS_FAULTS, type WitnessFault, type WitnessRun } from '../test/support/witness-runs.js';
+import { ensureLabEtcd } from '../test/lab/etcd.js';
+import { sleep } from '../test/lab/wait.js';
 import { describeEnvironment } from './environment.js';
 import { round, summarize } from './stats.js';
 
@@ -50,10 +61,12 @@ const MULTI_RUNS = Number(process.env.FTVM_FAILOVER_MULTI_RUNS ?? 3);
 const MULTI_MEMORY_MIB = Number(process.env.FTVM_FAILOVER_MULTI_MEMORY_MIB ?? 128);
 const DISK_RUNS = Number(process.env.FTVM_FAILOVER_DISK_RUNS ?? 5);
 const SWEEP_RUNS = Number(process.env.FTVM_FAILOVER_SWEEP_RUNS ?? 5);
-const SECTIONS = (process.env.FTVM_FAILOVER_SECTIONS ?? 'single,multi,disk,sweep').split(',').map((s) => s.trim());
+const WITNESS_RUNS = Number(process.env.FTVM_FAILOVER_WITNESS_RUNS ?? 5);
+const SECTIONS = (process.env.FTVM_FAILOVER_SECTIONS ?? 'single,multi,disk,sweep,witness').split(',').map((s) => s.trim());
 for (const section of SECTIONS) {
-  if (!['single', 'multi', 'disk', 'sweep'].includes(section)) throw new Error(`FTVM_FAILOVER_SECTIONS: unknown section '${section}' (single, multi, disk, sweep)`);
+  if (!['single', 'multi', 'disk', 'sweep', 'witness'].includes(section)) throw new Error(`FTVM_FAILOVER_SECTIONS: unknown section '${section}' (single, multi, disk, sweep, witness)`);
 }
+if (!Number.isInteger(WITNESS_RUNS) || WITNESS_RUNS < 1) throw new Error(`FTVM_FAILOVER_WITNESS_RUNS must be a positive integer, got '${process.env.FTVM_FAILOVER_WITNESS_RUNS}'`);
 if (!Number.isInteger(SWEEP_RUNS) || SWEEP_RUNS < 1) throw new Error(`FTVM_FAILOVER_SWEEP_RUNS must be a positive integer, got '${process.env.FTVM_FAILOVER_SWEEP_RUNS}'`);
 if (!Number.isInteger(DISK_RUNS) || DISK_RUNS < 1) throw new Error(`FTVM_FAILOVER_DISK_RUNS must be a positive integer, got '${process.env.FTVM_FAILOVER_DISK_RUNS}'`);
 if (!Number.isInteger(MULTI_RUNS) || MULTI_RUNS < 1) throw new Error(`FTVM_FAILOVER_MULTI_RUNS must be a positive integer, got '${process.env.FTVM_FAILOVER_MULTI_RUNS}'`);
@@ -66,14 +79,15 @@ const single = SECTIONS.includes('single') ? await singleVmSection() : withoutMu
 const multi = SECTIONS.includes('multi') ? await multiVmSection() : previous['multi_vm'];
 const disk = SECTIONS.includes('disk') ? await diskSection((single['failover_s'] as { p50?: number } | undefined)?.p50) : previous['disk'];
 const sweep = SECTIONS.includes('sweep') ? await sweepSection() : { sweep: previous['sweep'], apply_ms: previous['apply_ms'], sweep_targets: previous['sweep_targets'] };
-const result = { ...single, ...(multi !== undefined ? { multi_vm: multi } : {}), ...(disk !== undefined ? { disk } : {}), ...sweep };
+const witness = SECTIONS.includes('witness') ? await witnessSection() : previous['witness'];
+const result = { ...single, ...(multi !== undefined ? { multi_vm: multi } : {}), ...(disk !== undefined ? { disk } : {}), ...sweep, ...(witness !== undefined ? { witness } : {}) };
 fs.mkdirSync(new URL('./results/', import.meta.url), { recursive: true });
 fs.writeFileSync(resultFile, `${JSON.stringify(result, null, 2)}\n`);
 console.log(JSON.stringify({ ...result, runs: undefined, multi_vm: multi && { ...(multi as Record<string, unknown>), kills: undefined }, sweep: ((result as Record<string, unknown>)['sweep'] as Record<string, unknown>[] | undefined)?.map((c) => ({ ...c, runs: undefined })) }, null, 2));
 if (process.env.FTVM_BENCH_LAB_DOWN) await labDown();
 
 function withoutMulti(figures: Record<string, unknown>): Record<string, unknown> {
-  const { multi_vm: _multi, disk: _disk, sweep: _sweep, apply_ms: _apply, sweep_targets: _targets, ...rest } = figures;
+  const { multi_vm: _multi, disk: _disk, sweep: _sweep, apply_ms: _apply, sweep_targets: _targets, witness: _witness, ...rest } = figures;
   if (!('failover_s' in rest)) console.error(`no single-VM figures in ${resultFile.pathname}: run with FTVM_FAILOVER_SECTIONS=single to measure them`);
   return rest;
 }
@@ -131,6 +145,64 @@ async function singleVmSection(): Promise<Record<string, unknown>> {
     runs,
   };
   return result;
+}
+
+/** The single VM on a one-member etcd: WITNESS_RUNS of each witness fault (failsafe, issue 20). */
+async function witnessSection(): Promise<Record<string, unknown>> {
+  let cluster: Cluster | undefined;
+  const runs: WitnessRun[] = [];
+  const errors: string[] = [];
+  let baselineGapS: number | null = null;
+  try {
+    await ensureLabEtcd({ members: 'witness' });
+    cluster = await startCluster({ emulator, workloadMiBps: 4, checkpointIntervalMs: 1000 });
+    await waitProtectedOn(cluster.primary, cluster.vm, { committedAfter: Date.now() });
+    const watch = watchCopies({ primary: probeOn('primary'), backup: probeOn('backup') });
+    await sleep(10_000);
+    baselineGapS = round((await watch.stop()).longestSilenceMs / 1e3);
+    for (const fault of WITNESS_FAULTS) {
+      for (let i = 1; i <= WITNESS_RUNS; i++) {
+        try {
+          runs.push(await runWitnessFault(cluster, fault, (line) => console.error(`${fault} ${i}/${WITNESS_RUNS}: ${line}`)));
+        } catch (error) {
+          errors.push(`${fault} ${i}: ${(error as Error).message}`);
+          console.error(`${fault} ${i}/${WITNESS_RUNS} FAILED: ${(error as Error).message}`);
+          break;
+        }
+      }
+    }
+  } finally {
+    await stopCluster(cluster).catch(() => undefined);
+  }
+  const byFault = (fault: WitnessFault) => {
+    const r = runs.filter((run) => run.fault === fault);
+    return {
+      runs: r.length,
+      outage_s: summarize(r.map((run) => run.outageS)),
+      unavailable_s: summarize(r.map((run) => run.unavailableS)),
+      failovers: r.filter((run) => run.failedOver).length,
+      failsafe_entered: r.filter((run) => run.failsafeEntered).length,
+      protected_again_s: summarize(r.map((run) => run.protectedAgainS ?? Number.NaN)),
+    };
+  };
+  return {
+    accelerator: 'tcg',
+    etcd_members: 1,
+    guest: { memory_mib: 256, workload_mib_per_s: 4, checkpoint_interval_ms: 1000 },
+    runs: runs.length,
+    etcd_kill: byFault('etcd_kill'),
+    link_cut_2s: byFault('link_cut_2s'),
+    link_cut_10s: byFault('link_cut_10s'),
+    double_active: runs.filter((run) => run.doubles > 0).length,
+    boot_changes: runs.filter((run) => run.bootIds !== 1).length,
+    counter_regressions: runs.reduce((n, run) => n + run.counterRegressions, 0),
+    reprotect_needed: runs.filter((run) => run.protectedAgainS === undefined || run.protectedAgainS > 5).length,
+    baseline_gap_s: baselineGapS,
+    targets: { unavailable_s_max: 0, protected_again_s_max: 5, double_active: 0, reprotect_needed: 0 },
+    note: 'unavailable_s: longest gap between the guest probe\'s answers (50 ms polling) less 50 ms; baseline_gap_s: the raw longest gap over 10 s with no fault',
+    errors,
+    all_runs: runs,
+  };
 }
 
 /** The single VM with two replicated local disks: DISK_RUNS kills, failover time and the guest's disk check. */

@@ -25,12 +25,17 @@ export interface CopiesReport {
   answeredFrom: string[];
   /** the longest interval no copy answered (ms) */
   longestSilenceMs: number;
+  /** the guest boots seen (one: the VM never restarted) */
+  bootIds: string[];
+  /** answers whose workload counter was below an earlier answer's (the guest went back in time) */
+  counterRegressions: number;
 }
 
 
 export function watchCopies(targets: Record<string, ProbeTarget>, options: { everyMs?: number } = {}): { stop(): Promise<CopiesReport> } {
   const everyMs = options.everyMs ?? 50;
-  const report: CopiesReport = { rounds: 0, silentRounds: 0, doubles: [], answeredFrom: [], longestSilenceMs: 0 };
+  const report: CopiesReport = { rounds: 0, silentRounds: 0, doubles: [], answeredFrom: [], longestSilenceMs: 0, bootIds: [], counterRegressions: 0 };
+  let highestCounter: bigint | undefined;
   let running = true;
   let lastAnswerAt = performance.now();
   // one anchor for the whole watch: anchoring spins on Date.now() and can fail on a busy host
@@ -58,7 +63,12 @@ export function watchCopies(targets: Record<string, ProbeTarget>, options: { eve
         report.longestSilenceMs = Math.max(report.longestSilenceMs, performance.now() - lastAnswerAt);
         lastAnswerAt = performance.now();
       }
-      for (const a of answers) if (!report.answeredFrom.includes(a.host)) report.answeredFrom.push(a.host);
+      for (const a of answers) {
+        if (!report.answeredFrom.includes(a.host)) report.answeredFrom.push(a.host);
+        if (!report.bootIds.includes(String(a.bootId))) report.bootIds.push(String(a.bootId));
+        if (highestCounter !== undefined && a.counter < highestCounter) report.counterRegressions++;
+        if (highestCounter === undefined || a.counter > highestCounter) highestCounter = a.counter;
+      }
       for (let i = 0; i < answers.length; i++) {
         for (let j = i + 1; j < answers.length; j++) {
           const [a, b] = [answers[i]!, answers[j]!];

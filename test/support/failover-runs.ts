@@ -4,7 +4,8 @@
  * guest−host clock offset before and after, workload continuity, and whether two copies ever ran.
  */
 import { ClusterStore, VmRecords, type VmRecord } from '@ftvm/coordinator';
-import { cutLink, killHost, labEtcdEndpoint, restoreLink } from '../lab/lab.js';
+import { cutLink, killHost, restoreLink } from '../lab/lab.js';
+import { labEtcdEndpoints } from '../lab/etcd.js';
 import { isAlive } from '../lab/procs.js';
 import { sleep } from '../lab/wait.js';
 import {
@@ -94,7 +95,7 @@ function sampleCounter(from: AgentHost): { stop(): Promise<CounterSample[]> } {
 
 /** The VM's record as the agents wrote it (empty if there is none), read with a deadline. */
 export async function readRecord(vm: string): Promise<Partial<VmRecord>> {
-  const store = ClusterStore.open({ endpoints: [labEtcdEndpoint()], requestTimeoutMs: 2_000 });
+  const store = ClusterStore.open({ endpoints: labEtcdEndpoints(), requestTimeoutMs: 2_000 });
   try {
     return (await new VmRecords(store, ETCD_PREFIX).get(vm)) ?? {};
   } finally {
@@ -104,7 +105,7 @@ export async function readRecord(vm: string): Promise<Partial<VmRecord>> {
 
 /** Changes the VM's record as an operator with etcd access would (compare-and-swap, with a deadline). */
 export async function updateRecord(vm: string, patch: Partial<VmRecord>): Promise<VmRecord> {
-  const store = ClusterStore.open({ endpoints: [labEtcdEndpoint()], requestTimeoutMs: 2_000 });
+  const store = ClusterStore.open({ endpoints: labEtcdEndpoints(), requestTimeoutMs: 2_000 });
   try {
     return await new VmRecords(store, ETCD_PREFIX).update(vm, () => patch);
   } finally {

@@ -17,7 +17,7 @@ import { createProbeDisks, type DiskFormat, type ProbeDisks } from './disk-check
 import type { ProbeClocksource } from './probe-domain.js';
 import {
   hostInfo,
-  labEtcdEndpoint,
+  labEtcdEndpoints,
   labKnownHosts,
   labSshKey,
   labUp,
@@ -139,7 +139,7 @@ export function writeAgentConfig(host: AgentHost): string {
     host,
     hosts,
     ssh: { privateKey: labSshKey(), knownHosts: labKnownHosts(), connectTimeoutMs: 500 },
-    etcd: { endpoints: [labEtcdEndpoint()], prefix: ETCD_PREFIX, leaseTtlSeconds: 1, keepaliveIntervalMs: 100, requestTimeoutMs: 400 },
+    etcd: { endpoints: labEtcdEndpoints(), prefix: ETCD_PREFIX, leaseTtlSeconds: 1, keepaliveIntervalMs: 100, requestTimeoutMs: 400 },
     heartbeat: { port: 7420, intervalMs: 50, timeoutMs: 300 },
     control: { socket: `/run/ftvm/${SOCKET_NAME}`, hookSocket: `/run/ftvm/${HOOK_SOCKET_NAME}`, metrics: { address: hostInfo(host).ip, port: 9470 } },
     storeDir: '/var/lib/libvirt/ftvm/checkpoints',
@@ -245,7 +245,7 @@ export async function startCluster(options: ClusterOptions = {}): Promise<Cluste
   // a fresh cluster: no record or owner key left from an earlier run — of any VM: the new agents
   // would take over what other test clusters left (a standby of another probe VM on the backup
   // then holds the probe port this VM's restore needs)
-  const etcd = new Etcd3({ hosts: [labEtcdEndpoint()] });
+  const etcd = new Etcd3({ hosts: labEtcdEndpoints() });
   try {
     await etcd.delete().prefix(`${ETCD_PREFIX}/vms/`);
   } finally {
@@ -282,7 +282,7 @@ export async function removeVm(name: string): Promise<void> {
     await virsh(host, 'undefine', name).catch(() => undefined);
     fs.rmSync(path.join(hostInfo(host).libvirtLibDir, 'ftvm', 'checkpoints', name), { recursive: true, force: true });
   }
-  const etcd = new Etcd3({ hosts: [labEtcdEndpoint()] });
+  const etcd = new Etcd3({ hosts: labEtcdEndpoints() });
   try {
     await etcd.delete().prefix(`${ETCD_PREFIX}/vms/${name}/`);
   } finally {

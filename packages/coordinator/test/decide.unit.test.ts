@@ -85,6 +85,12 @@ const rows: [string, VmSnapshot, ActionKind, Phase][] = [
   ['backup: key free, staged but a newer one committed', view(backupView, { owner: undefined, staged: { epoch: 100 }, newestEpoch: 105, peer: { name: 'a', alive: false, runsVm: false } }), 'abort-staged', 'staging'],
   ['backup: key free but this host has no lease', view(backupView, { owner: undefined, leaseHeld: false, peer: { name: 'a', alive: false, runsVm: false } }), 'wait', 'waiting'],
   ['backup: key held by a third host', view(backupView, { owner: 'c' }), 'none', 'waiting'],
+  // ---- failsafe (failsafe.ts): a confirmation binds the backup ----
+  ['backup bound by its failsafe confirmation: key free, primary silent, no take-over yet', view(backupView, { owner: undefined, peer: { name: 'a', alive: false, runsVm: false }, local: { noTakeOverForMs: 900 } }), 'wait', 'waiting'],
+  ['backup bound by its confirmation: primary says it no longer runs the VM, still no take-over', view(backupView, { owner: undefined, peer: { name: 'a', alive: true, runsVm: false }, local: { noTakeOverForMs: 1 } }), 'wait', 'waiting'],
+  ['backup whose confirmation ran out: take over', view(backupView, { owner: undefined, peer: { name: 'a', alive: false, runsVm: false }, local: { noTakeOverForMs: 0 } }), 'take-over', 'failing-over'],
+  ['backup bound by its confirmation, primary silent while its key still holds: staging (paused) is allowed', view(backupView, { peer: { name: 'a', alive: false, runsVm: false }, local: { noTakeOverForMs: 900 } }), 'stage', 'staging'],
+  ['backup bound by its confirmation: no switchover either', view(backupView, { owner: undefined, record: { primary: 'b', backup: 'a', reason: 'switchover' }, peer: { name: 'a', alive: true, runsVm: false }, local: { noTakeOverForMs: 500 } }), 'wait', 'waiting'],
   ['backup: key held by a third host while staged', view(backupView, { owner: 'c', staged: { epoch: 100 } }), 'abort-staged', 'waiting'],
   ['backup: the user stopped the VM (key already given up)', view(backupView, { owner: undefined, record: { stopped: { by: 'a', reason: 'guest-shutdown' } }, peer: { name: 'a', alive: true, runsVm: false } }), 'drop-standby', 'stopped'],
   ['backup: the user stopped it and the primary host died after', view(backupView, { owner: undefined, standby: 'none', record: { stopped: { by: 'a', reason: 'guest-shutdown' } }, peer: { name: 'a', alive: false, runsVm: false } }), 'none', 'stopped'],

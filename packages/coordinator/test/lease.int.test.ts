@@ -227,6 +227,32 @@ describe('HostLease', () => {
     await expect(a.renew()).rejects.toThrow(/cannot renew: the lease is held/);
   });
 
+  it('reclaim: the key onto a new lease of the same host (failsafe\'s return), never from another host', async () => {
+    const p = prefix();
+    const a = await openLease('primary', p);
+    expect(await a.claim('vm1')).toBe(true);
+    expect(a.silentForMs()).toBeLessThan(TIMING.keepaliveIntervalMs * 2);
+    // etcd frozen: silentForMs grows from the first unanswered keepalive, and fences later
+    const etcd = labEtcdPid();
+    expect(etcd, 'the witness runs etcd').toBeDefined();
+    process.kill(etcd!, 'SIGSTOP');
+    cleanups.push(() => thaw(etcd!));
+    await sleep(400);
+    const silent = a.silentForMs();
+    process.kill(etcd!, 'SIGCONT');
+    expect(silent).toBeGreaterThan(TIMING.keepaliveIntervalMs);
+    // the same host on a second lease (what renew() gives after a fence) takes its own key over
+    const again = await openLease('primary', p);
+    expect(await again.reclaim('vm1')).toBe(true);
+    await a.close(); // revokes the first lease: the key stays, it is on the second now
+    expect(await again.owner('vm1')).toBe('primary');
+    // another host never reclaims a key it does not hold; an absent key is claimed
+    const b = await openLease('backup', p);
+    expect(await b.reclaim('vm1')).toBe(false);
+    expect(await b.reclaim('vm2')).toBe(true);
+    expect(await again.owner('vm2')).toBe('backup');
+  });
+
   it('reports an error at once when etcd cannot be reached', async () => {
     const started = performance.now();
     const error = await HostLease.open({ endpoints: ['http://127.0.0.1:9'], prefix: '/x', holder: 'h', ...TIMING }).catch((e: unknown) => e);

@@ -22,6 +22,7 @@ import {
 import { disksSeeded, dropStandby, keepStandby, newestEpoch, stage, type BackupHost } from './backup-side.js';
 import { hasReplicatedDisks } from './staged-restore.js';
 import { decide, type Action, type VmSnapshot } from './decide.js';
+import { decideFailsafe, FailsafeLedger, mayConfirm } from './failsafe.js';
 import { fenceLocal } from './fence.js';
 import { keepLease } from './lease-keeper.js';
 import { handOver } from './handover.js';
@@ -36,6 +37,8 @@ import { newSlot, type VmSlot } from './vm-slot.js';
 const nsToMs = (ns: bigint) => Number(ns) / 1e6;
 /** Decisions executed in one cycle before it yields (each normally changes what the next sees). */
 const MAX_STEPS = 12;
+/** How often a primary without its lease looks at its failsafe confirmations. */
+const FAILSAFE_CHECK_MS = 20;
 /** An agent stop hands each VM over within this, or suspends its protection. */
 const HANDOVER_TIMEOUT_MS = 20_000;
 
@@ -50,6 +53,8 @@ export class Agent implements AgentControl {
   private readonly slots = new Map<string, VmSlot>();
   private readonly ssh: SshPool;
   private sweeper: NodeJS.Timeout | undefined;
+  private failsafeTimer: NodeJS.Timeout | undefined;
+  private readonly failsafe: FailsafeLedger;
   private closed = false;
   /** stop() has begun: cycles decide nothing while the VMs are handed over */
   private stopping = false;
@@ -68,6 +73,7 @@ export class Agent implements AgentControl {
     private readonly heartbeat: HeartbeatService,
   ) {
     this.ssh = new SshPool(config);
+    this.failsafe = new FailsafeLedger(config.failsafe);
     this.backupHost = {
       conn,
       storeDir: config.storeDir,
@@ -129,7 +135,7 @@ export class Agent implements AgentControl {
       metrics: this.metrics,
       closed: () => this.closed,
       fenceAll: (reason) => {
-        for (const slot of this.slots.values()) if (slot.primary) void this.fenceOwn(slot, `lease: ${reason}`, 50);
+        for (const slot of this.slots.values()) if (slot.primary) this.failsafeCheck(slot, reason);
       },
       renewed: () => {
         for (const slot of this.slots.values()) this.cycleSoon(slot);
@@ -141,6 +147,19 @@ export class Agent implements AgentControl {
       // a sweep catches what no event reported (a standby QEMU that died, a missed watch)
       for (const slot of this.slots.values()) this.cycleSoon(slot);
     }, 1_000);
+    // a primary without its lease runs on only under its backup's fresh confirmation
+    this.failsafeTimer = setInterval(() => {
+      if (this.lease.state === 'held' && ![...this.slots.values()].some((slot) => slot.failsafe !== undefined)) return;
+      for (const slot of this.slots.values()) if (slot.primary || slot.failsafe !== undefined) this.failsafeCheck(slot);
+    }, FAILSAFE_CHECK_MS);
+    this.heartbeat.onBeat((peer, _path, beat) => {
+      const sentAt = beat.echo ? this.heartbeat.sentAt(beat.echo.sentAtNs) : undefined;
+      if (sentAt === undefined) return;
+      for (const [vm, vmBeat] of Object.entries(beat.vms)) {
+        const record = this.slots.get(vm)?.record;
+        if (vmBeat.confirmsFailsafe && record?.primary === this.config.host && record.backup === peer) this.failsafe.confirmed(vm, sentAt);
+      }
+    });
     this.heartbeat.onPeerDown((peer) => {
       this.metrics.peerAlive(peer, false);
       this.log.warn({ peer }, 'peer down (no heartbeat on either path)');
@@ -349,6 +368,7 @@ export class Agent implements AgentControl {
     await Promise.all(running.map((slot) => this.leaveVm(slot)));
     this.closed = true;
     clearInterval(this.sweeper);
+    clearInterval(this.failsafeTimer);
     await this.unwatchRecords?.().catch(() => undefined);
     for (const slot of this.slots.values()) {
       clearTimeout(slot.recheck);
@@ -491,6 +511,7 @@ export class Agent implements AgentControl {
         devicesChanged: (slot.changedXml = slot.primary && record ? await this.changedDomainXml(slot.name, record) : undefined) !== undefined,
         unfinishedMove: slot.unfinishedMove !== undefined,
         takeOverFailures: slot.takeOverFailures,
+        noTakeOverForMs: this.failsafe.promisedForMs(slot.name, performance.now()),
       },
       staged: slot.staged ? { epoch: slot.staged.epoch } : undefined,
       standby: !slot.standby ? 'none' : slot.standbyXml !== record?.xml ? 'stale' : 'present',
@@ -623,6 +644,7 @@ export class Agent implements AgentControl {
    */
   private async fenceOwn(slot: VmSlot, reason: string, pauseTimeoutMs: number): Promise<void> {
     slot.fenced = true;
+    slot.failsafe = undefined;
     const primary = slot.primary;
     slot.primary = undefined;
     const stopNs = primary ? await primary.pauseNow(pauseTimeoutMs) : undefined;
@@ -632,6 +654,56 @@ export class Agent implements AgentControl {
     // its loops wind down on their own (a checkpoint in flight fails with the QEMU gone); the
     // fence must not wait for them
     void primary?.stop().catch(() => undefined);
+  }
+
+  /**
+   * The failsafe decision for a VM this host runs (failsafe.ts): on a lease fence, and every
+   * FAILSAFE_CHECK_MS while the lease is not held or the VM is still in failsafe.
+   */
+  private failsafeCheck(slot: VmSlot, leaseReason?: string): void {
+    const record = slot.record;
+    const action = decideFailsafe({
+      runs: slot.primary !== undefined,
+      leaseHeld: this.lease.state === 'held',
+      inFailsafe: slot.failsafe !== undefined,
+      confirmedForMs: this.config.failsafe.enabled ? this.failsafe.confirmedForMs(slot.name, performance.now()) : 0,
+      backup: record?.backup ?? 'the backup',
+    });
+    switch (action.do) {
+      case 'none':
+        if (!slot.primary) slot.failsafe = undefined;
+        return;
+      case 'failsafe':
+        if (slot.failsafe === undefined) {
+          slot.failsafe = { since: performance.now(), reclaiming: false };
+          slot.log.warn({ lease: leaseReason, reason: action.reason }, 'failsafe: the VM runs on without the lease');
+        }
+        slot.phase = 'failsafe';
+        slot.reason = action.reason;
+        return;
+      case 'fence':
+        void this.fenceOwn(slot, `lease: ${leaseReason ?? this.lease.reason ?? 'not held'}; failsafe: ${action.reason}`, 50);
+        return;
+      case 'reclaim': {
+        const failsafe = slot.failsafe;
+        if (!failsafe || failsafe.reclaiming) return;
+        failsafe.reclaiming = true;
+        void this.enqueue(slot, async () => {
+          if (slot.failsafe !== failsafe || !slot.primary) return;
+          if (await this.lease.reclaim(slot.name)) {
+            slot.owner = this.config.host;
+            slot.failsafe = undefined;
+            slot.log.warn({ failsafeMs: Math.round(performance.now() - failsafe.since) }, 'failsafe over: etcd answers, the owner key is on the new lease');
+            this.cycleSoon(slot);
+          } else {
+            await this.fenceOwn(slot, 'failsafe: etcd answers again but another host holds the owner key', 50);
+          }
+        })
+          .catch(() => undefined) // logged by the queue; the next check tries again
+          .finally(() => (failsafe.reclaiming = false));
+        return;
+      }
+    }
   }
 
   private async runningHere(vm: string): Promise<boolean> {
@@ -678,11 +750,17 @@ export class Agent implements AgentControl {
 
   /** What the peers learn from each heartbeat; `running` is what libvirt says (unknown counts as running). */
   private heartbeatPayload(): Record<string, { role: VmRole; running: boolean; epoch?: number }> {
-    const vms: Record<string, { role: VmRole; running: boolean; epoch?: number }> = {};
+    const vms: Record<string, { role: VmRole; running: boolean; epoch?: number; confirmsFailsafe?: boolean }> = {};
+    const now = performance.now();
+    const etcdUnreachable = this.lease.silentForMs(now) > this.config.etcd.keepaliveIntervalMs;
     for (const slot of this.slots.values()) {
       const role: VmRole = slot.primary ? 'primary' : slot.record?.backup === this.config.host ? 'backup' : 'none';
       const epoch = slot.primary?.lastCheckpoint?.epoch;
-      vms[slot.name] = { role, running: slot.running !== false, ...(epoch !== undefined ? { epoch } : {}) };
+      const takingOver = slot.staged !== undefined || slot.phase === 'failing-over' || slot.phase === 'switching-over' || slot.phase === 'staging';
+      // the promise is made here, before the beat leaves: the primary can count on it from then on
+      const confirms = this.config.failsafe.enabled && !slot.primary && mayConfirm({ self: this.config.host, record: slot.record, etcdUnreachable, running: slot.running, takingOver }).confirm;
+      if (confirms) this.failsafe.promise(slot.name, now);
+      vms[slot.name] = { role, running: slot.running !== false, ...(epoch !== undefined ? { epoch } : {}), ...(confirms ? { confirmsFailsafe: true } : {}) };
     }
     return vms;
   }

@@ -10,7 +10,9 @@
  * - a host gives its key up only once nothing of the VM runs there;
  * - a VM its user stopped (guest poweroff, `virsh shutdown`, `virsh destroy`) stays down;
  * - the backup takes the key only when the primary is gone (no heartbeat, or it says it no longer
- *   runs the VM) or has handed the VM over (switchover), and only from a verified checkpoint.
+ *   runs the VM) or has handed the VM over (switchover), and only from a verified checkpoint;
+ * - never while it is bound by a failsafe confirmation it gave (failsafe.ts), which lets a primary
+ *   run on without its lease while etcd is away.
  */
 
 /** What this host shows for one VM (`ftvm status`). */
@@ -27,6 +29,8 @@ export type Phase =
   | 'staging'
   | 'failing-over'
   | 'switching-over'
+  /** primary: etcd is unreachable, the VM runs on because its backup confirms it will not take over (failsafe.ts) */
+  | 'failsafe'
   /** this host stopped its copy for good (failed VM, lease trouble) */
   | 'fenced'
   /** waiting for something outside this host (no checkpoint yet, a third host owns the key, …) */
@@ -75,6 +79,8 @@ export interface VmSnapshot {
     unfinishedMove?: boolean;
     /** take-overs that failed before the resume, in a row (a refused checkpoint, a libvirt error) */
     takeOverFailures?: { count: number; last: string } | undefined;
+    /** backup: this host confirmed the primary's failsafe and is bound not to take the VM over for this long */
+    noTakeOverForMs?: number;
   };
   /** a restore staged on this host (paused, RAM loading) */
   staged: { epoch: number } | undefined;
@@ -241,6 +247,10 @@ export function decide(s: VmSnapshot): Action {
     return act('none', 'waiting', `nobody owns the VM and it does not run here; ${other} is its backup`);
   }
   if (s.peer?.alive && s.peer.runsVm) return act('wait', 'waiting', `${other} says it still runs the VM`, { recheckMs: TAKE_OVER_POLL_MS });
+  const bound = s.local.noTakeOverForMs ?? 0;
+  if (bound > 0) {
+    return act('wait', 'waiting', `this host confirmed ${other}'s failsafe while etcd was away: no take-over for ${Math.ceil(bound)} ms more`, { recheckMs: Math.min(Math.ceil(bound), 250) });
+  }
   if (s.staged && s.newestEpoch !== undefined && s.newestEpoch > s.staged.epoch) {
     return act('abort-staged', 'staging', `checkpoint ${s.newestEpoch} was committed after ${s.staged.epoch} was staged`);
   }

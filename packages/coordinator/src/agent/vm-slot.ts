@@ -35,6 +35,8 @@ export interface VmSlot {
   badEpochs: Set<number>;
   /** A take-over resumed the VM but recording it failed: retried until it holds. */
   unfinishedMove: Partial<VmRecord> | undefined;
+  /** Primary: the lease is gone and the VM runs on under its backup's confirmation (failsafe.ts). */
+  failsafe: { since: number; reclaiming: boolean } | undefined;
   /** Take-overs that failed before the resume, in a row. */
   takeOverFailures: { count: number; last: string } | undefined;
   phase: Phase;
@@ -69,6 +71,7 @@ export function newSlot(name: string, record: VmRecord | undefined, log: Log): V
     badEpochs: new Set(),
     unfinishedMove: undefined,
     takeOverFailures: undefined,
+    failsafe: undefined,
     phase: 'starting',
     reason: 'agent starting',
     lastLogged: undefined,

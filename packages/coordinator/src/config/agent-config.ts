@@ -86,6 +86,21 @@ export const agentConfigSchema = z
       .strict()
       .refine((h) => h.timeoutMs > h.intervalMs * 2, { message: 'must be more than twice intervalMs', path: ['timeoutMs'] })
       .default({}),
+    /**
+     * Failsafe mode (agent/failsafe.ts): while etcd cannot be reached, a primary keeps its VM
+     * running as long as its backup confirms over the heartbeats that it cannot reach etcd either
+     * and will not take the VM over. Off: a primary that cannot renew its lease stops its VMs.
+     */
+    failsafe: z
+      .object({
+        enabled: z.boolean().default(true),
+        /** A confirmation keeps the VM running this long after the send of the beat it answers. */
+        confirmMs: ms(50, 60_000).default(1_000),
+        /** The backup's promise not to take over outlasts that by this much (time to stop the VM). */
+        marginMs: ms(50, 60_000).default(500),
+      })
+      .strict()
+      .default({}),
     control: z
       .object({
         /** The CLI talks to the agent here (HTTP over a unix socket). */
@@ -161,6 +176,9 @@ export const agentConfigSchema = z
     }
     if (config.etcd.keepaliveIntervalMs * 2 > fenceAfterMs) {
       ctx.addIssue({ code: 'custom', path: ['etcd', 'keepaliveIntervalMs'], message: `must be at most half of fenceAfterMs (${fenceAfterMs} ms)` });
+    }
+    if (config.failsafe.confirmMs <= config.heartbeat.intervalMs * 2) {
+      ctx.addIssue({ code: 'custom', path: ['failsafe', 'confirmMs'], message: `must be more than two heartbeat intervals (${config.heartbeat.intervalMs * 2} ms), or confirmations lapse between beats` });
     }
     if (!config.ssh.knownHosts) {
       for (const [name, host] of Object.entries(config.hosts)) {

@@ -6,6 +6,9 @@ import { ClockOffsetEstimator, type ClockOffsetEstimate, type ClockOffsetOptions
 import { PeerTracker, type HeartbeatPath } from './peer-tracker.js';
 import { encodeHeartbeat, MAX_HEARTBEAT_BYTES, parseHeartbeat, type Heartbeat, type HeartbeatEcho } from './wire.js';
 
+/** Beats whose send times sentAt() remembers (all peers together): seconds of beats at any sane interval. */
+const SENT_BEATS_KEPT = 512;
+
 export type HeartbeatLog = (level: 'info' | 'warn' | 'error', msg: string, fields?: object) => void;
 
 type Channel = Awaited<ReturnType<SshConnection['forwardOut']>>;
@@ -116,6 +119,8 @@ export class HeartbeatService {
   private readonly clock: () => bigint;
   private readonly sshRetryMs: number;
   private seq = 0;
+  /** performance.now() at the send of each recent beat, by its sentAtNs (what a peer's echo names). */
+  private readonly sentAtByNs = new Map<bigint, number>();
   private sendTimer: NodeJS.Timeout | undefined;
   private checkTimer: NodeJS.Timeout | undefined;
   private closing: Promise<void> | undefined;
@@ -219,6 +224,14 @@ export class HeartbeatService {
     return () => this.upListeners.delete(listener);
   }
 
+  /**
+   * When (performance.now()) this host sent the beat stamped `sentAtNs` — the beat a peer's echo
+   * names; undefined for a beat older than the last few hundred, or never sent.
+   */
+  sentAt(sentAtNs: bigint): number | undefined {
+    return this.sentAtByNs.get(sentAtNs);
+  }
+
   /** Every valid beat from a known peer, on each path (the same beat usually arrives twice). */
   onBeat(listener: (name: string, path: HeartbeatPath, beat: Heartbeat) => void): () => void {
     this.beatListeners.add(listener);
@@ -273,6 +286,8 @@ export class HeartbeatService {
   /** One beat to one peer on both paths: stamped now, echoing the peer's newest beat. */
   private beatTo(entry: PeerEntry, beat: Omit<Heartbeat, 'sentAtMs'>): void {
     const sentAtNs = this.clock();
+    this.sentAtByNs.set(sentAtNs, performance.now());
+    if (this.sentAtByNs.size > SENT_BEATS_KEPT) this.sentAtByNs.delete(this.sentAtByNs.keys().next().value!);
     const line = encodeHeartbeat({ ...beat, sentAtMs: Number(sentAtNs / 1_000_000n), sentAtNs, ...(entry.echo ? { echo: entry.echo } : {}) });
     this.sendUdp(entry, line);
     this.sendSsh(entry, line);

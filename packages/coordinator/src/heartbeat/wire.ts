@@ -5,6 +5,12 @@ export interface VmBeat {
   role: 'primary' | 'backup' | 'none';
   running: boolean;
   epoch?: number;
+  /**
+   * Failsafe (see agent/failsafe.ts): the sender is this VM's backup, cannot reach etcd, does not
+   * run the VM, and promises not to take it over for the failsafe's confirm + margin time from
+   * this beat on. Counted by the primary from the send of the beat this one echoes.
+   */
+  confirmsFailsafe?: boolean;
 }
 
 /**
@@ -42,6 +48,7 @@ const vmBeatSchema = z.object({
   role: z.enum(['primary', 'backup', 'none']),
   running: z.boolean(),
   epoch: z.number().int().nonnegative().optional(),
+  confirmsFailsafe: z.boolean().optional(),
 });
 
 export const heartbeatSchema = z.object({

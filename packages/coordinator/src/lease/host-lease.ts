@@ -169,6 +169,17 @@ export class HostLease {
     return this.stateValue === 'held' && !this.tracker.mustFence(performance.now());
   }
 
+  /**
+   * How long etcd has not answered this lease: since its trouble began (a failed or ended stream,
+   * a keepalive unanswered past the stall bound), else how long the oldest keepalive in flight has
+   * waited (0 when none waits); Infinity when the lease is not held.
+   */
+  silentForMs(now = performance.now()): number {
+    if (this.stateValue !== 'held') return Infinity;
+    if (this.trouble) return now - this.trouble.since;
+    return this.tracker.oldestWaitMs(now);
+  }
+
   /** performance.now() at the send of the newest keepalive (or the grant) etcd answered. */
   get lastRenewedAt(): number | undefined {
     return this.tracker.lastRenewedSentAt;
@@ -199,29 +210,47 @@ export class HostLease {
    * EtcdCallError when etcd does not answer.
    */
   async claim(vm: string): Promise<boolean> {
+    const { id, succeeded, current } = await this.putOwnerIf('claim', vm, { target: 'Create', result: 'Equal', create_revision: 0 });
+    if (succeeded) {
+      this.log('info', 'lease: claimed', { vm, lease: id });
+      return true;
+    }
+    return current !== undefined && current.value.toString() === this.holder && current.lease === id;
+  }
+
+  /**
+   * Puts the VM's owner key on this lease when this host holds it on an earlier lease of its own
+   * (a failsafe primary whose lease lapsed while etcd was away), or claims it when nobody does.
+   * True if this lease holds it now; false if another host does. Throws like claim().
+   */
+  async reclaim(vm: string): Promise<boolean> {
+    const { id, succeeded, current } = await this.putOwnerIf('reclaim', vm, { target: 'Value', result: 'Equal', value: Buffer.from(this.holder) });
+    if (succeeded) {
+      this.log('info', 'lease: owner key re-taken on the current lease', { vm, lease: id });
+      return true;
+    }
+    return current === undefined ? this.claim(vm) : false;
+  }
+
+  /** One transaction: the owner key put on this lease if `compare` holds, else read back. */
+  private async putOwnerIf(operation: string, vm: string, compare: { target: 'Create'; result: 'Equal'; create_revision: number } | { target: 'Value'; result: 'Equal'; value: Buffer }) {
     const key = Buffer.from(ownerKey(this.prefix, vm));
-    const id = this.requireHeld(`claim ${vm}`);
-    let response;
+    const id = this.requireHeld(`${operation} ${vm}`);
     try {
-      response = await this.session.call(`claim ${key}`, (client, options) =>
+      const response = await this.session.call(`${operation} ${key}`, (client, options) =>
         client.kv.txn(
           {
-            compare: [{ key, target: 'Create', result: 'Equal', create_revision: 0 }],
+            compare: [{ key, ...compare }],
             success: [{ request_put: { key, value: Buffer.from(this.holder), lease: id } }],
             failure: [{ request_range: { key } }],
           },
           options,
         ),
       );
+      return { id, succeeded: response.succeeded, current: response.responses[0]?.response_range?.kvs[0] };
     } catch (error) {
-      throw this.leaseGoneIfInvalid(error, `claim ${vm}`, id);
+      throw this.leaseGoneIfInvalid(error, `${operation} ${vm}`, id);
     }
-    if (response.succeeded) {
-      this.log('info', 'lease: claimed', { vm, lease: id });
-      return true;
-    }
-    const kv = response.responses[0]?.response_range?.kvs[0];
-    return kv !== undefined && kv.value.toString() === this.holder && kv.lease === id;
   }
 
   /** Deletes the VM's owner key if this lease holds it; true if it did. */
