@@ -182,6 +182,7 @@ async function witnessSection(): Promise<Record<string, unknown>> {
       unavailable_s: summarize(r.map((run) => run.unavailableS)),
       failovers: r.filter((run) => run.failedOver).length,
       failsafe_entered: r.filter((run) => run.failsafeEntered).length,
+      checkpoints_during_outage_min: r.length ? Math.min(...r.map((run) => run.checkpointsDuringOutage)) : null,
       protected_again_s: summarize(r.map((run) => run.protectedAgainS ?? Number.NaN)),
     };
   };

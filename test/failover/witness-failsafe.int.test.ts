@@ -68,6 +68,8 @@ describe('witness failsafe in the lab', () => {
         expect(run.bootIds, context).toBe(1);
         expect(run.counterRegressions, context).toBe(0);
         expect(run.protectedAgainS, context).toBeDefined();
+        // checkpoints went on while the witness was away (1 s interval; the shortest outage is 2 s)
+        expect(run.checkpointsDuringOutage, context).toBeGreaterThan(0);
         // a dead etcd always outlasts the lease: the VM ran on in failsafe, not by chance
         if (fault === 'etcd_kill') expect(run.failsafeEntered, context).toBe(true);
       }

@@ -37,6 +37,8 @@ export interface WitnessRun {
   answeredFrom: string[];
   /** the primary's agent ran the VM on in failsafe during the fault */
   failsafeEntered: boolean;
+  /** checkpoints the primary committed on its backup while the witness was away */
+  checkpointsDuringOutage: number;
   /** from the witness's return to the primary's `protected` with a checkpoint committed after it (s); undefined: not within 60 s */
   protectedAgainS: number | undefined;
 }
@@ -55,16 +57,20 @@ export async function runWitnessFault(cluster: Cluster, fault: WitnessFault, log
   const watch = watchCopies({ primary: probeOn('primary'), backup: probeOn('backup') }, { everyMs: WATCH_EVERY_MS });
   await sleep(500);
 
+  const epochAtFault = (await vmStatus(from, vm))?.lastCheckpoint?.epoch ?? 0;
   const faultAt = performance.now();
-  if (fault === 'etcd_kill') {
-    await stopLabEtcd('witness', 'SIGKILL');
-    await sleep(ETCD_DOWN_MS);
-    await startLabEtcd('witness');
-  } else {
-    await cutLink('witness');
-    await sleep(fault === 'link_cut_2s' ? 2_000 : 10_000);
-    await restoreLink('witness');
+  if (fault === 'etcd_kill') await stopLabEtcd('witness', 'SIGKILL');
+  else await cutLink('witness');
+  // checkpoints go on meanwhile (over SSH, not through etcd): count the epochs the primary reports
+  const epochs = new Set<number>();
+  const outageEnds = faultAt + (fault === 'etcd_kill' ? ETCD_DOWN_MS : fault === 'link_cut_2s' ? 2_000 : 10_000);
+  while (performance.now() < outageEnds) {
+    const epoch = (await vmStatus(from, vm).catch(() => undefined))?.lastCheckpoint?.epoch;
+    if (epoch !== undefined && epoch > epochAtFault) epochs.add(epoch);
+    await sleep(Math.min(200, Math.max(0, outageEnds - performance.now())));
   }
+  if (fault === 'etcd_kill') await startLabEtcd('witness');
+  else await restoreLink('witness');
   const backAt = performance.now();
   const backAtMs = Date.now();
   log(`${fault}: witness back after ${Math.round(backAt - faultAt)} ms`);
@@ -93,9 +99,10 @@ export async function runWitnessFault(cluster: Cluster, fault: WitnessFault, log
     counterRegressions: report.counterRegressions,
     answeredFrom: report.answeredFrom,
     failsafeEntered: agentLogEntries(from, 'failsafe: the VM runs on without the lease').length > failsafeBefore,
+    checkpointsDuringOutage: epochs.size,
     protectedAgainS: protectedAgainS === undefined ? undefined : round3(protectedAgainS),
   };
-  log(`${fault}: unavailable ${run.unavailableS} s, failover ${run.failedOver}, doubles ${run.doubles}, failsafe ${run.failsafeEntered}, protected again after ${run.protectedAgainS ?? 'never'} s`);
+  log(`${fault}: unavailable ${run.unavailableS} s, failover ${run.failedOver}, doubles ${run.doubles}, failsafe ${run.failsafeEntered}, ${run.checkpointsDuringOutage} checkpoints during it, protected again after ${run.protectedAgainS ?? 'never'} s`);
   return run;
 }
 
