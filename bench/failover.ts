@@ -49,7 +49,6 @@ import { MULTI_VMS, runMultiKill, sendHome, startMultiCluster, stopMultiCluster,
 import { patchedQemu } from '../test/support/patched-qemu.js';
 import { watchCopies } from '../test/support/copies-watch.js';
 import { runWitnessFault, WITNESS_FAULTS, type WitnessFault, type WitnessRun } from '../test/support/witness-runs.js';
-import { ensureLabEtcd } from '../test/lab/etcd.js';
 import { sleep } from '../test/lab/wait.js';
 import { describeEnvironment } from './environment.js';
 import { round, summarize } from './stats.js';
@@ -154,7 +153,6 @@ async function witnessSection(): Promise<Record<string, unknown>> {
   const errors: string[] = [];
   let baselineGapS: number | null = null;
   try {
-    await ensureLabEtcd({ members: 'witness' });
     cluster = await startCluster({ emulator, workloadMiBps: 4, checkpointIntervalMs: 1000 });
     await waitProtectedOn(cluster.primary, cluster.vm, { committedAfter: Date.now() });
     const watch = watchCopies({ primary: probeOn('primary'), backup: probeOn('backup') });

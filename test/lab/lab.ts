@@ -96,8 +96,8 @@ export interface LabUpOptions {
   /** Progress lines (the CLI prints them). */
   log?: (line: string) => void;
   /**
-   * etcd's members: `'witness'` (one, the default of a new lab) or `'all'` (one on each host). Default:
-   * the current mode (`labEtcdMode()`), kept across a rebuild. A change wipes etcd (a fresh cluster).
+   * etcd's members: `'witness'` (one, the default) or `'all'` (one on each host). Each labUp sets
+   * it, so a suite that ran three members leaves none to the next. A change wipes etcd (a fresh cluster).
    */
   etcdMembers?: LabEtcdMembers;
 }
@@ -119,7 +119,7 @@ export async function labUp(options: LabUpOptions = {}): Promise<LabUpResult> {
   const log = options.log ?? (() => undefined);
   const elapsed = () => Math.round(performance.now() - started);
   assertRoot();
-  const etcd = { members: options.etcdMembers ?? labEtcdMode() }; // read before a rebuild wipes it
+  const etcd = { members: options.etcdMembers ?? ('witness' as const) };
   await ensureSocketBufferLimit();
   const newKeys = await ensureKeys();
   let status: LabStatus | undefined;

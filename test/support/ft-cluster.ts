@@ -27,6 +27,7 @@ import {
   SERVICE_WITNESS_IP,
   serviceGuestIp,
   spawnDaemonIn,
+  type LabEtcdMembers,
   type LabHostName,
 } from '../lab/lab.js';
 import { SERVICE_UDP_PORT } from './service-wire.js';
@@ -54,6 +55,8 @@ export const HOOK_SOCKET_NAME = 'test-hook.sock';
 
 export interface ClusterOptions {
   vm?: string;
+  /** etcd's members in the lab: one on the witness (default) or one on each host. */
+  etcdMembers?: LabEtcdMembers;
   emulator?: string;
   workloadMiBps?: number;
   checkpointIntervalMs?: number;
@@ -224,7 +227,7 @@ export interface Cluster {
  * backup (waits for the first committed checkpoint).
  */
 export async function startCluster(options: ClusterOptions = {}): Promise<Cluster> {
-  await labUp();
+  await labUp({ etcdMembers: options.etcdMembers ?? 'witness' });
   await killStrayAgents();
   clusterStandbyRam = options.standbyRam;
   fs.rmSync(CLUSTER_DIR, { recursive: true, force: true });

@@ -88,6 +88,7 @@ const rows: [string, VmSnapshot, ActionKind, Phase][] = [
   // ---- failsafe (failsafe.ts): a confirmation binds the backup ----
   ['backup bound by its failsafe confirmation: key free, primary silent, no take-over yet', view(backupView, { owner: undefined, peer: { name: 'a', alive: false, runsVm: false }, local: { noTakeOverForMs: 900 } }), 'wait', 'waiting'],
   ['backup bound by its confirmation: primary says it no longer runs the VM, still no take-over', view(backupView, { owner: undefined, peer: { name: 'a', alive: true, runsVm: false }, local: { noTakeOverForMs: 1 } }), 'wait', 'waiting'],
+  ['backup agent just started, primary not heard yet, key free (a failsafe primary re-taking it): no take-over yet', view(backupView, { owner: undefined, peer: { name: 'a', alive: false, runsVm: false, unheard: true } }), 'wait', 'waiting'],
   ['backup whose confirmation ran out: take over', view(backupView, { owner: undefined, peer: { name: 'a', alive: false, runsVm: false }, local: { noTakeOverForMs: 0 } }), 'take-over', 'failing-over'],
   ['backup bound by its confirmation, primary silent while its key still holds: staging (paused) is allowed', view(backupView, { peer: { name: 'a', alive: false, runsVm: false }, local: { noTakeOverForMs: 900 } }), 'stage', 'staging'],
   ['backup bound by its confirmation: no switchover either', view(backupView, { owner: undefined, record: { primary: 'b', backup: 'a', reason: 'switchover' }, peer: { name: 'a', alive: true, runsVm: false }, local: { noTakeOverForMs: 500 } }), 'wait', 'waiting'],

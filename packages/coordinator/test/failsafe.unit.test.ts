@@ -3,7 +3,7 @@ import { decide, type VmSnapshot } from '../src/agent/decide.js';
 import { decideFailsafe, FailsafeLedger, mayConfirm, type ConfirmView, type FailsafeView } from '../src/agent/failsafe.js';
 
 const primary = (patch: Partial<FailsafeView> = {}): FailsafeView => ({ runs: true, leaseHeld: false, inFailsafe: false, confirmedForMs: 0, backup: 'b', ...patch });
-const backup = (patch: Partial<ConfirmView> = {}): ConfirmView => ({ self: 'b', record: { primary: 'a', backup: 'b' }, etcdUnreachable: true, running: false, takingOver: false, ...patch });
+const backup = (patch: Partial<ConfirmView> = {}): ConfirmView => ({ self: 'b', record: { primary: 'a', backup: 'b' }, etcdUnreachable: true, primaryAsks: true, running: false, takingOver: false, ...patch });
 /** The backup's decision for the VM once it can ask etcd again (cycles need etcd). */
 const backupDecides = (patch: { owner?: string; peer: { alive: boolean; runsVm: boolean }; noTakeOverForMs: number }): VmSnapshot => ({
   self: 'b',
@@ -42,6 +42,7 @@ describe('failsafe: the backup confirms', () => {
   const rows: [string, ConfirmView, boolean][] = [
     ['cannot reach etcd, does not run or stage the VM: confirms', backup(), true],
     ['reaches etcd: does not confirm (the primary keeps its VM by its lease, or fences)', backup({ etcdUnreachable: false }), false],
+    ['the primary does not ask (its lease renews, or it is silent): does not confirm, however slow etcd is here', backup({ primaryAsks: false }), false],
     ['runs the VM: does not confirm', backup({ running: true }), false],
     ['does not know whether it runs the VM (libvirt silent): does not confirm', backup({ running: undefined }), false],
     ['a take-over or staged restore under way: does not confirm', backup({ takingOver: true }), false],

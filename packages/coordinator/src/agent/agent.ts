@@ -501,7 +501,16 @@ export class Agent implements AgentControl {
       },
       owner: slot.owner,
       leaseHeld: this.lease.state === 'held',
-      peer: other ? { name: other, alive: peer?.alive ?? false, runsVm: peer?.last?.vms[slot.name]?.running === true, downForMs: this.peerSilentForMs(other) } : undefined,
+      peer: other
+        ? {
+            name: other,
+            alive: peer?.alive ?? false,
+            runsVm: peer?.last?.vms[slot.name]?.running === true,
+            downForMs: this.peerSilentForMs(other),
+            // a peer this agent has not heard yet, this soon after its start, may well be running
+            ...(peer?.last === undefined && performance.now() - this.startedAt <= this.config.heartbeat.timeoutMs ? { unheard: true } : {}),
+          }
+        : undefined,
       local: {
         running: slot.running,
         primaryActive: slot.primary !== undefined,
@@ -750,17 +759,22 @@ export class Agent implements AgentControl {
 
   /** What the peers learn from each heartbeat; `running` is what libvirt says (unknown counts as running). */
   private heartbeatPayload(): Record<string, { role: VmRole; running: boolean; epoch?: number }> {
-    const vms: Record<string, { role: VmRole; running: boolean; epoch?: number; confirmsFailsafe?: boolean }> = {};
+    const vms: Record<string, { role: VmRole; running: boolean; epoch?: number; confirmsFailsafe?: boolean; asksFailsafe?: boolean }> = {};
     const now = performance.now();
-    const etcdUnreachable = this.lease.silentForMs(now) > this.config.etcd.keepaliveIntervalMs;
+    // half a keepalive interval past due: the ask and the confirmation must reach the primary
+    // before its lease fences (README, "Failsafe": the timing)
+    const etcdUnreachable = this.lease.silentForMs(now) > this.config.etcd.keepaliveIntervalMs / 2;
     for (const slot of this.slots.values()) {
       const role: VmRole = slot.primary ? 'primary' : slot.record?.backup === this.config.host ? 'backup' : 'none';
       const epoch = slot.primary?.lastCheckpoint?.epoch;
       const takingOver = slot.staged !== undefined || slot.phase === 'failing-over' || slot.phase === 'switching-over' || slot.phase === 'staging';
       // the promise is made here, before the beat leaves: the primary can count on it from then on
-      const confirms = this.config.failsafe.enabled && !slot.primary && mayConfirm({ self: this.config.host, record: slot.record, etcdUnreachable, running: slot.running, takingOver }).confirm;
+      const primary = slot.record?.primary !== undefined ? this.heartbeat.peer(slot.record.primary) : undefined;
+      const primaryAsks = primary?.alive === true && primary.last?.vms[slot.name]?.asksFailsafe === true;
+      const confirms = this.config.failsafe.enabled && !slot.primary && mayConfirm({ self: this.config.host, record: slot.record, etcdUnreachable, primaryAsks, running: slot.running, takingOver }).confirm;
       if (confirms) this.failsafe.promise(slot.name, now);
-      vms[slot.name] = { role, running: slot.running !== false, ...(epoch !== undefined ? { epoch } : {}), ...(confirms ? { confirmsFailsafe: true } : {}) };
+      const asks = this.config.failsafe.enabled && slot.primary !== undefined && etcdUnreachable;
+      vms[slot.name] = { role, running: slot.running !== false, ...(epoch !== undefined ? { epoch } : {}), ...(confirms ? { confirmsFailsafe: true } : {}), ...(asks ? { asksFailsafe: true } : {}) };
     }
     return vms;
   }

@@ -60,8 +60,12 @@ export interface VmSnapshot {
   owner: string | undefined;
   /** this host's lease is current (a host without one claims nothing) */
   leaseHeld: boolean;
-  /** the record's other host, as its heartbeats tell (downForMs: since its last beat, or since this agent started) */
-  peer: { name: string; alive: boolean; runsVm: boolean; downForMs?: number } | undefined;
+  /**
+   * the record's other host, as its heartbeats tell (downForMs: since its last beat, or since this
+   * agent started; unheard: this agent started less than a heartbeat timeout ago and has not heard
+   * it yet — not "gone")
+   */
+  peer: { name: string; alive: boolean; runsVm: boolean; downForMs?: number; unheard?: boolean } | undefined;
   local: {
     /** the domain runs here (libvirt); undefined when libvirt cannot be asked */
     running: boolean | undefined;
@@ -247,6 +251,7 @@ export function decide(s: VmSnapshot): Action {
     return act('none', 'waiting', `nobody owns the VM and it does not run here; ${other} is its backup`);
   }
   if (s.peer?.alive && s.peer.runsVm) return act('wait', 'waiting', `${other} says it still runs the VM`, { recheckMs: TAKE_OVER_POLL_MS });
+  if (s.peer?.unheard) return act('wait', 'waiting', `this agent has just started: listening for ${other}'s heartbeats before deciding it is gone`, { recheckMs: 100 });
   const bound = s.local.noTakeOverForMs ?? 0;
   if (bound > 0) {
     return act('wait', 'waiting', `this host confirmed ${other}'s failsafe while etcd was away: no take-over for ${Math.ceil(bound)} ms more`, { recheckMs: Math.min(Math.ceil(bound), 250) });

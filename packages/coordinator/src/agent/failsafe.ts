@@ -5,10 +5,13 @@
  * (failsafe.unit.test.ts), and the coordinator README carries the argument why no sequence of
  * etcd loss, link cuts and host loss gives two running copies.
  *
- * - The **backup** confirms a VM in its heartbeats only while it cannot reach etcd itself, does
- *   not run the VM, and stages or takes over nothing. A confirmation is a promise: from the beat's
- *   making on, this host takes the VM over for no less than confirmMs + marginMs
- *   (`FailsafeLedger.promise`), whatever etcd says meanwhile.
+ * - The **primary** asks for confirmations (a flag in its beats) as soon as its own lease goes
+ *   unanswered. The **backup** confirms a VM in its heartbeats only while its primary asks, it
+ *   cannot reach etcd itself, does not run the VM, and stages or takes over nothing (only when
+ *   asked: a backup whose etcd answers slowly under load would otherwise bind itself, and delay a
+ *   failover, with nobody needing its word). A confirmation is a promise: from the beat's making
+ *   on, this host does not take the VM over for confirmMs + marginMs (`FailsafeLedger.promise`),
+ *   whatever etcd says meanwhile.
  * - The **primary** maps each confirmation to the send time of its own beat that the confirming
  *   beat echoes, and counts it valid until that send time + confirmMs. The backup received that
  *   beat after it was sent and made its promise after that, so the promise outlasts the validity
@@ -69,6 +72,8 @@ export interface ConfirmView {
   record: { primary: string; backup: string } | undefined;
   /** this host has gone without an etcd answer past its bound (see HostLease.silentForMs) */
   etcdUnreachable: boolean;
+  /** the primary is alive and its newest beat asks for confirmations */
+  primaryAsks: boolean;
   /** the domain runs here, as libvirt last said (undefined: not known) */
   running: boolean | undefined;
   /** a restore is staged here, or a take-over or switchover is under way */
@@ -78,6 +83,7 @@ export interface ConfirmView {
 /** Backup: may this beat confirm the VM to its primary (and so promise not to take it over)? */
 export function mayConfirm(v: ConfirmView): { confirm: boolean; reason: string } {
   if (!v.record || v.record.backup !== v.self || v.record.primary === v.self) return { confirm: false, reason: 'not the backup of this VM' };
+  if (!v.primaryAsks) return { confirm: false, reason: `${v.record.primary} does not ask: its lease is renewed, or it is silent` };
   if (!v.etcdUnreachable) return { confirm: false, reason: 'etcd answers here: the primary keeps its VM by its lease, or fences' };
   if (v.running !== false) return { confirm: false, reason: v.running === undefined ? 'not known whether the VM runs here' : 'the VM runs here' };
   if (v.takingOver) return { confirm: false, reason: 'a take-over is under way here' };

@@ -35,7 +35,12 @@ export class StandbyRamFollower {
     if (!this.stopped) return;
     this.stopped = false;
     this.ram.reopen();
-    fs.mkdirSync(this.storeDir, { recursive: true });
+    try {
+      fs.mkdirSync(this.storeDir, { recursive: true });
+    } catch (error) {
+      // a store broken for now (not a directory, no space): the polling below catches up once it mends
+      this.log.warn({ err: (error as Error).message, dir: this.storeDir }, 'the checkpoint store is not usable yet: the standby RAM follows it when it is');
+    }
     try {
       this.watcher = fs.watch(this.storeDir, (_event, name) => {
         if (name === null || name.endsWith('.json')) this.kick(); // metadata is written last: the commit

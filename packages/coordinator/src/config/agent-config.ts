@@ -67,7 +67,7 @@ export const agentConfigSchema = z
         prefix: z.string().startsWith('/').default('/ftvm'),
         /** The lease every VM's owner key hangs on. etcd's floor is 1 s (it raises shorter ones). */
         leaseTtlSeconds: z.number().int().min(1).max(60).default(1),
-        keepaliveIntervalMs: ms(20, 30_000).default(150),
+        keepaliveIntervalMs: ms(20, 30_000).default(100),
         /**
          * A primary that has not renewed for this long stops its VMs: well before the lease can
          * expire on etcd (which counts from the keepalive's arrival, later than its sending). Default 0.6 × TTL.
@@ -176,6 +176,11 @@ export const agentConfigSchema = z
     }
     if (config.etcd.keepaliveIntervalMs * 2 > fenceAfterMs) {
       ctx.addIssue({ code: 'custom', path: ['etcd', 'keepaliveIntervalMs'], message: `must be at most half of fenceAfterMs (${fenceAfterMs} ms)` });
+    }
+    // failsafe's ask and confirmation must cross before the lease fences (README, "Failsafe")
+    const crossMs = 2.5 * config.etcd.keepaliveIntervalMs + 2 * config.heartbeat.intervalMs;
+    if (config.failsafe.enabled && crossMs >= fenceAfterMs) {
+      ctx.addIssue({ code: 'custom', path: ['failsafe', 'enabled'], message: `needs 2.5 × etcd.keepaliveIntervalMs + 2 × heartbeat.intervalMs (${crossMs} ms) below etcd.fenceAfterMs (${fenceAfterMs} ms): shorten the intervals, lengthen the lease, or turn failsafe off` });
     }
     if (config.failsafe.confirmMs <= config.heartbeat.intervalMs * 2) {
       ctx.addIssue({ code: 'custom', path: ['failsafe', 'confirmMs'], message: `must be more than two heartbeat intervals (${config.heartbeat.intervalMs * 2} ms), or confirmations lapse between beats` });

@@ -11,6 +11,8 @@ export interface VmBeat {
    * this beat on. Counted by the primary from the send of the beat this one echoes.
    */
   confirmsFailsafe?: boolean;
+  /** Failsafe: the sender runs this VM and its lease has gone unanswered: it asks its backup to confirm. */
+  asksFailsafe?: boolean;
 }
 
 /**
@@ -49,6 +51,7 @@ const vmBeatSchema = z.object({
   running: z.boolean(),
   epoch: z.number().int().nonnegative().optional(),
   confirmsFailsafe: z.boolean().optional(),
+  asksFailsafe: z.boolean().optional(),
 });
 
 export const heartbeatSchema = z.object({

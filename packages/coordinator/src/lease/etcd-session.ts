@@ -1,4 +1,4 @@
-import { noop } from 'cockatiel';
+import { ConsecutiveBreaker, circuitBreaker, handleWhen, isBrokenCircuitError, noop } from 'cockatiel';
 import {
   ClientClosedError,
   Etcd3,
@@ -41,7 +41,9 @@ export function isUnavailableError(error: unknown): boolean {
     error instanceof GRPCDeadlineExceededError ||
     error instanceof GRPCUnavailableError ||
     error instanceof GRPCCancelledError ||
-    error instanceof ClientClosedError
+    error instanceof ClientClosedError ||
+    // every member of a cluster was just found unreachable (see dial)
+    isBrokenCircuitError(error)
   );
 }
 
@@ -153,10 +155,20 @@ export class EtcdSession {
         timeoutMs + 25,
       );
     });
+    const deadlineAt = Date.now() + timeoutMs;
     try {
-      const result = await Promise.race([fn(this.current, { deadline: Date.now() + timeoutMs }), deadline]);
-      this.noteAnswer();
-      return result;
+      for (let attempt = 1; ; attempt++) {
+        try {
+          const result = await Promise.race([fn(this.current, { deadline: deadlineAt }), deadline]);
+          this.noteAnswer();
+          return result;
+        } catch (error) {
+          // A member that refused the connection never saw the call: another member may take it,
+          // within the same deadline (its breaker keeps the refusing one out for a while).
+          if (this.endpoints.length > 1 && attempt < this.endpoints.length && error instanceof GRPCUnavailableError && Date.now() < deadlineAt) continue;
+          throw error;
+        }
+      }
     } catch (error) {
       throw this.wrap(operation, error, timeoutMs);
     } finally {
@@ -208,9 +220,14 @@ export class EtcdSession {
   private dial(): Etcd3 {
     return new Etcd3({
       hosts: [...this.endpoints],
-      // No hidden retries (each would get a fresh deadline) and no circuit breaker (it refuses
-      // every call for 5 s after three failures, long after etcd is back).
-      faultHandling: { host: () => noop, global: noop },
+      // No hidden retries (each would get a fresh deadline) and no global circuit breaker (it
+      // refuses every call for 5 s after three failures, long after etcd is back). With several
+      // members, a member that failed is left out for one request timeout, so the next calls
+      // (and streams) go to the others instead of to a dead member at random.
+      faultHandling: {
+        host: () => (this.endpoints.length > 1 ? circuitBreaker(handleWhen((e) => e instanceof GRPCUnavailableError || e instanceof GRPCDeadlineExceededError), { halfOpenAfter: this.requestTimeoutMs, breaker: new ConsecutiveBreaker(1) }) : noop),
+        global: noop,
+      },
       defaultCallOptions: (context) => (context.isStream ? {} : { deadline: Date.now() + this.requestTimeoutMs }),
       grpcOptions: {
         // Our own connection, so that reconnect() really dials instead of sharing a stuck one.
