@@ -167,7 +167,8 @@ describe('ClockHook applies the VM clock policy', () => {
       { 'include-stopped-time': false, 'offset-ns': 0n },
     ]);
     expect(ledger.entries[0]!.correction).toBeUndefined();
-    expect(ledger.predictedLagNs).toBeGreaterThanOrEqual(150n * MS);
+    // the whole ~150 ms pause stays as lag (given back it would be ~0); timers may fire a ms early
+    expect(ledger.predictedLagNs).toBeGreaterThanOrEqual(140n * MS);
   });
 
   it('a pause within maxStepMs after arming before the stop is given back whole', async () => {
