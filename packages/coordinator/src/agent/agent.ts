@@ -4,7 +4,7 @@ import { deviceSignature, LibvirtConnection, readProtection, setIncomingDefer } 
 import type { QmpClient } from '@ftvm/qmp';
 import type { HookEvent } from '../api/hook-listener.js';
 import { fenceAfterMs, type AgentConfig } from '../config/agent-config.js';
-import { HeartbeatService } from '../heartbeat/index.js';
+import { HeartbeatService, type Heartbeat } from '../heartbeat/index.js';
 import { testIgnoreHostOffset, testRealtimeSkewNs } from '../host-clock.js';
 import { HostLease } from '../lease/index.js';
 import {
@@ -758,8 +758,8 @@ export class Agent implements AgentControl {
   }
 
   /** What the peers learn from each heartbeat; `running` is what libvirt says (unknown counts as running). */
-  private heartbeatPayload(): Record<string, { role: VmRole; running: boolean; epoch?: number }> {
-    const vms: Record<string, { role: VmRole; running: boolean; epoch?: number; confirmsFailsafe?: boolean; asksFailsafe?: boolean }> = {};
+  private heartbeatPayload(): Heartbeat['vms'] {
+    const vms: Heartbeat['vms'] = {};
     const now = performance.now();
     // half a keepalive interval past due: the ask and the confirmation must reach the primary
     // before its lease fences (README, "Failsafe": the timing)
