@@ -23,8 +23,9 @@ APT_PACKAGES=(
   g++ make python3
   # provisioning (ansible/, vagrant/): the playbook's controller and lint, python3-apt for its apt
   # tasks on the lab hosts (which have no route to a mirror: what the roles install must be here),
-  # Vagrant with the libvirt provider for `vagrant validate`
-  ansible ansible-lint python3-apt vagrant vagrant-libvirt git ca-certificates
+  # Vagrant with the libvirt provider (vagrant/lab.sh: dnsmasq for its libvirt networks, rsync for
+  # its synced folder)
+  ansible ansible-lint python3-apt vagrant vagrant-libvirt git ca-certificates dnsmasq-base rsync
   # bench:workload builds a Debian root file system for its guest
   debootstrap
 )

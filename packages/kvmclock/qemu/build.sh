@@ -109,16 +109,8 @@ cleanup() { rm -rf "$tmp"; }
 trap cleanup EXIT
 log "cache miss: building qemu $version + ${#patches[@]} patches ($hash); log: $build_log"
 
-fail() {
-  cp "$build_log" "$cache/$hash.failed.log" 2>/dev/null || true
-  log "error: $*"
-  log "last lines of the log ($cache/$hash.failed.log):"
-  tail -n 30 "$build_log" >&2 || true
-  exit 1
-}
-run() { # run a step, output to the log only
-  "$@" >>"$build_log" 2>&1 || fail "step failed: $*"
-}
+# shellcheck source=../../../scripts/lib/cached-build.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../../../scripts/lib/cached-build.sh" # fail, run
 
 export DEBIAN_FRONTEND=noninteractive
 missing=()
