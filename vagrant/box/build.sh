@@ -138,7 +138,8 @@ add_box() {
     return 0
   fi
   log "vagrant box add --force --name $box_name $box"
-  vagrant box add --force --name "$box_name" "$box" >&2 || die "vagrant box add failed for $box"
+  # away from any Vagrantfile (vagrant loads the one in its working directory, which may want settings)
+  (cd "$cache" && env -u VAGRANT_CWD vagrant box add --force --name "$box_name" "$box") >&2 || die "vagrant box add failed for $box"
   [[ -f $marker && $(cat "$marker") == "$hash" ]] || die "vagrant box add succeeded but $marker does not name $hash"
 }
 
