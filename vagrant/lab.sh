@@ -9,6 +9,8 @@
 #                                # provisioned twice, the agent's unit active; then `vagrant
 #                                # destroy -f` (what .ci/run covers)
 #   --keep                       # leave the VMs up at the end (tear down: vagrant destroy -f)
+#   --reuse                      # with VMs a --keep run left: skip up and provisioning (their
+#                                # figures are then absent from the JSON); for working on the story
 #
 # Run as root after scripts/bootstrap.sh (Vagrant, vagrant-libvirt, Ansible, libvirt, the built
 # tree). It starts the machine's libvirtd itself when there is no systemd. Environment:
@@ -17,15 +19,17 @@
 #                        (the probe VM) runs under TCG inside them.
 #   FTVM_VAGRANT_RESULTS where the JSON goes (default bench/results/vagrant-lab.json; --ci: none)
 set -euo pipefail
-
+# (everything below is in main, read whole before it runs: editing this file mid-run is safe)
+main() {
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
-mode=full keep=0
+mode=full keep=0 reuse=0
 for arg in "$@"; do
   case $arg in
     --ci) mode=ci ;;
     --keep) keep=1 ;;
-    *) echo "lab.sh: unknown argument '$arg' (use --ci, --keep)" >&2; exit 2 ;;
+    --reuse) reuse=1 ;;
+    *) echo "lab.sh: unknown argument '$arg' (use --ci, --keep, --reuse)" >&2; exit 2 ;;
   esac
 done
 results="${FTVM_VAGRANT_RESULTS-}"
@@ -34,6 +38,8 @@ state="$repo/vagrant/.vagrant/lab"
 mkdir -p "$state"
 ssh_config="$state/ssh_config"
 export VAGRANT_CWD="$here"
+# each task's time in the provision logs
+export ANSIBLE_CALLBACKS_ENABLED=ansible.posix.profile_tasks
 
 t0=$(date +%s.%N)
 log() { printf '\033[1m[vagrant-lab %6.1fs]\033[0m %s\n' "$(since "$t0")" "$*"; }
@@ -52,7 +58,8 @@ step_run() {
 vssh() { # vssh HOST CMD...: a command in a VM as root, bounded
   local host="$1"
   shift
-  timeout --kill-after=10 "${VSSH_TIMEOUT:-120}" ssh -F "$ssh_config" -o ConnectTimeout=20 "$host" sudo -n bash -c "$(printf '%q ' "$@")"
+  # ssh hands the remote shell one string: the arguments quoted once for it
+  timeout --kill-after=10 "${VSSH_TIMEOUT:-120}" ssh -F "$ssh_config" -o ConnectTimeout=20 "$host" sudo -n "$(printf '%q ' "$@")"
 }
 refresh_ssh_config() { timeout 120 vagrant ssh-config >"$ssh_config" || die "vagrant ssh-config failed"; }
 json() { node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const v=JSON.parse(s);const f=new Function("v","return ("+process.argv[1]+")");const r=f(v);process.stdout.write(typeof r==="string"?r:JSON.stringify(r))})' "$1"; }
@@ -76,7 +83,16 @@ vagrant plugin list 2>/dev/null | grep -q vagrant-libvirt || die "the vagrant-li
 
 kvm_works() { # QEMU starts with -accel kvm and is still running after 5 s (timeout's 124)
   local rc=0
-  [[ -w /dev/kvm ]] || return 1
+  [[ -c /dev/kvm ]] || return 1
+  # A /dev/kvm without vmx/svm in the CPU flags (seen on a sandbox: QEMU starts, but a guest never
+  # gets past its BIOS) is not used.
+  grep -qwE 'vmx|svm' /proc/cpuinfo || return 1
+  # libvirt runs QEMU as libvirt-qemu (group kvm). Where udev did not give /dev/kvm its usual
+  # root:kvm 0660 (containers, some CI), set that, as Debian's udev rule would.
+  if id libvirt-qemu >/dev/null 2>&1 && ! runuser -u libvirt-qemu -- test -r /dev/kvm -a -w /dev/kvm; then
+    log "/dev/kvm is $(stat -c '%U:%G %a' /dev/kvm): setting root:kvm 0660 (Debian's udev rule) so libvirt's QEMU can use it"
+    chgrp kvm /dev/kvm && chmod 0660 /dev/kvm || return 1
+  fi
   timeout 5 qemu-system-x86_64 -accel kvm -M none -display none -nodefaults -S </dev/null >/dev/null 2>&1 || rc=$?
   ((rc == 124))
 }
@@ -120,10 +136,13 @@ trap cleanup EXIT
 log "box: vagrant/box/build.sh (cached by recipe hash)"
 t=$(now)
 step_run box 3600 bash "$here/box/build.sh"
-box_build_s=$(since "$t")
+box_step_s=$(since "$t")
 box_cached=false
 grep -q 'cache hit\|vagrant already has' "$state/box.log" && box_cached=true
-log "box ready in ${box_build_s}s (cache hit: $box_cached)"
+# the build that made this box (this run's, or the cached one's): its BUILDINFO, beside the .box
+box_file="$(tail -n 1 "$state/box.log")"
+box_build_s="$(sed -n 's/^built=.* in \([0-9]*\) s on .*/\1/p' "$(dirname "$box_file")/BUILDINFO" 2>/dev/null || true)"
+log "box ready in ${box_step_s}s (cache hit: $box_cached; the box was built in ${box_build_s:-?}s)"
 
 step_run qemu 3600 bash "$repo/packages/kvmclock/qemu/build.sh"
 qemu_bin="$(tail -n 1 "$state/qemu.log")"
@@ -144,8 +163,21 @@ if [[ $mode == full ]]; then
 fi
 
 # ---- up and provision -------------------------------------------------------------------------------
+if ((reuse)); then
+  log "--reuse: the VMs of the last --keep run, as they are"
+  [[ $mode == ci ]] && export FTVM_VAGRANT_HOSTS=primary
+  up_s='' up_retries='' provision_s='' second_provision_s='' second_changed=''
+else
 log "leftovers: vagrant destroy -f"
-FTVM_VAGRANT_HOSTS= step_run destroy-before 600 vagrant destroy -f
+FTVM_VAGRANT_HOSTS= timeout 600 vagrant destroy -f >"$state/destroy-before.log" 2>&1 || true
+# domains an interrupted run defined but Vagrant never recorded (vagrant-libvirt names them
+# <directory>_<machine>)
+for name in primary backup witness; do
+  if virsh -c qemu:///system dominfo "vagrant_$name" >/dev/null 2>&1; then
+    virsh -c qemu:///system destroy "vagrant_$name" >/dev/null 2>&1 || true
+    virsh -c qemu:///system undefine "vagrant_$name" --remove-all-storage >/dev/null 2>&1 || die "cannot remove the leftover domain vagrant_$name"
+  fi
+done
 [[ $mode == ci ]] && export FTVM_VAGRANT_HOSTS=primary
 # One VM at a time, each bounded: a `vagrant up` that fails or hangs (seen once here: stuck after
 # defining the domain) is destroyed and tried once more from scratch; the retries are reported.
@@ -180,6 +212,7 @@ step_run provision-2 1800 vagrant provision "$provisioner"
 second_provision_s=$(since "$t")
 second_changed=$(recap_changed "$state/provision-2.log")
 log "second provision in ${second_provision_s}s: changed=$second_changed"
+fi
 
 refresh_ssh_config
 for host in "${kvm_vms[@]}"; do
@@ -202,7 +235,7 @@ emit() { # the results JSON ($results), from the variables set so far
     require("fs").writeFileSync(file, JSON.stringify(out, null, 2) + "\n");
   ' "$results" date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" commit "$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
     accelerator "$accel" nested_accelerator "$nested_accel" host_cores "$(nproc)" \
-    box_build_s "$box_build_s" box_cached "$box_cached" up_s "$up_s" up_retries "$up_retries" provision_s "$provision_s" \
+    box_build_s "$box_build_s" box_step_s "$box_step_s" box_cached "$box_cached" up_s "$up_s" up_retries "$up_retries" provision_s "$provision_s" \
     second_provision_s "$second_provision_s" second_provision_changed "$second_changed" \
     "$@"
   log "results: $results"
@@ -291,3 +324,5 @@ emit guest_boot_s "$guest_boot_s" protect_s "$protect_s" failover_s "$failover_s
   primary_back_s "$primary_back_s" reprotect_s "$reprotect_s" reprotect_ok "$reprotect_ok" \
   total_s "$(since "$t0")"
 log "done"
+}
+main "$@"

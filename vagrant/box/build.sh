@@ -194,21 +194,11 @@ trap cleanup EXIT
 log "cache miss: building $box_name ($hash); log: $build_log"
 
 # shellcheck source=../../scripts/lib/cached-build.sh
-source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib/cached-build.sh" # fail, run
+source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib/cached-build.sh" # fail, run, install_missing
 in_root() { run chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LC_ALL=C.UTF-8 DEBIAN_FRONTEND=noninteractive "$@"; }
 
 export DEBIAN_FRONTEND=noninteractive
-missing=()
-for pkg in "${host_deps[@]}"; do
-  [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true) == 'install ok installed' ]] || missing+=("$pkg")
-done
-if ((${#missing[@]})); then
-  log "installing ${missing[*]}"
-  if ! apt-get install -y -q --no-install-recommends "${missing[@]}" >>"$build_log" 2>&1; then
-    run apt-get update -q
-    run apt-get install -y -q --no-install-recommends "${missing[@]}"
-  fi
-fi
+install_missing "${host_deps[@]}"
 
 # The Debian repositories this machine's apt uses ("URI SUITE" lines of deb entries, both the
 # one-line and the deb822 format), so the box is built from the same mirror, named nowhere here.

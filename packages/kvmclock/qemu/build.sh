@@ -110,20 +110,10 @@ trap cleanup EXIT
 log "cache miss: building qemu $version + ${#patches[@]} patches ($hash); log: $build_log"
 
 # shellcheck source=../../../scripts/lib/cached-build.sh
-source "$(dirname "${BASH_SOURCE[0]}")/../../../scripts/lib/cached-build.sh" # fail, run
+source "$(dirname "${BASH_SOURCE[0]}")/../../../scripts/lib/cached-build.sh" # fail, run, install_missing
 
 export DEBIAN_FRONTEND=noninteractive
-missing=()
-for pkg in "${build_deps[@]}" "${runtime_deps[@]}"; do
-  [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true) == 'install ok installed' ]] || missing+=("$pkg")
-done
-if ((${#missing[@]})); then
-  log "installing ${missing[*]}"
-  if ! apt-get install -y -q --no-install-recommends "${missing[@]}" >>"$build_log" 2>&1; then
-    run apt-get update -q
-    run apt-get install -y -q --no-install-recommends "${missing[@]}"
-  fi
-fi
+install_missing "${build_deps[@]}" "${runtime_deps[@]}"
 
 # Debian source, extracted with Debian's own patches applied, cached per version.
 src_cache="$cache/src/qemu_${version//:/_}"
