@@ -255,6 +255,12 @@ for host in primary backup; do
   tar -C "$guest_dir" -cf - vmlinuz initrd.img manifest.json |
     timeout 300 ssh -F "$ssh_config" "$host" sudo -n tar -C "$guest_dir" -xf - || die "copying the guest to $host failed"
 done
+# a probe VM an earlier --keep run left: unprotected, gone from both hosts
+if ((reuse)); then
+  VSSH_TIMEOUT=300 vssh primary ftvm unprotect probe >/dev/null 2>&1 || true
+  VSSH_TIMEOUT=300 vssh backup ftvm unprotect probe >/dev/null 2>&1 || true
+  for host in primary backup; do VSSH_TIMEOUT=120 vssh "$host" bash -c 'virsh destroy probe; virsh undefine probe' >/dev/null 2>&1 || true; done
+fi
 (cd "$repo" && node --import tsx test/vagrant/probe.ts spec probe backup) >"$state/probe.yaml"
 timeout 60 ssh -F "$ssh_config" primary sudo -n tee /run/ftvm/probe.yaml <"$state/probe.yaml" >/dev/null
 VSSH_TIMEOUT=300 vssh primary bash -c 'cd /opt/ftvm/src && node --import tsx test/vagrant/probe.ts xml /run/ftvm/probe.yaml >/run/ftvm/probe.xml && virsh define /run/ftvm/probe.xml && virsh start probe' >"$state/probe-define.log" 2>&1 ||
