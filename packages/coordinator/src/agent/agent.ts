@@ -246,13 +246,14 @@ export class Agent implements AgentControl {
     progress({ step: 'record protection in etcd', state: 'done' });
     progress({ step: 'first checkpoint committed on the backup', state: 'start' });
     // a seed of the VM's disks comes first and takes as long as its data: wait while it copies
-    let deadline = performance.now() + 30_000;
+    const waitMs = this.config.checkpointTimeoutMs;
+    let deadline = performance.now() + waitMs;
     const slot = await pollFor(`a committed checkpoint of '${vm}'`, 60 * 60_000, () => {
       const s = this.slots.get(vm);
       if (s?.primary?.refusal) return s;
       if ((s?.primary?.lastCheckpoint?.at ?? 0) >= since) return s;
-      if (s?.primary?.seeding) deadline = performance.now() + 30_000;
-      if (performance.now() > deadline) throw new ControlError(`a committed checkpoint of '${vm}': not within 30000 ms (after any disk seed)`, 500);
+      if (s?.primary?.seeding) deadline = performance.now() + waitMs;
+      if (performance.now() > deadline) throw new ControlError(`a committed checkpoint of '${vm}': not within ${waitMs} ms (after any disk seed)`, 500);
       return undefined;
     });
     const refusal = slot.primary!.refusal;
@@ -625,6 +626,7 @@ export class Agent implements AgentControl {
       log: slot.log,
       metrics: this.metrics,
       health: this.config.health,
+      checkpointTimeoutMs: this.config.checkpointTimeoutMs,
       onFailure: (reason) => {
         slot.failed = reason;
         this.cycleSoon(slot);

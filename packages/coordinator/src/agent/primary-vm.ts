@@ -18,6 +18,8 @@ export interface PrimaryVmOptions {
   log: Log;
   metrics: MetricsSink;
   health: { intervalMs: number; timeoutMs: number };
+  /** A checkpoint not committed within this long is given up (default 30 s). */
+  checkpointTimeoutMs?: number;
   /** The VM stopped answering or died: the agent fences it and gives up ownership. */
   onFailure: (reason: string) => void;
   /** The user stopped the VM (guest poweroff, `virsh shutdown`, `virsh destroy`): it stays down. */
@@ -153,7 +155,7 @@ export class PrimaryVm {
             },
           }
         : {}),
-      timeoutMs: 30_000,
+      timeoutMs: options.checkpointTimeoutMs ?? 30_000,
     });
     const toReplicate = replicatedDisks(options.record.xml);
     const disks =

@@ -112,6 +112,12 @@ export const agentConfigSchema = z
       })
       .strict()
       .default({}),
+    /**
+     * A checkpoint not committed within this long is given up (the next one is tried), and
+     * `protect` waits this long for the first one. Hosts that emulate their CPUs need more: a
+     * full checkpoint under nested TCG moves a few MB/s.
+     */
+    checkpointTimeoutMs: ms(1_000, 3_600_000).default(30_000),
     /** The primary's watch on its own QEMU: QMP must answer `query-status` within timeoutMs. */
     health: z
       .object({ intervalMs: ms(20, 60_000).default(250), timeoutMs: ms(50, 600_000).default(1_000) })
