@@ -276,7 +276,8 @@ t=$(now)
 VSSH_TIMEOUT=600 vssh primary ftvm protect probe --backup backup >"$state/protect.log" 2>&1 || { cat "$state/protect.log" >&2; die "ftvm protect failed"; }
 vm_status() { vssh "$1" ftvm status --json | json 'v.vms.find(m => m.name === "probe") || {}'; }
 epoch_on() { vm_status "$1" | json 'v.lastCheckpoint ? v.lastCheckpoint.epoch : -1'; }
-backup_ready() { [[ $(vm_status backup | json 'String(v.role === "backup" && !!v.lastCheckpoint && !!(v.standby && v.standby.ready))') == true ]]; }
+# (the backup's status has its standby; the committed checkpoints are the primary's to report)
+backup_ready() { (($(epoch_on primary) > 0)) && [[ $(vm_status backup | json 'String(v.role === "backup" && !!(v.standby && v.standby.ready))') == true ]]; }
 wait_for "a committed checkpoint on backup and its standby ready" 600 backup_ready
 protect_s=$(since "$t")
 log "protected in ${protect_s}s: $(vm_status primary | json '`epoch ${v.lastCheckpoint.epoch}, pause ${v.lastCheckpoint.pauseMs} ms, ${(v.lastCheckpoint.bytes / 1e6).toFixed(1)} MB`')"
@@ -301,10 +302,16 @@ resumed="$(vssh backup grep -h 'VM resumed from its last committed checkpoint' /
 failover_s=$(echo "$resumed" | json 'v.lastBeatToResumeMs / 1000')
 offset_ms=$(node -e 'const [a, b] = process.argv.slice(1).map(JSON.parse); console.log((b.offsetMs - a.offsetMs).toFixed(3))' "$before" "$after")
 probe_error_ms=$(node -e 'const [a, b] = process.argv.slice(1).map(JSON.parse); console.log((a.errorMs + b.errorMs).toFixed(3))' "$before" "$after")
+# The VMs keep their own time (no NTP in the lab): the agents measure primary − backup over their
+# heartbeats, and the guest keeps the old primary's time line. residual: the guest against that
+# time line after the failover (offset change less the hosts' measured offset).
+host_offset_ms=$(echo "$resumed" | json 'v.hostOffset && v.hostOffset.offsetMs !== undefined ? String(v.hostOffset.offsetMs) : ""')
+residual_ms=""
+[[ -n $host_offset_ms ]] && residual_ms=$(node -e 'console.log((Number(process.argv[1]) - Number(process.argv[2])).toFixed(3))' "$offset_ms" "$host_offset_ms")
 continuity_ok=$(node -e 'const [a, b] = process.argv.slice(1).map(JSON.parse); console.log(String(a.bootId === b.bootId && BigInt(b.counter) >= BigInt(a.counter)))' "$before" "$after")
 log "failover: the backup agent resumed the VM ${failover_s}s after primary's last heartbeat (seen by lab.sh ${seen_s}s after the destroy)"
 log "agent: $(echo "$resumed" | json '`epoch ${v.epoch}, clock moved ${v.deltaMs} ms, in-place steps ${v.inPlaceSteps ?? 0}, uncorrected ${v.uncorrectedMs ?? 0} ms, host offset ${v.hostOffset && v.hostOffset.offsetMs !== undefined ? v.hostOffset.offsetMs.toFixed(3) + " ms" : "n/a"}`')"
-log "after: guest − backup $(echo "$after" | json 'v.offsetMs.toFixed(3)') ms → offset change ${offset_ms} ms (± ${probe_error_ms}); counter $(echo "$after" | json 'v.counter'), same boot → continuity $continuity_ok"
+log "after: guest − backup $(echo "$after" | json 'v.offsetMs.toFixed(3)') ms → offset change ${offset_ms} ms (± ${probe_error_ms}); hosts' offset ${host_offset_ms:-?} ms → residual ${residual_ms:-?} ms; counter $(echo "$after" | json 'v.counter'), same boot → continuity $continuity_ok"
 cat "$state/status-backup-after.txt"
 
 # ---- primary back, reprotect ------------------------------------------------------------------------
@@ -318,15 +325,16 @@ primary_back_s=$(since "$t")
 log "primary back in ${primary_back_s}s"
 t=$(now)
 VSSH_TIMEOUT=900 vssh backup ftvm reprotect probe >"$state/reprotect.log" 2>&1 || { cat "$state/reprotect.log" >&2; die "ftvm reprotect failed"; }
-primary_is_backup() { [[ $(vm_status primary | json 'String(v.role === "backup" && !!v.lastCheckpoint)') == true ]]; }
+primary_is_backup() { (($(epoch_on backup) > 0)) && [[ $(vm_status primary | json 'String(v.role === "backup" && !!(v.standby && v.standby.ready))') == true ]]; }
 reprotect_ok=false
 if wait_for "primary holding a checkpoint as the new backup" 600 primary_is_backup; then reprotect_ok=true; fi
 reprotect_s=$(since "$t")
-log "reprotected in ${reprotect_s}s: primary is the backup now ($(vm_status primary | json '`epoch ${v.lastCheckpoint.epoch}`'))"
+log "reprotected in ${reprotect_s}s: primary is the backup now (backup's newest checkpoint: epoch $(epoch_on backup))"
 
 emit guest_boot_s "$guest_boot_s" protect_s "$protect_s" failover_s "$failover_s" failover_seen_s "$seen_s" \
   offset_ms "$offset_ms" probe_error_ms "$probe_error_ms" continuity_ok "$continuity_ok" \
   agent_clock_delta_ms "$(echo "$resumed" | json 'v.deltaMs')" agent_uncorrected_ms "$(echo "$resumed" | json 'String(v.uncorrectedMs ?? 0)')" \
+  agent_host_offset_ms "$host_offset_ms" residual_ms "$residual_ms" \
   primary_back_s "$primary_back_s" reprotect_s "$reprotect_s" reprotect_ok "$reprotect_ok" \
   total_s "$(since "$t0")"
 log "done"
