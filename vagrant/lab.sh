@@ -61,6 +61,7 @@ vssh() { # vssh HOST CMD...: a command in a VM as root, bounded
   # ssh hands the remote shell one string: the arguments quoted once for it
   timeout --kill-after=10 "${VSSH_TIMEOUT:-120}" ssh -F "$ssh_config" -o ConnectTimeout=20 "$host" sudo -n "$(printf '%q ' "$@")"
 }
+hvirsh() { timeout 60 virsh -c qemu:///system "$@"; } # the machine's own libvirtd, bounded
 refresh_ssh_config() { timeout 120 vagrant ssh-config >"$ssh_config" || die "vagrant ssh-config failed"; }
 json() { node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const v=JSON.parse(s);const f=new Function("v","return ("+process.argv[1]+")");const r=f(v);process.stdout.write(typeof r==="string"?r:JSON.stringify(r))})' "$1"; }
 # wait_for WHAT DEADLINE_S CMD...: until CMD succeeds
@@ -108,7 +109,7 @@ provisioner="${vms[-1]}"
 kvm_vms=(primary); [[ $mode == ci ]] || kvm_vms=(primary backup)
 
 # ---- the machine's libvirtd (Vagrant's provider talks to qemu:///system) -------------------------
-if ! virsh -c qemu:///system version >/dev/null 2>&1; then
+if ! hvirsh version >/dev/null 2>&1; then
   if [[ -d /run/systemd/system ]] && systemctl is-system-running >/dev/null 2>&1; then
     log "starting libvirtd (systemd)"
     systemctl start libvirtd
@@ -117,7 +118,7 @@ if ! virsh -c qemu:///system version >/dev/null 2>&1; then
     pgrep -x virtlogd >/dev/null || virtlogd -d
     pgrep -x libvirtd >/dev/null || libvirtd -d
   fi
-  wait_for "libvirtd answering" 60 virsh -c qemu:///system version
+  wait_for "libvirtd answering" 60 hvirsh version
 fi
 
 cleanup() {
@@ -173,9 +174,9 @@ FTVM_VAGRANT_HOSTS= timeout 600 vagrant destroy -f >"$state/destroy-before.log" 
 # domains an interrupted run defined but Vagrant never recorded (vagrant-libvirt names them
 # <directory>_<machine>)
 for name in primary backup witness; do
-  if virsh -c qemu:///system dominfo "vagrant_$name" >/dev/null 2>&1; then
-    virsh -c qemu:///system destroy "vagrant_$name" >/dev/null 2>&1 || true
-    virsh -c qemu:///system undefine "vagrant_$name" --remove-all-storage >/dev/null 2>&1 || die "cannot remove the leftover domain vagrant_$name"
+  if hvirsh dominfo "vagrant_$name" >/dev/null 2>&1; then
+    hvirsh destroy "vagrant_$name" >/dev/null 2>&1 || true
+    hvirsh undefine "vagrant_$name" --remove-all-storage >/dev/null 2>&1 || die "cannot remove the leftover domain vagrant_$name"
   fi
 done
 [[ $mode == ci ]] && export FTVM_VAGRANT_HOSTS=primary
@@ -291,7 +292,7 @@ log "before: guest − primary $(echo "$before" | json 'v.offsetMs.toFixed(3)') 
 domain="$(cat "$here/.vagrant/machines/primary/libvirt/id")"
 log "virsh destroy primary (the Vagrant VM: its agent, etcd member, libvirtd and the probe VM with it)"
 t=$(now)
-virsh -c qemu:///system destroy "$domain" >/dev/null
+hvirsh destroy "$domain" >/dev/null
 running_on_backup() { [[ $(vm_status backup | json 'String(v.role === "primary" && v.domainState === "running")') == true ]]; }
 wait_for "the probe VM running on backup" 600 running_on_backup
 seen_s=$(since "$t")
