@@ -61,6 +61,7 @@ vssh() { # vssh HOST CMD...: a command in a VM as root, bounded
   # ssh hands the remote shell one string: the arguments quoted once for it
   timeout --kill-after=10 "${VSSH_TIMEOUT:-120}" ssh -F "$ssh_config" -o ConnectTimeout=20 "$host" sudo -n "$(printf '%q ' "$@")"
 }
+running() { [[ -s $1 ]] && kill -0 "$(<"$1")" 2>/dev/null; } # a daemon alive by its pid file
 hvirsh() { timeout 60 virsh -c qemu:///system "$@"; } # the machine's own libvirtd, bounded
 refresh_ssh_config() { timeout 120 vagrant ssh-config >"$ssh_config" || die "vagrant ssh-config failed"; }
 json() { node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const v=JSON.parse(s);const f=new Function("v","return ("+process.argv[1]+")");const r=f(v);process.stdout.write(typeof r==="string"?r:JSON.stringify(r))})' "$1"; }
@@ -115,8 +116,10 @@ if ! hvirsh version >/dev/null 2>&1; then
     systemctl start libvirtd
   else
     log "starting virtlogd and libvirtd (no systemd here)"
-    pgrep -x virtlogd >/dev/null || virtlogd -d
-    pgrep -x libvirtd >/dev/null || libvirtd -d
+    # By the machine's own pid files, not pgrep: the ftvm test lab's hosts run theirs in other
+    # mount namespaces, and those must not count as the machine's.
+    running /run/virtlogd.pid || virtlogd -d
+    running /run/libvirtd.pid || libvirtd -d
   fi
   wait_for "libvirtd answering" 60 hvirsh version
 fi

@@ -1,9 +1,13 @@
 /**
  * The part of a correction the resume could not carry, given back to a running guest in place:
  * for each step, arm x-ftvm-clock-compensate with the step, stop, cont — a pause of a few ms whose
- * own length is given back with it. Between steps the guest runs long enough to read its
+ * own length is given back with it. Before each step the guest runs long enough to read its
  * clocksource (its timers are due after a forward step, so it does so at once), which is what
  * lets a guest on a narrow counter (acpi_pm) count a gap larger than that counter can show.
+ * That includes the first step: a restore has just moved the clock by one safe step itself. Two
+ * steps the guest does not see apart add up beyond what the counter can show; Linux then takes
+ * every read for a counter gone backwards until it comes round, and the guest loses a whole wrap
+ * (4.69 s on acpi_pm; seen under TCG when the first step came a few ms after the restore).
  */
 import type { QmpClient } from '@ftvm/qmp';
 import { InPlaceActuator } from './actuators.js';
@@ -29,7 +33,7 @@ export interface InPlaceStepsResult {
 export interface InPlaceStepsOptions {
   /** At most this per step (undefined: all at once). */
   stepNs: bigint | undefined;
-  /** How long the guest runs between two steps (default 50 ms). */
+  /** How long the guest runs before each step (default 100 ms: a TCG guest just restored translates its code afresh). */
   settleMs?: number;
   /** Per QMP exchange and per RESUME wait (default 10 s). */
   timeoutMs?: number;
@@ -53,11 +57,11 @@ export class InPlaceStepError extends Error {
  */
 export async function stepClockInPlace(qmp: QmpClient, actuator: InPlaceActuator, totalNs: bigint, options: InPlaceStepsOptions): Promise<InPlaceStepsResult> {
   const timeoutMs = options.timeoutMs ?? 10_000;
-  const settleMs = options.settleMs ?? 50;
+  const settleMs = options.settleMs ?? 100;
   const steps: InPlaceStep[] = [];
   const plan = planSteps(totalNs, options.stepNs);
   for (const [i, offsetNs] of plan.entries()) {
-    if (i > 0) await new Promise((resolve) => setTimeout(resolve, settleMs));
+    await new Promise((resolve) => setTimeout(resolve, settleMs));
     try {
       // someone else stopped it meanwhile (a user, a fence): never `cont` a VM we did not stop
       const status = await qmp.execute<{ running: boolean; status: string }>('query-status', undefined, { timeoutMs });
