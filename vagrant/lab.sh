@@ -65,15 +65,21 @@ running() { [[ -s $1 ]] && kill -0 "$(<"$1")" 2>/dev/null; } # a daemon alive by
 hvirsh() { timeout 60 virsh -c qemu:///system "$@"; } # the machine's own libvirtd, bounded
 refresh_ssh_config() { timeout 120 vagrant ssh-config >"$ssh_config" || die "vagrant ssh-config failed"; }
 json() { node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const v=JSON.parse(s);const f=new Function("v","return ("+process.argv[1]+")");const r=f(v);process.stdout.write(typeof r==="string"?r:JSON.stringify(r))})' "$1"; }
-# wait_for WHAT DEADLINE_S CMD...: until CMD succeeds
-wait_for() {
-  local what="$1" deadline="$2" start
-  shift 2
+# poll_until DEADLINE_S CMD...: until CMD succeeds (1 when the deadline passes)
+poll_until() {
+  local deadline="$1" start
+  shift
   start=$(date +%s)
   until "$@" >/dev/null 2>&1; do
-    (($(date +%s) - start < deadline)) || die "$what: not within ${deadline}s"
+    (($(date +%s) - start < deadline)) || return 1
     sleep 2
   done
+}
+# wait_for WHAT DEADLINE_S CMD...: poll_until, or die naming WHAT
+wait_for() {
+  local what="$1" deadline="$2"
+  shift 2
+  poll_until "$deadline" "$@" || die "$what: not within ${deadline}s"
 }
 
 [[ $(id -u) -eq 0 ]] || die "run as root (libvirt's system instance, the box build)"
@@ -331,16 +337,22 @@ t=$(now)
 VSSH_TIMEOUT=900 vssh backup ftvm reprotect probe >"$state/reprotect.log" 2>&1 || { cat "$state/reprotect.log" >&2; die "ftvm reprotect failed"; }
 primary_is_backup() { (($(epoch_on backup) > 0)) && [[ $(vm_status primary | json 'String(v.role === "backup" && !!(v.standby && v.standby.ready))') == true ]]; }
 reprotect_ok=false
-if wait_for "primary holding a checkpoint as the new backup" 600 primary_is_backup; then reprotect_ok=true; fi
+if poll_until 600 primary_is_backup; then reprotect_ok=true; fi
 reprotect_s=$(since "$t")
-log "reprotected in ${reprotect_s}s: primary is the backup now (backup's newest checkpoint: epoch $(epoch_on backup))"
+if [[ $reprotect_ok == true ]]; then
+  log "reprotected in ${reprotect_s}s: primary is the backup now (backup's newest checkpoint: epoch $(epoch_on backup))"
+else
+  VSSH_TIMEOUT=60 vssh primary ftvm status >"$state/status-primary-after.txt" 2>&1 || true
+  log "reprotect: primary not a backup with a ready standby within 600s (ftvm status on primary: $state/status-primary-after.txt)"
+fi
 
 emit guest_boot_s "$guest_boot_s" protect_s "$protect_s" failover_s "$failover_s" failover_seen_s "$seen_s" \
   offset_ms "$offset_ms" probe_error_ms "$probe_error_ms" continuity_ok "$continuity_ok" \
-  agent_clock_delta_ms "$(echo "$resumed" | json 'v.deltaMs')" agent_uncorrected_ms "$(echo "$resumed" | json 'String(v.uncorrectedMs ?? 0)')" \
+  agent_clock_delta_ms "$(echo "$resumed" | json 'v.deltaMs')" agent_in_place_steps "$(echo "$resumed" | json 'String(v.inPlaceSteps ?? 0)')" agent_uncorrected_ms "$(echo "$resumed" | json 'String(v.uncorrectedMs ?? 0)')" \
   agent_host_offset_ms "$host_offset_ms" residual_ms "$residual_ms" \
   primary_back_s "$primary_back_s" reprotect_s "$reprotect_s" reprotect_ok "$reprotect_ok" \
   total_s "$(since "$t0")"
+[[ $reprotect_ok == true ]] || die "reprotect did not complete (the results JSON says so)"
 log "done"
 }
 main "$@"
