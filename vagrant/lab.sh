@@ -61,6 +61,9 @@ vssh() { # vssh HOST CMD...: a command in a VM as root, bounded
   # ssh hands the remote shell one string: the arguments quoted once for it
   timeout --kill-after=10 "${VSSH_TIMEOUT:-120}" ssh -F "$ssh_config" -o ConnectTimeout=20 "$host" sudo -n "$(printf '%q ' "$@")"
 }
+# CMD without this shell's descriptors above 2: a daemon must not hold what lab.sh's caller holds
+# (a flock around the run stayed locked for as long as libvirtd ran)
+detached() { (for fd in /proc/$BASHPID/fd/*; do fd=${fd##*/}; ((fd > 2)) && eval "exec ${fd}>&-" 2>/dev/null; done; exec "$@"); }
 running() { [[ -s $1 ]] && kill -0 "$(<"$1")" 2>/dev/null; } # a daemon alive by its pid file
 hvirsh() { timeout 60 virsh -c qemu:///system "$@"; } # the machine's own libvirtd, bounded
 refresh_ssh_config() { timeout 120 vagrant ssh-config >"$ssh_config" || die "vagrant ssh-config failed"; }
@@ -124,8 +127,8 @@ if ! hvirsh version >/dev/null 2>&1; then
     log "starting virtlogd and libvirtd (no systemd here)"
     # By the machine's own pid files, not pgrep: the ftvm test lab's hosts run theirs in other
     # mount namespaces, and those must not count as the machine's.
-    running /run/virtlogd.pid || virtlogd -d
-    running /run/libvirtd.pid || libvirtd -d
+    running /run/virtlogd.pid || detached virtlogd -d
+    running /run/libvirtd.pid || detached libvirtd -d
   fi
   wait_for "libvirtd answering" 60 hvirsh version
 fi
