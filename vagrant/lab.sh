@@ -323,7 +323,7 @@ residual_ms=""
 [[ -n $host_offset_ms ]] && residual_ms=$(node -e 'console.log((Number(process.argv[1]) - Number(process.argv[2])).toFixed(3))' "$offset_ms" "$host_offset_ms")
 continuity_ok=$(node -e 'const [a, b] = process.argv.slice(1).map(JSON.parse); console.log(String(a.bootId === b.bootId && BigInt(b.counter) >= BigInt(a.counter)))' "$before" "$after")
 log "failover: the backup agent resumed the VM ${failover_s}s after primary's last heartbeat (seen by lab.sh ${seen_s}s after the destroy)"
-log "agent: $(echo "$resumed" | json '`epoch ${v.epoch}, clock moved ${v.deltaMs} ms, in-place steps ${v.inPlaceSteps ?? 0}, uncorrected ${v.uncorrectedMs ?? 0} ms, host offset ${v.hostOffset && v.hostOffset.offsetMs !== undefined ? v.hostOffset.offsetMs.toFixed(3) + " ms" : "n/a"}`')"
+log "agent: $(echo "$resumed" | json '`epoch ${v.epoch}, clock moved ${v.deltaMs} ms, in-place steps ${v.inPlaceSteps ?? 0}, uncorrected ${v.uncorrectedMs ?? 0} ms`'), host offset ${host_offset_ms:-n/a} ms"
 log "after: guest − backup $(echo "$after" | json 'v.offsetMs.toFixed(3)') ms → offset change ${offset_ms} ms (± ${probe_error_ms}); hosts' offset ${host_offset_ms:-?} ms → residual ${residual_ms:-?} ms; counter $(echo "$after" | json 'v.counter'), same boot → continuity $continuity_ok"
 cat "$state/status-backup-after.txt"
 
