@@ -148,9 +148,17 @@ export async function restoreCheckpoint(vm: ProbeVm, checkpointPath: string, tim
   await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
   await vm.qmp.execute('migrate-incoming', { uri: `unix:${vm.paths.run}/${incoming}` });
   const socket = net.connect(path.join(path.dirname(vm.qmpPath), incoming));
-  await pipeline(fs.createReadStream(checkpointPath), socket, { signal: AbortSignal.timeout(timeoutMs) });
-  const outcome = await completed;
-  if (outcome.data.status !== 'completed') throw new Error(`loading ${checkpointPath} into ${vm.name} on ${vm.host} failed`);
+  // QEMU closes the socket once it has read the stream's end, which can beat our side's 'finish'
+  // ("Premature close", EPIPE): what counts is how QEMU says the load ended (as @ftvm/libvirt's
+  // restore does).
+  const sent = await pipeline(fs.createReadStream(checkpointPath), socket, { signal: AbortSignal.timeout(timeoutMs) }).then(
+    () => undefined,
+    (error: Error) => error,
+  );
+  const outcome = sent ? await Promise.race([completed, new Promise<undefined>((r) => setTimeout(() => r(undefined), 3_000))]) : await completed;
+  if (outcome?.data.status !== 'completed') {
+    throw new Error(`loading ${checkpointPath} into ${vm.name} on ${vm.host} failed${sent ? ` (sending it: ${sent.message})` : ''}`);
+  }
   const loadMs = performance.now() - started;
   await vm.virsh('resume', vm.name);
   await waitForGuest(vm, timeoutMs, false);

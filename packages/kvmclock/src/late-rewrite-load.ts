@@ -91,6 +91,8 @@ export interface ResumeOnTimeResult extends LateRewriteResult {
   contSentNs: bigint;
   /** QEMU's RESUME stamp; the guest's clock starts right after it (cpu_enable_ticks). */
   resumeNs: bigint;
+  /** When `cont`'s reply arrived: the guest's clock started between resumeNs and this. */
+  contAnsweredNs: bigint;
   /**
    * resumeNs − targetNs: how far behind (positive) the guest came back, as far as the host can
    * tell. What it cannot see: the primary's STOP event is stamped after the vCPU stopped and the
@@ -149,7 +151,7 @@ export async function loadAndResumeOnTime(options: ResumeOnTimeOptions): Promise
   }
 
   const timing = await resumeOnTime(qmp, targetNs, { clock, ...(options.contLeadNs !== undefined ? { contLeadNs: options.contLeadNs } : {}) });
-  const { qmpRoundTripNs, contSentNs, resumeNs, overrun } = timing;
+  const { qmpRoundTripNs, contSentNs, resumeNs, contAnsweredNs, overrun } = timing;
   const restNs = deltaNs - firstStepNs;
   const inPlace = options.stepNs === undefined ? undefined : await followUpAfterRestore(qmp, { restNs, lateNs: timing.lateNs, stepNs: options.stepNs });
   const uncorrectedNs = inPlace?.uncorrectedNs ?? restNs;
@@ -167,6 +169,7 @@ export async function loadAndResumeOnTime(options: ResumeOnTimeOptions): Promise
     qmpRoundTripNs,
     contSentNs,
     resumeNs,
+    contAnsweredNs,
     lateNs: resumeNs - targetNs,
     overrun,
   };
@@ -179,6 +182,12 @@ export interface OnTimeResume {
   contSentNs: bigint;
   /** QEMU's RESUME stamp. */
   resumeNs: bigint;
+  /**
+   * When `cont`'s reply arrived (host realtime). QEMU stamps RESUME before it starts the guest's
+   * clock and replies after, so the clock started in [resumeNs, contAnsweredNs]: how far off the
+   * stamp can be on this resume (a preempted QEMU or host makes it wider).
+   */
+  contAnsweredNs: bigint;
   /** resumeNs − targetNs. */
   lateNs: bigint;
   /** It was already past the moment `cont` had to be sent. */
@@ -223,6 +232,7 @@ export async function resumeOnTime(
   resumed.catch(() => undefined);
   const contSentNs = clock();
   await qmp.execute('cont');
+  const contAnsweredNs = clock();
   const resumeNs = (await resumed).timestampNs;
-  return { qmpRoundTripNs, contSentNs, resumeNs, lateNs: resumeNs - targetNs, overrun };
+  return { qmpRoundTripNs, contSentNs, resumeNs, contAnsweredNs, lateNs: resumeNs - targetNs, overrun };
 }

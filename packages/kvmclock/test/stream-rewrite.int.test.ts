@@ -49,9 +49,11 @@ describe('restore-time clock rewrite (failover path, stock QEMU)', () => {
     expect(clocksource, 'the probe guest must keep time with a counter the VMM advances (tsc or hpet), not by counting ticks').toMatch(/^(tsc|hpet)$/);
     // An earlier checkpoint and the resume after it: the reference that dates the freeze of the
     // next one exactly (QEMU's STOP stamp is 0.3–6 ms late; see stop-instant.ts).
+    const clock = realtimeClock();
     const warmup = await checkpointToBuffer(primary);
     const resumedPrimary = primary.qmp.waitForEvent('RESUME', { timeoutMs: 10_000 });
     await primary.qmp.execute('cont');
+    const primaryContAnsweredNs = clock();
     const reference = { resumeNs: (await resumedPrimary).timestampNs, virtualClockNs: checkpointVirtualClockNs(warmup.stream) };
     const before = await clockOffset(primary.probe, { samples: 32 });
     const { stream, stopNs: stopEventNs } = await checkpointToBuffer(primary);
@@ -69,7 +71,6 @@ describe('restore-time clock rewrite (failover path, stock QEMU)', () => {
     await backup.qmp.execute('migrate-incoming', { uri: `unix:${backup.paths.run}/${VM}.incoming` });
     const socket = net.connect(path.join(path.dirname(backup.qmpPath), `${VM}.incoming`));
     await once(socket, 'connect', { signal: AbortSignal.timeout(10_000) });
-    const clock = realtimeClock();
     const load = await loadAndResumeOnTime({ qmp: backup.qmp, sink: socket, checkpoint: stream, stopNs, clock });
 
     const entry = ledger.recordPause('failover', stopNs, load.resumeNs);
@@ -79,12 +80,16 @@ describe('restore-time clock rewrite (failover path, stock QEMU)', () => {
     const later = await clockOffset(backup.probe, { samples: 32 });
     const measuredLagNs = before.offsetNs - after.offsetNs;
     ledger.recordResidual(measuredLagNs, clock());
+    // Each RESUME stamp is taken before its clock starts and `cont` answered after: the windows.
+    const referenceWindowNs = primaryContAnsweredNs - reference.resumeNs;
+    const restoreWindowNs = load.contAnsweredNs - load.resumeNs;
     const ms = (ns: bigint) => (Number(ns) / 1e6).toFixed(2);
     console.log(
       `clocksource ${clocksource}; STOP stamp ${ms(stop.stopEventLatenessNs ?? 0n)} ms late; failover gap ${ms(entry.pausedNs)} ms, rewrite Δ ${ms(load.deltaNs)} ms ` +
         `(${load.advances.map((a) => a.section).join('+')}, ${load.tailBytes} B of device state; loaded ${ms(load.loadedNs - load.rewriteNs)} ms after the rewrite, ` +
         `QMP rtt ${ms(load.qmpRoundTripNs)} ms, cont sent ${ms(load.contSentNs - load.targetNs)} ms and resumed ${ms(load.lateNs)} ms after the target${load.overrun ? ', OVERRUN' : ''}); ` +
         `ledger predicts lag ${ms(ledger.predictedLagNs)} ms, probe measures ${ms(measuredLagNs)} ms ± ${ms(before.errorNs + after.errorNs)}, ` +
+        `resume stamps' windows ${ms(referenceWindowNs)} ms (primary) and ${ms(restoreWindowNs)} ms (backup), ` +
         `1 s later ${ms(before.offsetNs - later.offsetNs)} ms ± ${ms(before.errorNs + later.errorNs)}`,
     );
     // Same guest (memory and probe restored), not another VM answering on that address.
@@ -95,10 +100,15 @@ describe('restore-time clock rewrite (failover path, stock QEMU)', () => {
     // The ledger's prediction (stopped time not given back) agrees with the measurement, to within
     // what the stamps and the probe allow. Both ends are dated by QEMU's RESUME stamp (the freeze
     // through the primary's reference resume), which QEMU takes before it writes the event to its
-    // monitors and only then starts the clock: 0.10–1.34 ms earlier (uprobes on the 7.2 build,
-    // 15 resumes), one end making the guest ahead of the prediction, the other behind.
+    // monitors and only then starts the clock: 0.10–1.34 ms earlier on an idle host (uprobes, 7.2
+    // build), more when QEMU is preempted in between (CI once saw 2.6 ms off here). So the guest's
+    // true lag is the prediction plus the restore's delay minus the reference's, each somewhere
+    // in its window from stamp to `cont`'s reply, measured on this very run (2.5–3.2 ms on the
+    // primary and 6.8–10.7 ms on the backup on an idle host).
     const probeErrorNs = before.errorNs + after.errorNs;
-    expect(Math.abs(Number(measuredLagNs - ledger.predictedLagNs))).toBeLessThanOrEqual(2_000_000 + Number(probeErrorNs));
+    const deviationNs = measuredLagNs - ledger.predictedLagNs;
+    expect(deviationNs, `measured lag − predicted, against the reference's window ${ms(referenceWindowNs)} ms`).toBeGreaterThanOrEqual(-(referenceWindowNs + probeErrorNs));
+    expect(deviationNs, `measured lag − predicted, against the restore's window ${ms(restoreWindowNs)} ms`).toBeLessThanOrEqual(restoreWindowNs + probeErrorNs);
     // And it stays there: the guest runs at the host's rate after the restore (to within what the
     // two probe readings allow: on a loaded host every sample of one reading may wait; CI once saw
     // 5.5 ms here, its probe errors not recorded).

@@ -322,7 +322,7 @@ export class StagedRestore {
     // the VM runs even when the on-time resume failed after its `cont` (restore.warnings says so):
     // date the resume by QEMU's stamp as load saw it
     const resumeNs = this.resume?.resumeNs ?? restore.resumedNs ?? realtimeClock()();
-    const resume: OnTimeResume = this.resume ?? { qmpRoundTripNs: 0n, contSentNs: resumeNs, resumeNs, lateNs: resumeNs - (this.targetNs ?? resumeNs), overrun: false };
+    const resume: OnTimeResume = this.resume ?? { qmpRoundTripNs: 0n, contSentNs: resumeNs, resumeNs, contAnsweredNs: resumeNs, lateNs: resumeNs - (this.targetNs ?? resumeNs), overrun: false };
     const stopNs = BigInt(this.metadata.stopNs);
     return {
       epoch: this.epoch,
