@@ -282,14 +282,13 @@ t=$(now)
 # The probe tool only reads the guest (or sets its clock again): when node itself crashes inside
 # the nested-TCG VM (seen once: SIGSEGV right after a failover), it is run once more.
 probe() {
-  local rc=0
-  VSSH_TIMEOUT=${2:-120} vssh "$1" bash -c "cd /opt/ftvm/src && node --import tsx test/vagrant/probe.ts ${3:-measure}" || rc=$?
+  local cmd="cd /opt/ftvm/src && node --import tsx test/vagrant/probe.ts ${3:-measure}" rc=0
+  VSSH_TIMEOUT=${2:-120} vssh "$1" bash -c "$cmd" || rc=$?
   case $rc in
-    132 | 134 | 135 | 139)
-      log "probe on $1: node died of signal $((rc - 128)); running it once more" >&2
-      VSSH_TIMEOUT=${2:-120} vssh "$1" bash -c "cd /opt/ftvm/src && node --import tsx test/vagrant/probe.ts ${3:-measure}" ;;
+    132 | 134 | 135 | 139) log "probe on $1: node died of signal $((rc - 128)); running it once more" >&2 ;;
     *) return $rc ;;
   esac
+  VSSH_TIMEOUT=${2:-120} vssh "$1" bash -c "$cmd"
 }
 probe primary 900 "wait 840" || die "the probe guest did not answer within 840 s of its start on primary"
 guest_boot_s=$(since "$t")
